@@ -1,0 +1,1 @@
+"""fuse-attn: fuse ONNX attention blocks into one FlashFwd op bound to NKI flash_fwd."""

@@ -1,0 +1,212 @@
+"""The FlashFwd op: the one contract between the fusion pass, the ONNX function that gives
+the fused model its meaning on any runtime, and the binding to NKI `flash_fwd`.
+
+Layouts follow the kernel (../shared/seed/flash_fwd.txt):
+  q (b, h, d, s), k (b, kv, d, s), v (b, kv, s, d), optional seed (1,) int32 -> o (b, h, s, d).
+Launch grid [b, kv]; kv head j serves q heads j*G .. j*G+G-1 with G = h // kv (HF repeat_kv order).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import onnx
+from onnx import TensorProto, helper
+
+DOMAIN = "fuse_attn.nki"
+OP_TYPE = "FlashFwd"
+VERSION = 1
+
+# The oldest default-domain opset the function body is written for (Shape start/end, CastLike).
+MIN_OPSET = 15
+
+# What the kernel writes into masked score positions (after scaling), instead of -inf.
+KERNEL_MASK_VALUE = -9984.0
+MAX_HEAD_DIM = 128
+QUERY_TILE = 128  # B_P_SIZE: queries are processed 128 at a time
+TILE_CANDIDATES = (2048, 1024, 512)  # seq_tile_size: >= 512 and a multiple of 512
+
+
+def seq_tile_size_for(seq: int) -> int | None:
+    """The largest supported kv tile that divides `seq`, or None when the kernel cannot run it."""
+    for tile in TILE_CANDIDATES:
+        if seq % tile == 0:
+            return tile
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class FlashFwdAttrs:
+    """The node's attributes, exactly as written on a FlashFwd node."""
+
+    softmax_scale: float
+    use_causal_mask: bool
+    num_heads: int
+    num_kv_heads: int
+    dropout_p: float = 0.0
+    mixed_precision: bool = True
+    seq_tile_size: int | None = None  # None: the seq length is symbolic until compile time
+
+    def as_onnx_attributes(self) -> dict[str, object]:
+        attrs: dict[str, object] = {
+            "softmax_scale": float(self.softmax_scale),
+            "use_causal_mask": int(self.use_causal_mask),
+            "mixed_precision": int(self.mixed_precision),
+            "dropout_p": float(self.dropout_p),
+            "num_heads": int(self.num_heads),
+            "num_kv_heads": int(self.num_kv_heads),
+        }
+        if self.seq_tile_size is not None:
+            attrs["seq_tile_size"] = int(self.seq_tile_size)
+        return attrs
+
+    @classmethod
+    def from_onnx_attributes(cls, attrs: dict[str, object]) -> "FlashFwdAttrs":
+        tile = attrs.get("seq_tile_size")
+        return cls(
+            softmax_scale=float(attrs["softmax_scale"]),
+            use_causal_mask=bool(attrs["use_causal_mask"]),
+            num_heads=int(attrs["num_heads"]),
+            num_kv_heads=int(attrs["num_kv_heads"]),
+            dropout_p=float(attrs.get("dropout_p", 0.0)),
+            mixed_precision=bool(attrs.get("mixed_precision", 1)),
+            seq_tile_size=None if tile is None else int(tile),
+        )
+
+
+def kernel_violations(
+    *,
+    batch: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    seq: int,
+    seq_tile_size: int | None,
+    dropout_p: float,
+    dtypes: set[str],
+    allow_seq_padding: bool = False,
+) -> list[str]:
+    """Every reason flash_fwd (inference mode) cannot run this launch; empty when it can.
+
+    `allow_seq_padding` is for causal blocks: the caller pads seq to a tile multiple, which is
+    exact under a top-left causal mask, so the seq checks do not apply.
+    """
+    problems = []
+    if head_dim > MAX_HEAD_DIM:
+        problems.append(f"head dim {head_dim} > {MAX_HEAD_DIM} (the kernel asserts d <= 128)")
+    if kv_heads <= 0 or heads % kv_heads:
+        problems.append(f"{heads} q heads are not a multiple of {kv_heads} kv heads")
+    if not allow_seq_padding:
+        if seq_tile_size is None or seq_tile_size < 512 or seq_tile_size % 512:
+            problems.append(f"seq_tile_size {seq_tile_size} is not a multiple of 512")
+        elif seq % seq_tile_size:
+            problems.append(f"seq {seq} is not divisible by seq_tile_size {seq_tile_size}")
+        if seq % QUERY_TILE:
+            problems.append(f"seq {seq} is not a multiple of the {QUERY_TILE}-query tile")
+    if dropout_p != 0.0:
+        problems.append(f"dropout_p {dropout_p} != 0: inference mode (training=False) asserts no dropout")
+    if len(dtypes) != 1:
+        problems.append(f"q, k, v dtypes differ ({', '.join(sorted(dtypes))}); the kernel assumes one dtype")
+    if batch <= 0:
+        problems.append(f"batch {batch} is not positive")
+    return problems
+
+
+# --- the op's meaning as an ONNX function -------------------------------------------------------
+
+_ATTR_TYPES = {
+    "softmax_scale": onnx.AttributeProto.FLOAT,
+    "use_causal_mask": onnx.AttributeProto.INT,
+    "mixed_precision": onnx.AttributeProto.INT,
+    "dropout_p": onnx.AttributeProto.FLOAT,
+    "seq_tile_size": onnx.AttributeProto.INT,
+    "num_heads": onnx.AttributeProto.INT,
+    "num_kv_heads": onnx.AttributeProto.INT,
+}
+
+
+def _const(out: str, **value) -> onnx.NodeProto:
+    return helper.make_node("Constant", [], [out], **value)
+
+
+def _attr_const(out: str, attr: str, kind: str) -> onnx.NodeProto:
+    node = helper.make_node("Constant", [], [out])
+    node.attribute.append(helper.make_attribute_ref(kind, _ATTR_TYPES[attr]))
+    node.attribute[0].ref_attr_name = attr
+    return node
+
+
+def _repeat_kv(x: str, out: str) -> list[onnx.NodeProto]:
+    """x (b, kv, ., .) -> out (b, h, ., .): each kv head repeated G times in place (repeat_kv order)."""
+    p = f"{out}__"
+    return [
+        helper.make_node("Unsqueeze", [x, "axis2"], [p + "u"]),  # (b, kv, 1, ., .)
+        helper.make_node("Concat", ["ones2", "group_1d", "ones2"], [p + "es"], axis=0),
+        helper.make_node("Expand", [p + "u", p + "es"], [p + "e"]),  # (b, kv, G, ., .)
+        helper.make_node("Shape", [x], [p + "b"], start=0, end=1),
+        helper.make_node("Shape", [x], [p + "tail"], start=2),
+        helper.make_node("Concat", [p + "b", "heads_1d", p + "tail"], [p + "rs"], axis=0),
+        helper.make_node("Reshape", [p + "e", p + "rs"], [out]),  # (b, h, ., .)
+    ]
+
+
+def make_function(opset: int) -> onnx.FunctionProto:
+    """The reference semantics of FlashFwd, in the default domain at `opset` (>= MIN_OPSET).
+
+    Full-precision and unfused: it exists so that a fused model runs, and can be diffed against
+    the original, on any ONNX runtime. `mixed_precision` only changes the kernel's rounding.
+    """
+    if opset < MIN_OPSET:
+        raise ValueError(f"FlashFwd's function needs opset >= {MIN_OPSET}, got {opset}")
+    i64 = TensorProto.INT64
+    nodes = [
+        _const("axis2", value=helper.make_tensor("axis2", i64, [1], [2])),
+        _const("ones2", value=helper.make_tensor("ones2", i64, [2], [1, 1])),
+        _const("zero", value=helper.make_tensor("zero", i64, [], [0])),
+        _const("one", value=helper.make_tensor("one", i64, [], [1])),
+        _const("axis0", value=helper.make_tensor("axis0", i64, [1], [0])),
+        _const("axis1", value=helper.make_tensor("axis1", i64, [1], [1])),
+        _attr_const("heads", "num_heads", "value_int"),
+        _attr_const("kv_heads", "num_kv_heads", "value_int"),
+        helper.make_node("Div", ["heads", "kv_heads"], ["group"]),
+        helper.make_node("Reshape", ["group", "axis1"], ["group_1d"]),
+        helper.make_node("Reshape", ["heads", "axis1"], ["heads_1d"]),
+        # q (b, h, d, s) -> (b, h, s, d), scaled before QK^T as the kernel does.
+        helper.make_node("Transpose", ["q"], ["q_bhsd"], perm=[0, 1, 3, 2]),
+        _attr_const("scale_f", "softmax_scale", "value_float"),
+        helper.make_node("CastLike", ["scale_f", "q"], ["scale"]),
+        helper.make_node("Mul", ["q_bhsd", "scale"], ["q_scaled"]),
+        *_repeat_kv("k", "k_rep"),
+        helper.make_node("MatMul", ["q_scaled", "k_rep"], ["scores"]),  # (b, h, s, s)
+        # Top-left causal mask: query i sees keys j <= i; masked scores get the kernel's value.
+        helper.make_node("Shape", ["q"], ["seq_1d"], start=3, end=4),
+        helper.make_node("Squeeze", ["seq_1d"], ["seq"]),
+        helper.make_node("Range", ["zero", "seq", "one"], ["pos"]),
+        helper.make_node("Unsqueeze", ["pos", "axis1"], ["q_pos"]),
+        helper.make_node("Unsqueeze", ["pos", "axis0"], ["k_pos"]),
+        helper.make_node("GreaterOrEqual", ["q_pos", "k_pos"], ["below_diag"]),
+        _attr_const("causal_i", "use_causal_mask", "value_int"),
+        helper.make_node("Cast", ["causal_i"], ["causal"], to=TensorProto.BOOL),
+        helper.make_node("Not", ["causal"], ["not_causal"]),
+        helper.make_node("Or", ["below_diag", "not_causal"], ["keep"]),
+        _const("mask_f", value=helper.make_tensor("mask_f", TensorProto.FLOAT, [], [KERNEL_MASK_VALUE])),
+        helper.make_node("CastLike", ["mask_f", "scores"], ["mask_value"]),
+        helper.make_node("Where", ["keep", "scores", "mask_value"], ["masked"]),
+        helper.make_node("Softmax", ["masked"], ["probs"], axis=-1),
+        _attr_const("dropout_f", "dropout_p", "value_float"),
+        _const("zero_f", value=helper.make_tensor("zero_f", TensorProto.FLOAT, [], [0.0])),
+        helper.make_node("Greater", ["dropout_f", "zero_f"], ["training"]),
+        helper.make_node("CastLike", ["dropout_f", "probs"], ["ratio"]),
+        helper.make_node("Dropout", ["probs", "ratio", "training"], ["dropped"]),
+        *_repeat_kv("v", "v_rep"),
+        helper.make_node("MatMul", ["dropped", "v_rep"], ["o"]),
+    ]
+    return helper.make_function(
+        DOMAIN,
+        OP_TYPE,
+        inputs=["q", "k", "v", "seed"],
+        outputs=["o"],
+        nodes=nodes,
+        opset_imports=[helper.make_opsetid("", opset)],
+        attributes=list(_ATTR_TYPES),
+    )
