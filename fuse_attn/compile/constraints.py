@@ -1,0 +1,146 @@
+"""Per-FlashFwd-node kernel checks, and the launch plan (tile, padding) of each node that passes.
+
+Runs on a model whose shapes are fixed (shapes.fix_input_shapes), before anything is built.
+The checks are `contract.kernel_violations` on the launch as it will really happen (after any
+seq padding), plus the few the kernel would get silently wrong rather than assert on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import onnx
+
+from fuse_attn import contract
+from fuse_attn.compile.shapes import ValueType, value_types
+
+PAD_MULTIPLE = 512  # a causal block's seq is padded to a multiple of this (the smallest tile)
+KERNEL_DTYPES = ("float", "float16", "bfloat16")
+
+# The fix to print beside each violation, keyed by how contract.kernel_violations words it.
+_FIXES = (
+    ("head dim", "leave this block unfused: the kernel has no path for head_dim > 128"),
+    ("q heads are not a multiple", "leave this block unfused: flash_fwd maps q heads to kv heads in groups of h // kv"),
+    ("seq_tile_size", "pass a --shape whose seq is a multiple of 512 (non-causal blocks cannot be padded)"),
+    ("seq ", "pass a --shape whose seq is a multiple of 512 (non-causal blocks cannot be padded)"),
+    ("dropout_p", "export the model in eval mode so that dropout is 0"),
+    ("q, k, v dtypes differ", "cast q, k and v to one dtype before the FlashFwd node"),
+    ("batch", "pass a --shape with a positive batch"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class FlashPlan:
+    """How one FlashFwd node is launched: flash_fwd[batch, kv_heads] at `padded_seq`."""
+
+    node_name: str
+    inputs: tuple[str, ...]  # q, k, v (and seed when the node has one)
+    output: str
+    attrs: contract.FlashFwdAttrs
+    batch: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    seq: int
+    padded_seq: int
+    seq_tile_size: int
+    dtype: str
+
+    @property
+    def pad(self) -> int:
+        return self.padded_seq - self.seq
+
+    def describe(self) -> str:
+        pad = f", seq padded {self.seq} -> {self.padded_seq} (exact under the causal mask)" if self.pad else ""
+        return (
+            f"{self.node_name}: flash_fwd[{self.batch}, {self.kv_heads}] q heads {self.heads}, d {self.head_dim}, "
+            f"seq {self.seq}, seq_tile_size {self.seq_tile_size}, {'causal' if self.attrs.use_causal_mask else 'non-causal'}, "
+            f"{self.dtype}, mixed_precision={self.attrs.mixed_precision}{pad}"
+        )
+
+
+def _fix_for(problem: str) -> str:
+    return next((fix for key, fix in _FIXES if problem.startswith(key) or key in problem), "see the flash_fwd facts")
+
+
+def _choose_tile(seq: int, preferred: int | None) -> int | None:
+    """The node's own seq_tile_size when it divides seq, else the largest supported tile that does."""
+    if preferred and seq % preferred == 0:
+        return preferred
+    return contract.seq_tile_size_for(seq)
+
+
+def flash_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    return [n for n in model.graph.node if n.domain == contract.DOMAIN and n.op_type == contract.OP_TYPE]
+
+
+def node_attrs(node: onnx.NodeProto) -> contract.FlashFwdAttrs:
+    return contract.FlashFwdAttrs.from_onnx_attributes({a.name: onnx.helper.get_attribute_value(a) for a in node.attribute})
+
+
+def plan_node(
+    node: onnx.NodeProto, types: dict[str, ValueType], mixed_precision: bool | None = None
+) -> tuple[FlashPlan | None, list[str]]:
+    """The launch plan of one node, or None and every reason (with its fix) it cannot be launched."""
+    name = node.name or node.output[0]
+    attrs = node_attrs(node)
+    if mixed_precision is not None:
+        attrs = dataclasses.replace(attrs, mixed_precision=mixed_precision)
+    problems: list[str] = []
+
+    def fail(problem: str, fix: str | None = None) -> None:
+        problems.append(f"{name}: {problem}; fix: {fix or _fix_for(problem)}")
+
+    q_name, k_name, v_name = (list(node.input) + ["", "", ""])[:3]
+    missing = [n for n in (q_name, k_name, v_name) if n not in types]
+    if missing:
+        fail(f"the shape of {', '.join(repr(m) for m in missing)} is unknown after shape inference",
+             "pass --shape for every input the model's dims depend on")
+        return None, problems
+    q, k, v = types[q_name].shape, types[k_name].shape, types[v_name].shape
+    if len(q) != 4 or len(k) != 4 or len(v) != 4:
+        fail(f"q {q}, k {k}, v {v} are not 4-D", "the fusion pass must emit kernel layouts")
+        return None, problems
+    b, h, d, s = q
+    kv = k[1]
+    if k != (b, kv, d, s) or v != (b, kv, s, d):
+        fail(f"k {k} / v {v} do not match q {q} in the kernel layout k (b, kv, d, s), v (b, kv, s, d)",
+             "the fusion pass must emit kernel layouts (seq_q == seq_k)")
+        return None, problems
+    if (h, kv) != (attrs.num_heads, attrs.num_kv_heads):
+        fail(f"q/k carry {h}/{kv} heads but the node says num_heads={attrs.num_heads}, num_kv_heads={attrs.num_kv_heads}",
+             "re-run the fusion pass on this model")
+    if attrs.softmax_scale == 0.0:
+        fail("softmax_scale 0.0: the kernel reads a zero scale as its default 1/sqrt(d)", "leave this block unfused")
+    dtypes = {types[n].dtype_name for n in (q_name, k_name, v_name)}
+    if not dtypes <= set(KERNEL_DTYPES):
+        fail(f"dtype {', '.join(sorted(dtypes))} is not one the kernel runs (float32, float16, bfloat16)",
+             "cast the model to float32, float16 or bfloat16")
+
+    tile = _choose_tile(s, attrs.seq_tile_size)
+    padded = s
+    if tile is None and attrs.use_causal_mask:
+        padded = math.ceil(s / PAD_MULTIPLE) * PAD_MULTIPLE
+        tile = _choose_tile(padded, attrs.seq_tile_size)
+    for problem in contract.kernel_violations(
+        batch=b, heads=h, kv_heads=kv, head_dim=d, seq=padded, seq_tile_size=tile,
+        dropout_p=attrs.dropout_p, dtypes=dtypes,
+    ):
+        fail(problem)
+    if problems:
+        return None, problems
+    dtype = dtypes.pop()
+    return FlashPlan(name, tuple(node.input), node.output[0], attrs, b, h, kv, d, s, padded, tile, dtype), []
+
+
+def plan_model(model: onnx.ModelProto, mixed_precision: bool | None = None) -> tuple[list[FlashPlan], list[str]]:
+    """Plans for every FlashFwd node of a shape-fixed model, and every violation found."""
+    types = value_types(model)
+    plans, problems = [], []
+    for node in flash_nodes(model):
+        plan, node_problems = plan_node(node, types, mixed_precision)
+        problems += node_problems
+        if plan is not None:
+            plans.append(plan)
+    return plans, problems

@@ -1,0 +1,114 @@
+"""Fix a model's symbolic input dims from `--shape name=1x2048` and read back every value's shape.
+
+A dim a user names through one input (`input_ids=1x2048` binds `batch`=1, `seq`=2048) also fixes
+the same symbolic dim on every other input, so one `--shape` usually suffices for an export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import onnx
+from onnx import TensorProto, shape_inference
+
+
+class ShapeError(ValueError):
+    """A shape that cannot be fixed; the message names the input and what to pass."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ValueType:
+    shape: tuple[int, ...]
+    elem_type: int  # TensorProto enum
+
+    @property
+    def dtype_name(self) -> str:
+        return TensorProto.DataType.Name(self.elem_type).lower()
+
+
+def parse_shape_args(args: list[str]) -> dict[str, tuple[int, ...]]:
+    """`["input_ids=1x2048", ...]` -> {"input_ids": (1, 2048)}."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for arg in args:
+        name, sep, dims = arg.partition("=")
+        try:
+            if not (sep and name and dims):
+                raise ValueError
+            shape = tuple(int(d) for d in dims.lower().split("x"))
+            if any(d <= 0 for d in shape):
+                raise ValueError
+        except ValueError:
+            raise ShapeError(f"--shape {arg!r}: expected NAME=DxDx... with positive dims, e.g. input_ids=1x2048") from None
+        shapes[name] = shape
+    return shapes
+
+
+def real_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
+    """Graph inputs that are fed at run time (not initializers)."""
+    inits = {t.name for t in graph.initializer}
+    return [i for i in graph.input if i.name not in inits]
+
+
+def fix_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
+    """A copy of `model` whose run-time inputs all have static dims; raises ShapeError naming the input."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    inputs = real_inputs(model.graph)
+    by_name = {i.name: i for i in inputs}
+    unknown = sorted(set(shapes) - set(by_name))
+    if unknown:
+        raise ShapeError(f"--shape names {', '.join(unknown)}, not inputs of the model (inputs: {', '.join(by_name)})")
+
+    # Symbols bound by the shapes given, so that other inputs sharing them are fixed too.
+    symbols: dict[str, int] = {}
+    for name, shape in shapes.items():
+        dims = by_name[name].type.tensor_type.shape.dim
+        if len(dims) != len(shape):
+            raise ShapeError(f"--shape {name}: the input has rank {len(dims)}, got {len(shape)} dims {shape}")
+        for i, (dim, value) in enumerate(zip(dims, shape)):
+            if dim.HasField("dim_value") and dim.dim_value != value:
+                raise ShapeError(f"--shape {name}: dim {i} is fixed at {dim.dim_value} in the model, got {value}")
+            if dim.HasField("dim_param") and symbols.setdefault(dim.dim_param, value) != value:
+                raise ShapeError(f"--shape {name}: dim {dim.dim_param!r} is already bound to {symbols[dim.dim_param]}, got {value}")
+
+    for inp in inputs:
+        missing = []
+        for i, dim in enumerate(inp.type.tensor_type.shape.dim):
+            if dim.HasField("dim_value"):
+                continue
+            value = shapes[inp.name][i] if inp.name in shapes else symbols.get(dim.dim_param)
+            if value is None:
+                missing.append(dim.dim_param or f"dim {i}")
+                continue
+            dim.Clear()
+            dim.dim_value = value
+        if missing:
+            raise ShapeError(
+                f"input {inp.name!r} has unknown dims {missing}: pass --shape {inp.name}="
+                + "x".join(str(d.dim_value) if d.HasField("dim_value") else "N" for d in inp.type.tensor_type.shape.dim)
+            )
+    # Shapes recorded for intermediate values may still be symbolic: drop them and infer anew.
+    del model.graph.value_info[:]
+    for out in model.graph.output:
+        out.type.tensor_type.ClearField("shape")
+    return shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+
+
+def value_types(model: onnx.ModelProto) -> dict[str, ValueType]:
+    """Every value of the (shape-inferred) main graph whose dims are all static."""
+    out: dict[str, ValueType] = {}
+    for t in model.graph.initializer:
+        out[t.name] = ValueType(tuple(t.dims), t.data_type)
+    g = model.graph
+    for vi in [*g.input, *g.value_info, *g.output]:
+        tt = vi.type.tensor_type
+        if not tt.HasField("shape") or not all(d.HasField("dim_value") for d in tt.shape.dim):
+            continue
+        out[vi.name] = ValueType(tuple(d.dim_value for d in tt.shape.dim), tt.elem_type)
+    return out
+
+
+def input_feed_types(model: onnx.ModelProto) -> dict[str, ValueType]:
+    """The run-time inputs of a model whose shapes have been fixed."""
+    types = value_types(model)
+    return {i.name: types[i.name] for i in real_inputs(model.graph)}
+
