@@ -1,0 +1,968 @@
+"""Small, complete ONNX transformer graphs with attention blocks, built from one spec.
+
+Every variant issue 2 lists (how Kᵀ is made, where the scale sits, the mask forms, casts and the
+NaN guard around Softmax, dropout, GQA repeat_kv, the opset-23 `Attention` op, dtypes) and every
+near miss that must stay unfused (almost-causal masks, padding, biases, tiled kv heads, softmax over
+another axis, a non-scalar scale, a second consumer, wrong perms, cross attention, big head dim,
+a seq no kernel tile divides) is one `AttnSpec`. `build(spec)` returns the model together with an
+independent numpy reference of the attention the spec *means* (it never reads the graph's nodes),
+so the builders themselves are checked against the math, not against the pass.
+
+Attention is made peaked: the Q/K projection gain is chosen so that the scaled scores have a
+standard deviation of about `target_score_std` (4 by default). Near-uniform attention would let a
+wrong scale or mask pass a 1e-4 comparison; `wrong_scale_and_mask_diffs` measures that it does not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import ml_dtypes
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+DTYPES = {
+    "float32": (TensorProto.FLOAT, np.float32),
+    "float16": (TensorProto.FLOAT16, np.float16),
+    "bfloat16": (TensorProto.BFLOAT16, ml_dtypes.bfloat16),
+}
+
+# Mask semantics: which keys each query may see (plus additive biases for alibi/bias).
+POSITIVE_MASKS = ("none", "causal")
+NEAR_MISS_MASKS = (
+    "padding",  # (b, s) graph input -> (1 - m) * min added
+    "causal_padding",  # causal constant plus the padding input
+    "off_by_one",  # causal with one entry above the diagonal let through (query 0 sees key 1)
+    "shift",  # query i sees keys j <= i + 1
+    "bottom_right",  # causal aligned to the bottom right (needs seq_kv > seq)
+    "sliding_window",  # causal and j > i - window
+    "alibi",  # causal plus -slope_h * (i - j)
+    "bias",  # an arbitrary additive (1, h, s, s) bias, no causal
+)
+MASKS = POSITIVE_MASKS + NEAR_MISS_MASKS
+
+# How the mask reaches the scores.
+DECOMPOSED_MASK_FORMS = (
+    "add",  # Add(scores, constant with 0 / mask_value)
+    "where",  # Where(bool constant, scores, mask_value)
+    "range",  # computed from shapes: Shape->Gather->Range->Unsqueeze->LessOrEqual|GreaterOrEqual->Where
+    "range_add",  # the same condition -> Where(cond, 0, mask_value) -> Add
+    "trilu",  # ConstantOfShape(s, s, mask_value) -> Trilu(upper, k) -> Add
+)
+ATTENTION_OP_MASK_FORMS = (
+    "attr",  # is_causal=1 (mask causal) or no mask at all (mask none)
+    "bool",  # a constant boolean attn_mask
+    "range",  # a boolean attn_mask computed from shapes (what torch emits)
+    "all_true",  # a computed all-true boolean attn_mask (encoders)
+    "float",  # a constant additive attn_mask
+)
+COMPUTABLE_MASKS = ("causal", "shift")  # masks the computed forms can express
+MASK_VALUES = ("-inf", "min", "-1e4", "-1e9")
+K_TRANSPOSES = (
+    "perm0132",  # (b, s, kv, d) -Transpose[0,2,1,3]-> (b, kv, s, d) -Transpose[0,1,3,2]-> (b, kv, d, s)
+    "perm0231",  # (b, s, kv, d) -Transpose[0,2,3,1]-> (b, kv, d, s)
+    "dynamo",  # (b, h, s, d) -Reshape-> (b*h, s, d) -Transpose[0,2,1]-> -Reshape-> (b, h, d, s)
+    "untransposed",  # near miss: K used as (b, h, s, d), no transpose at all (needs seq == head_dim)
+)
+V_TRANSPOSES = (
+    "perm0213",  # (b, s, kv, d) -> (b, kv, s, d)
+    "perm0231",  # near miss: V as (b, kv, d, s) (needs seq == head_dim)
+)
+SCALE_FORMS = ("div", "mul", "sqrt_both", "none", "tensor")  # "tensor": near miss, per-head scale
+KV_REPEATS = ("repeat_kv", "tile", "concat")  # tile/concat: near misses (head i uses kv head i % kv)
+DROPOUTS = ("none", "identity", "identity_ratio")
+EXTRA_CONSUMERS = ("none", "probs", "scores")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttnSpec:
+    """One model: `blocks` identical-in-form attention blocks chained on x (b, seq, heads*head_dim)."""
+
+    batch: int = 1
+    seq: int = 16
+    seq_kv: int | None = None  # set (!= seq): K/V come from a second input `memory` (cross attention)
+    heads: int = 4
+    kv_heads: int | None = None  # None: = heads
+    head_dim: int = 8
+    dtype: str = "float32"
+    blocks: int = 1
+    symbolic_seq: bool = False  # graph inputs declare seq as dim_param "seq"
+    form: str = "decomposed"  # or "attention_op" (ONNX opset-23 Attention)
+    k_transpose: str = "perm0132"
+    v_transpose: str = "perm0213"
+    scale_form: str = "div"
+    scale: float | None = None  # None: 1/sqrt(head_dim); ignored (1.0) for scale_form "none"
+    mask: str = "causal"
+    mask_form: str = "add"
+    mask_value: str = "-inf"
+    mask_cmp: str = "LessOrEqual"  # or GreaterOrEqual, for the computed "range" forms
+    softmax_axis: int = -1
+    softmax_cast: bool = False  # Cast to float32 before Softmax and back after
+    nan_guard: bool = False  # Where(IsNaN(p), 0, p) after Softmax
+    dropout: str = "none"
+    kv_repeat: str = "repeat_kv"
+    extra_consumer: str = "none"
+    opset: int | None = None  # None: 17 for decomposed, 23 for the Attention op
+    seed: int = 0
+    target_score_std: float = 4.0
+
+    def __post_init__(self):
+        problems = self.invalid()
+        if problems:
+            raise ValueError(f"invalid AttnSpec ({'; '.join(problems)}): {self}")
+
+    # -- derived ---------------------------------------------------------------------------------
+    @property
+    def kv(self) -> int:
+        return self.heads if self.kv_heads is None else self.kv_heads
+
+    @property
+    def group(self) -> int:
+        return self.heads // self.kv
+
+    @property
+    def skv(self) -> int:
+        return self.seq if self.seq_kv is None else self.seq_kv
+
+    @property
+    def hidden(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def model_opset(self) -> int:
+        if self.opset is not None:
+            return self.opset
+        return 23 if self.form == "attention_op" else 17
+
+    @property
+    def nominal_scale(self) -> float:
+        """The scale the spec asks for (before rounding to the model's dtype)."""
+        if self.form == "decomposed" and self.scale_form == "none":
+            return 1.0
+        return 1.0 / math.sqrt(self.head_dim) if self.scale is None else float(self.scale)
+
+    @property
+    def causal(self) -> bool:
+        return self.mask == "causal"
+
+    def invalid(self) -> list[str]:
+        p = []
+        if self.dtype not in DTYPES:
+            p.append(f"dtype {self.dtype}")
+        if self.form not in ("decomposed", "attention_op"):
+            p.append(f"form {self.form}")
+        if self.heads % self.kv:
+            p.append("heads not a multiple of kv_heads")
+        if self.mask not in MASKS:
+            p.append(f"mask {self.mask}")
+        if self.mask_value not in MASK_VALUES:
+            p.append(f"mask_value {self.mask_value}")
+        if self.mask_cmp not in ("LessOrEqual", "GreaterOrEqual"):
+            p.append(f"mask_cmp {self.mask_cmp}")
+        if self.k_transpose not in K_TRANSPOSES or self.v_transpose not in V_TRANSPOSES:
+            p.append("transpose form")
+        if self.scale_form not in SCALE_FORMS:
+            p.append(f"scale_form {self.scale_form}")
+        if self.kv_repeat not in KV_REPEATS or self.dropout not in DROPOUTS:
+            p.append("kv_repeat or dropout")
+        if self.extra_consumer not in EXTRA_CONSUMERS:
+            p.append(f"extra_consumer {self.extra_consumer}")
+        if self.kv_repeat != "repeat_kv" and not (1 < self.kv < self.heads):
+            p.append("tiled kv heads only differ from repeat_kv when 1 < kv_heads < heads")
+        if self.mask == "bottom_right" and not (self.seq_kv is not None and self.seq_kv > self.seq):
+            p.append("bottom_right needs seq_kv > seq")
+        if self.seq_kv is not None and self.seq_kv == self.seq:
+            p.append("seq_kv == seq: leave it None")
+        if self.seq_kv is not None and self.mask not in ("none", "bottom_right"):
+            p.append("cross attention takes mask none or bottom_right")
+        if self.k_transpose == "untransposed" or self.v_transpose == "perm0231":
+            if self.seq != self.head_dim or self.seq_kv is not None:
+                p.append("untransposed K / transposed V need seq == head_dim")
+        if self.softmax_axis not in (-1, 3, 2, -2):
+            p.append(f"softmax_axis {self.softmax_axis}")
+        if self.symbolic_seq and (self.seq_kv is not None or self.mask_form in ("add", "where")
+                                  and self.mask not in ("none", "padding")):
+            p.append("a symbolic seq takes only computed or no masks (constants fix the seq)")
+        if self.symbolic_seq and self.mask in ("alibi", "bias", "causal_padding", "off_by_one",
+                                               "sliding_window", "bottom_right"):
+            p.append(f"mask {self.mask} is a constant: no symbolic seq")
+        if self.symbolic_seq and self.k_transpose == "untransposed":
+            p.append("untransposed K needs a static seq")
+        if self.form == "decomposed":
+            if self.mask in ("none", "padding", "causal_padding", "alibi", "bias"):
+                pass  # the form is fixed by the mask
+            elif self.mask_form not in DECOMPOSED_MASK_FORMS:
+                p.append(f"mask_form {self.mask_form} for decomposed")
+            elif self.mask_form in ("range", "range_add", "trilu") and self.mask not in COMPUTABLE_MASKS:
+                p.append(f"computed mask forms express only {COMPUTABLE_MASKS}")
+        else:
+            if self.mask_form not in ATTENTION_OP_MASK_FORMS:
+                p.append(f"mask_form {self.mask_form} for attention_op")
+            elif self.mask_form == "attr" and self.mask not in ("causal", "none"):
+                p.append("is_causal expresses only causal (or none: no mask at all)")
+            elif self.mask_form == "all_true" and self.mask != "none":
+                p.append("all_true expresses only none")
+            elif self.mask_form == "range" and self.mask not in COMPUTABLE_MASKS:
+                p.append(f"computed mask forms express only {COMPUTABLE_MASKS}")
+            elif self.mask_form == "float" and self.mask not in ("alibi", "bias"):
+                p.append("float attn_mask is for alibi/bias")
+            elif self.mask in ("alibi", "bias") and self.mask_form != "float":
+                p.append("alibi/bias need mask_form float")
+            if (self.k_transpose, self.v_transpose, self.scale_form, self.softmax_axis, self.softmax_cast,
+                    self.nan_guard, self.dropout, self.kv_repeat, self.extra_consumer) != (
+                    "perm0132", "perm0213", "div", -1, False, False, "none", "repeat_kv", "none"):
+                p.append("the Attention op takes only defaults for the decomposed-only knobs")
+            if self.scale_form != "div" or self.model_opset < 23:
+                pass
+        if self.softmax_cast and self.form != "decomposed":
+            p.append("softmax_cast only for decomposed")
+        return p
+
+    # -- what the pass must do -------------------------------------------------------------------
+    def near_miss_causes(self) -> list[str]:
+        """Why this block must not be fused; empty when it is a positive variant."""
+        c = []
+        if self.mask in NEAR_MISS_MASKS:
+            c.append("mask")
+        if self.seq_kv is not None:
+            c.append("seq")
+        if self.k_transpose == "untransposed" or self.v_transpose == "perm0231":
+            c.append("transpose")
+        if self.scale_form == "tensor":
+            c.append("scale")
+        if self.softmax_axis in (2, -2):
+            c.append("axis")
+        if self.kv_repeat != "repeat_kv":
+            c.append("repeat")
+        if self.extra_consumer != "none":
+            c.append("consumer")
+        if self.head_dim > 128:
+            c.append("head dim")
+        if not self.causal and not self.symbolic_seq and self.seq_kv is None and (
+                self.seq % 128 or not any(self.seq % t == 0 for t in (2048, 1024, 512))):
+            c.append("tile")
+        return c
+
+    @property
+    def should_fuse(self) -> bool:
+        return not self.near_miss_causes()
+
+    def short_id(self) -> str:
+        d = AttnSpec.__dataclass_fields__
+        parts = []
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if v != d[f.name].default:
+                parts.append(f"{f.name}={v}")
+        return ",".join(parts) or "default"
+
+
+# Words the pass's reason may use for each cause (any one must appear, case-insensitive).
+REASON_WORDS = {
+    "mask": ("mask", "bias", "causal", "padding", "window"),
+    "seq": ("seq", "cross"),
+    "transpose": ("transpose", "perm", "layout"),
+    "scale": ("scale",),
+    "axis": ("axis",),
+    "repeat": ("repeat", "tile", "kv", "order"),
+    "consumer": ("consumer", "output"),
+    "head dim": ("head dim", "head_dim"),
+    "tile": ("seq", "tile"),
+}
+
+
+# --- graph construction ---------------------------------------------------------------------------
+
+
+class _Graph:
+    def __init__(self, spec: AttnSpec):
+        self.spec = spec
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.n = 0
+        self.onnx_dtype, self.np_dtype = DTYPES[spec.dtype]
+
+    def name(self, hint: str) -> str:
+        self.n += 1
+        return f"{hint}_{self.n}"
+
+    def op(self, op_type: str, inputs: list[str], hint: str | None = None, n_out: int = 1, **attrs):
+        outs = [self.name(hint or op_type.lower()) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=self.name("n_" + op_type), **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def init(self, array: np.ndarray, hint: str) -> str:
+        name = self.name(hint)
+        self.inits.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def i64(self, values, hint: str = "shape") -> str:
+        return self.init(np.array(values, dtype=np.int64), hint)
+
+    def f(self, values, hint: str) -> str:
+        """A constant in the model's float dtype."""
+        return self.init(np.asarray(values, dtype=np.float64).astype(self.np_dtype), hint)
+
+
+def _mask_value(spec: AttnSpec) -> float:
+    if spec.mask_value == "min":
+        return float(ml_dtypes.finfo(DTYPES[spec.dtype][1]).min)
+    return {"-inf": -math.inf, "-1e4": -1e4, "-1e9": -1e9}[spec.mask_value]
+
+
+def allowed_keys(mask: str, sq: int, sk: int) -> np.ndarray:
+    """(sq, sk) bool: which keys each query may see under `mask` (padding excluded)."""
+    i = np.arange(sq)[:, None]
+    j = np.arange(sk)[None, :]
+    m = mask
+    if m in ("none", "padding", "bias"):
+        return np.ones((sq, sk), bool)
+    if m in ("causal", "causal_padding", "alibi"):
+        return j <= i
+    if m == "off_by_one":
+        a = j <= i
+        a[0, 1] = True
+        return a
+    if m == "shift":
+        return j <= i + 1
+    if m == "bottom_right":
+        return j <= i + (sk - sq)
+    if m == "sliding_window":
+        return (j <= i) & (j > i - max(2, sq // 4))
+    raise AssertionError(m)
+
+
+def additive_bias(spec: AttnSpec, sq: int, sk: int) -> np.ndarray | None:
+    """(1, h, sq, sk) finite additive bias (alibi, bias), or None."""
+    if spec.mask == "alibi":
+        slopes = 2.0 ** (-8.0 * np.arange(1, spec.heads + 1) / spec.heads)
+        i = np.arange(sq)[:, None]
+        j = np.arange(sk)[None, :]
+        return (-slopes[:, None, None] * np.maximum(i - j, 0)[None])[None] * 4.0
+    if spec.mask == "bias":
+        rng = np.random.default_rng(spec.seed + 991)
+        return rng.normal(0, 2.0, size=(1, spec.heads, sq, sk))
+    return None
+
+
+@dataclasses.dataclass
+class BlockParams:
+    wq: np.ndarray
+    wk: np.ndarray
+    wv: np.ndarray
+    wo: np.ndarray
+    scale_array: np.ndarray  # the scale constant(s) as stored (dtype-rounded), float64
+    effective_scale: float  # the scale the graph applies, computed from the stored constant
+    bias: np.ndarray | None  # additive bias as stored (dtype-rounded), float64
+
+
+@dataclasses.dataclass
+class Built:
+    spec: AttnSpec
+    model: onnx.ModelProto
+    params: list[BlockParams]
+    extra_outputs: list[str]
+
+    @property
+    def effective_scale(self) -> float:
+        return self.params[0].effective_scale
+
+    def inputs(self, seed: int = 1, padding: bool = False) -> dict[str, np.ndarray]:
+        """Random inputs; with `padding` the attention mask ends in zeros (else all ones)."""
+        s = self.spec
+        rng = np.random.default_rng(seed)
+        np_dtype = DTYPES[s.dtype][1]
+        feeds = {"x": rng.normal(size=(s.batch, s.seq, s.hidden)).astype(np_dtype)}
+        if s.seq_kv is not None:
+            feeds["memory"] = rng.normal(size=(s.batch, s.skv, s.hidden)).astype(np_dtype)
+        if s.mask in ("padding", "causal_padding"):
+            m = np.ones((s.batch, s.skv), np.int64)
+            if padding:
+                for b in range(s.batch):
+                    m[b, s.skv - 1 - b % max(1, s.skv // 4):] = 0
+            feeds["attention_mask"] = m
+        return feeds
+
+    def reference(self, feeds: dict[str, np.ndarray], *, scale_factor: float = 1.0,
+                  mask: str | None = None, kv_order: str | None = None) -> list[np.ndarray]:
+        """The intended attention math in float64, independent of the graph's nodes.
+
+        `scale_factor`, `mask` and `kv_order` ("repeat" | "tile") deliberately change the math, to
+        show that a comparison at 1e-4 notices a wrong scale, mask or head mapping.
+        """
+        x = feeds["x"].astype(np.float64)
+        mem = feeds.get("memory")
+        mem = None if mem is None else mem.astype(np.float64)
+        pad = feeds.get("attention_mask")
+        extras: list[np.ndarray] = []
+        for p in self.params:  # blocks chain on x; K/V come from x itself or from `memory`
+            x, ex = _block_reference(self.spec, p, x, mem, pad, scale_factor=scale_factor,
+                                     mask=mask, kv_order=kv_order)
+            extras.extend(ex)
+        return [x] + extras
+
+
+def _softmax(a: np.ndarray, axis: int) -> np.ndarray:
+    m = np.max(a, axis=axis, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    e = np.exp(a - m)
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def _block_reference(spec: AttnSpec, p: BlockParams, x, mem, pad, *, scale_factor=1.0,
+                     mask=None, kv_order=None):
+    b, sq, _ = x.shape
+    src = x if mem is None else mem
+    sk = src.shape[1]
+    h, kv, d = spec.heads, spec.kv, spec.head_dim
+    q = (x @ p.wq).reshape(b, sq, h, d).transpose(0, 2, 1, 3)
+    k = (src @ p.wk).reshape(b, sk, kv, d).transpose(0, 2, 1, 3)
+    v = (src @ p.wv).reshape(b, sk, kv, d).transpose(0, 2, 1, 3)
+    order = kv_order or ("repeat" if spec.kv_repeat == "repeat_kv" else "tile")
+    if order == "repeat":
+        k, v = np.repeat(k, spec.group, axis=1), np.repeat(v, spec.group, axis=1)
+    else:
+        k, v = np.tile(k, (1, spec.group, 1, 1)), np.tile(v, (1, spec.group, 1, 1))
+    kt = k if spec.k_transpose == "untransposed" else k.transpose(0, 1, 3, 2)
+    raw = q @ kt
+    if spec.scale_form == "sqrt_both":
+        raw = raw * p.effective_scale
+    if spec.scale_form == "tensor":
+        scores = (q @ kt) * p.scale_array * scale_factor
+    else:
+        scores = (q @ kt) * p.effective_scale * scale_factor
+    m = mask or spec.mask
+    allowed = allowed_keys(m, sq, sk)[None, None]
+    if m in ("padding", "causal_padding"):
+        allowed = allowed & (pad[:, None, None, :] != 0)
+    if m in ("alibi", "bias"):
+        bias = p.bias if m == spec.mask else additive_bias(dataclasses.replace(spec, mask=m), sq, sk)
+        scores = scores + bias
+    scores = np.where(allowed, scores, -np.inf)
+    axis = spec.softmax_axis
+    probs = _softmax(scores, axis)
+    probs = np.where(np.isnan(probs), 0.0, probs)
+    o = probs @ (v.transpose(0, 1, 3, 2) if spec.v_transpose == "perm0231" else v)
+    o = o.transpose(0, 2, 1, 3).reshape(b, sq, h * d)
+    extras = []
+    if spec.extra_consumer == "probs":
+        extras.append(probs)
+    elif spec.extra_consumer == "scores":  # the raw q @ kT (after a sqrt_both scale)
+        extras.append(raw)
+    return o @ p.wo, extras
+
+
+def build(spec: AttnSpec) -> Built:
+    g = _Graph(spec)
+    b, s, sk, h, kv, d, hid = spec.batch, spec.seq, spec.skv, spec.heads, spec.kv, spec.head_dim, spec.hidden
+    rng = np.random.default_rng(spec.seed)
+    seq_dim: int | str = "seq" if spec.symbolic_seq else s
+    inputs = [helper.make_tensor_value_info("x", g.onnx_dtype, [b, seq_dim, hid])]
+    kv_src = "x"
+    if spec.seq_kv is not None:
+        inputs.append(helper.make_tensor_value_info("memory", g.onnx_dtype, [b, sk, hid]))
+        kv_src = "memory"
+    if spec.mask in ("padding", "causal_padding"):
+        inputs.append(helper.make_tensor_value_info("attention_mask", TensorProto.INT64,
+                                                    [b, "seq" if spec.symbolic_seq else sk]))
+    outputs: list[onnx.ValueInfoProto] = []
+    extra_outputs: list[str] = []
+    params: list[BlockParams] = []
+    x = "x"
+    for blk in range(spec.blocks):
+        x, p, extra = _build_block(g, spec, rng, x, x if spec.seq_kv is None else kv_src, blk)
+        params.append(p)
+        if extra is not None:
+            extra_outputs.append(extra)
+    g.nodes.append(helper.make_node("Identity", [x], ["y"], name="n_output"))
+    outputs.append(helper.make_tensor_value_info("y", g.onnx_dtype, [b, seq_dim, hid]))
+    for e in extra_outputs:
+        outputs.append(helper.make_tensor_value_info(e, g.onnx_dtype, [b, spec.heads, seq_dim, seq_dim if spec.seq_kv is None else sk]))
+    graph = helper.make_graph(g.nodes, "attention_model", inputs, outputs, initializer=g.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", spec.model_opset)],
+                              producer_name="fuse-attn-tests")
+    model.ir_version = 10
+    model = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+    # every graph output gets a full type (the checker wants it)
+    return Built(spec, model, params, extra_outputs)
+
+
+def _reshape(g: _Graph, x: str, dims: list[int], hint: str) -> str:
+    return g.op("Reshape", [x, g.i64(dims)], hint)
+
+
+def _repeat_kv(g: _Graph, spec: AttnSpec, t: str, tail: list[int], hint: str) -> str:
+    """(b, kv, t0, t1) -> (b, h, t0, t1) in the spec's head order (a -1 in `tail` is the seq)."""
+    G = spec.group
+    if G == 1:
+        return t
+    if spec.kv_repeat == "repeat_kv":
+        u = g.op("Unsqueeze", [t, g.i64([2])], hint + "_unsq")
+        if spec.symbolic_seq:
+            e = g.op("Expand", [u, g.i64([1, 1, G, 1, 1])], hint + "_exp")
+        else:
+            e = g.op("Expand", [u, g.i64([spec.batch, spec.kv, G, *tail])], hint + "_exp")
+        return _reshape(g, e, [spec.batch, spec.heads, *([-1 if spec.symbolic_seq and x != spec.head_dim
+                                                            else x for x in tail])], hint + "_rep")
+    if spec.kv_repeat == "tile":
+        return g.op("Tile", [t, g.i64([1, G, 1, 1])], hint + "_tile")
+    return g.op("Concat", [t] * G, hint + "_cat", axis=1)
+
+
+def _weights(rng, fan_in: int, fan_out: int, gain: float) -> np.ndarray:
+    return rng.normal(0.0, gain / math.sqrt(fan_in), size=(fan_in, fan_out))
+
+
+def _seq_scalar(g: _Graph, src: str, axis: int = 1) -> str:
+    shape = g.op("Shape", [src], "shape")
+    return g.op("Gather", [shape, g.i64(axis, "idx")], "seq_len", axis=0)
+
+
+def _computed_allowed(g: _Graph, spec: AttnSpec, x: str) -> str:
+    """A bool (s, s) 'query i may see key j' computed from x's shape only."""
+    n = _seq_scalar(g, x)
+    r = g.op("Range", [g.i64(0, "zero"), n, g.i64(1, "one")], "positions")
+    q_pos = g.op("Unsqueeze", [r, g.i64([1])], "q_pos")  # (s, 1)
+    k_pos = g.op("Unsqueeze", [r, g.i64([0])], "k_pos")  # (1, s)
+    if spec.mask == "shift":
+        q_pos = g.op("Add", [q_pos, g.i64(1, "one")], "q_pos_shift")
+    if spec.mask_cmp == "LessOrEqual":
+        return g.op("LessOrEqual", [k_pos, q_pos], "causal_cond")
+    return g.op("GreaterOrEqual", [q_pos, k_pos], "causal_cond")
+
+
+def _bias_constant(spec: AttnSpec, bias: np.ndarray) -> np.ndarray:
+    """The additive constant for alibi/bias: the finite bias where allowed, the mask value elsewhere."""
+    return np.where(allowed_keys(spec.mask, spec.seq, spec.skv), bias, _mask_value(spec))
+
+
+def _apply_mask(g: _Graph, spec: AttnSpec, scores: str, x: str, bias_const: np.ndarray | None) -> str:
+    s, sk = spec.seq, spec.skv
+    value = _mask_value(spec)
+    m = spec.mask
+    if m == "none":
+        return scores
+    if m in ("padding", "causal_padding"):
+        pad = g.op("Cast", ["attention_mask"], "pad_f", to=g.onnx_dtype)
+        inv = g.op("Sub", [g.f(1.0, "one_f"), pad], "pad_inv")
+        add = g.op("Mul", [inv, g.f(float(ml_dtypes.finfo(g.np_dtype).min), "min_f")], "pad_bias")
+        add = g.op("Unsqueeze", [add, g.i64([1, 2])], "pad_bias4")  # (b, 1, 1, sk)
+        if m == "causal_padding":
+            causal = np.where(allowed_keys(spec.mask, s, sk), 0.0, value)[None, None]
+            add = g.op("Add", [g.f(causal, "causal_mask"), add], "combined_mask")
+        return g.op("Add", [scores, add], "masked")
+    if m in ("alibi", "bias"):
+        return g.op("Add", [scores, g.f(_bias_constant(spec, bias_const), "attn_bias")], "masked")
+    form = spec.mask_form
+    if form == "add":
+        c = np.where(allowed_keys(spec.mask, s, sk), 0.0, value)[None, None]
+        return g.op("Add", [scores, g.f(c, "causal_mask")], "masked")
+    if form == "where":
+        c = g.init(allowed_keys(spec.mask, s, sk)[None, None], "causal_bool")
+        return g.op("Where", [c, scores, g.f(value, "mask_value")], "masked")
+    if form == "range":
+        cond = _computed_allowed(g, spec, x)
+        return g.op("Where", [cond, scores, g.f(value, "mask_value")], "masked")
+    if form == "range_add":
+        cond = _computed_allowed(g, spec, x)
+        add = g.op("Where", [cond, g.f(0.0, "zero_f"), g.f(value, "mask_value")], "causal_mask")
+        return g.op("Add", [scores, add], "masked")
+    if form == "trilu":
+        n = g.op("Reshape", [_seq_scalar(g, x), g.i64([1])], "seq_1d")
+        shape = g.op("Concat", [n, n], "mask_shape", axis=0)
+        full = g.op("ConstantOfShape", [shape], "mask_full",
+                    value=numpy_helper.from_array(np.array([value], dtype=g.np_dtype)))
+        k = 2 if m == "shift" else 1
+        tri = g.op("Trilu", [full, g.i64(k, "diag")], "causal_mask", upper=1)
+        return g.op("Add", [scores, tri], "masked")
+    raise AssertionError(form)
+
+
+def _build_block(g: _Graph, spec: AttnSpec, rng, x: str, kv_src: str, blk: int):
+    b, s, sk, h, kv, d, hid = spec.batch, spec.seq, spec.skv, spec.heads, spec.kv, spec.head_dim, spec.hidden
+    npd = g.np_dtype
+    nominal = spec.nominal_scale
+    # peaked attention: q.k has std gain^2 * sqrt(d); times the scale it should be target_score_std
+    gain = math.sqrt(spec.target_score_std / (nominal * math.sqrt(d)))
+
+    def stored(a):
+        return np.asarray(a, np.float64).astype(npd).astype(np.float64)
+
+    wq = stored(_weights(rng, hid, h * d, gain))
+    wk = stored(_weights(rng, hid, kv * d, gain))
+    wv = stored(_weights(rng, hid, kv * d, 1.0))
+    wo = stored(_weights(rng, h * d, hid, 1.0))
+    seqd = -1  # the seq position in reshape targets
+    q = g.op("MatMul", [x, g.f(wq, f"wq{blk}")], "q_proj")
+    k = g.op("MatMul", [kv_src, g.f(wk, f"wk{blk}")], "k_proj")
+    v = g.op("MatMul", [kv_src, g.f(wv, f"wv{blk}")], "v_proj")
+    q = _reshape(g, q, [b, seqd, h, d], "q_bshd")
+    k = _reshape(g, k, [b, seqd, kv, d], "k_bshd")
+    v = _reshape(g, v, [b, seqd, kv, d], "v_bshd")
+    q = g.op("Transpose", [q], "q_bhsd", perm=[0, 2, 1, 3])
+
+    # scale constants, rounded to the dtype; the effective scale is what the stored constant applies
+    bias = additive_bias(spec, s, sk)
+    bias_stored = None if bias is None else stored(bias)
+    scale_array = np.array(nominal)
+    if spec.form == "attention_op":
+        effective = float(np.float32(nominal))
+        if spec.scale is None:  # attribute omitted: the op's default 1/sqrt(d)
+            effective = 1.0 / math.sqrt(d)
+    elif spec.scale_form == "div":
+        scale_array = stored(1.0 / nominal)
+        effective = 1.0 / float(scale_array)
+    elif spec.scale_form == "mul":
+        scale_array = stored(nominal)
+        effective = float(scale_array)
+    elif spec.scale_form == "sqrt_both":
+        scale_array = stored(math.sqrt(nominal))
+        effective = float(scale_array) ** 2
+    elif spec.scale_form == "none":
+        effective = 1.0
+    else:  # tensor: a per-head scale, not a scalar
+        scale_array = stored((nominal * (1.0 + 0.25 * np.arange(h))).reshape(1, h, 1, 1))
+        effective = float(scale_array.flat[0])
+
+    if spec.form == "attention_op":
+        k = g.op("Transpose", [k], "k_bhsd", perm=[0, 2, 1, 3])
+        v = g.op("Transpose", [v], "v_bhsd", perm=[0, 2, 1, 3])
+        attrs = {"q_num_heads": h, "kv_num_heads": kv}
+        if spec.scale is not None:
+            attrs["scale"] = float(spec.scale)
+        ins = [q, k, v]
+        mf = spec.mask_form
+        if mf == "attr":
+            if spec.causal:
+                attrs["is_causal"] = 1
+        elif mf == "bool":
+            ins.append(g.init(allowed_keys(spec.mask, s, sk), "attn_mask_bool"))
+        elif mf == "range":
+            ins.append(_computed_allowed(g, spec, x))
+        elif mf == "all_true":
+            n = g.op("Reshape", [_seq_scalar(g, x), g.i64([1])], "seq_1d")
+            shape = g.op("Concat", [n, n], "mask_shape", axis=0)
+            ins.append(g.op("ConstantOfShape", [shape], "attn_mask_all",
+                            value=numpy_helper.from_array(np.array([True]))))
+        elif mf == "float":
+            ins.append(g.f(_bias_constant(spec, bias_stored), "attn_mask_float"))
+        if spec.mask in ("padding", "causal_padding"):
+            raise ValueError("padding masks with the Attention op are not built")
+        o = g.op("Attention", ins, "attn_o", **attrs)
+        params = BlockParams(wq, wk, wv, wo, np.array(effective), effective, bias_stored)
+    else:
+        # K to (b, h, d, s) in the spec's form
+        if spec.k_transpose == "perm0231":
+            kt = g.op("Transpose", [k], "k_bhds", perm=[0, 2, 3, 1])
+            kt = _repeat_kv(g, spec, kt, [d, sk], "k")
+        else:
+            kh = g.op("Transpose", [k], "k_bhsd", perm=[0, 2, 1, 3])
+            kh = _repeat_kv(g, spec, kh, [sk, d], "k")
+            if spec.k_transpose == "perm0132":
+                kt = g.op("Transpose", [kh], "k_t", perm=[0, 1, 3, 2])
+            elif spec.k_transpose == "dynamo":
+                k3 = _reshape(g, kh, [b * h, -1, d], "k_3d")
+                k3 = g.op("Transpose", [k3], "k_3d_t", perm=[0, 2, 1])
+                kt = _reshape(g, k3, [b, h, d, -1], "k_t")
+            else:  # untransposed near miss
+                kt = kh
+        vh = g.op("Transpose", [v], "v_bhsd", perm=[0, 2, 1, 3])
+        vh = _repeat_kv(g, spec, vh, [sk, d], "v")
+        if spec.v_transpose == "perm0231":
+            vh = g.op("Transpose", [vh], "v_bhds", perm=[0, 1, 3, 2])
+        if spec.scale_form == "sqrt_both":
+            c = g.f(scale_array, "sqrt_scale")
+            q = g.op("Mul", [q, c], "q_scaled")
+            kt = g.op("Mul", [kt, c], "k_scaled")
+        scores = g.op("MatMul", [q, kt], "scores")
+        raw_scores = scores
+        if spec.scale_form == "div":
+            scores = g.op("Div", [scores, g.f(scale_array, "scale_div")], "scores_scaled")
+        elif spec.scale_form in ("mul", "tensor"):
+            scores = g.op("Mul", [scores, g.f(scale_array, "scale_mul")], "scores_scaled")
+        scores = _apply_mask(g, spec, scores, x, bias_stored)
+        p = scores
+        if spec.softmax_cast:
+            p = g.op("Cast", [p], "scores_f32", to=TensorProto.FLOAT)
+        p = g.op("Softmax", [p], "probs", axis=spec.softmax_axis)
+        if spec.softmax_cast:
+            p = g.op("Cast", [p], "probs_cast", to=g.onnx_dtype)
+        if spec.nan_guard:
+            nan = g.op("IsNaN", [p], "probs_nan")
+            p = g.op("Where", [nan, g.f(0.0, "zero_f"), p], "probs_guarded")
+        probs = p
+        if spec.dropout == "identity":
+            p = g.op("Dropout", [p], "probs_drop")
+        elif spec.dropout == "identity_ratio":
+            p = g.op("Dropout", [p, g.f(0.1, "ratio")], "probs_drop")
+        o = g.op("MatMul", [p, vh], "attn_o")
+        params = BlockParams(wq, wk, wv, wo, scale_array, effective, bias_stored)
+    o = g.op("Transpose", [o], "o_bshd", perm=[0, 2, 1, 3])
+    o = _reshape(g, o, [b, -1, h * d], "o_bsH")
+    out = g.op("MatMul", [o, g.f(wo, f"wo{blk}")], "block_out")
+    extra = None
+    if spec.form == "decomposed" and spec.extra_consumer != "none":
+        src = probs if spec.extra_consumer == "probs" else raw_scores
+        extra = f"extra_{spec.extra_consumer}_{blk}"
+        g.nodes.append(helper.make_node("Identity", [src], [extra], name=g.name("n_extra")))
+    return out, params, extra
+
+
+# --- running and comparing --------------------------------------------------------------------------
+
+
+def as_float32(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same model with every float16/bfloat16 tensor, type and Cast target made float32.
+
+    onnxruntime's CPU provider has no bfloat16 kernels for MatMul, Add, Softmax, ...; the upcast
+    model computes the same graph in float32 on the dtype-rounded weights, so an original and a
+    fused model can still be compared exactly. Float16 models are compared this way too (plus a
+    looser native run), so that fp16 rounding does not hide a structural difference.
+    """
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    low = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
+
+    def fix_tensor(t: onnx.TensorProto):
+        if t.data_type in low:
+            arr = numpy_helper.to_array(t).astype(np.float32)
+            t.CopyFrom(numpy_helper.from_array(arr, t.name))
+
+    def fix_type(tp: onnx.TypeProto):
+        if tp.HasField("tensor_type") and tp.tensor_type.elem_type in low:
+            tp.tensor_type.elem_type = TensorProto.FLOAT
+
+    def fix_nodes(nodes):
+        for n in nodes:
+            for a in n.attribute:
+                if n.op_type in ("Cast", "EyeLike", "RandomNormal", "RandomUniform") and a.name in ("to", "dtype") \
+                        and a.i in low:
+                    a.i = TensorProto.FLOAT
+                if a.type == onnx.AttributeProto.TENSOR:
+                    fix_tensor(a.t)
+                if a.type == onnx.AttributeProto.GRAPH:
+                    fix_graph(a.g)
+                for sub in a.graphs:
+                    fix_graph(sub)
+
+    def fix_graph(gr: onnx.GraphProto):
+        for t in gr.initializer:
+            fix_tensor(t)
+        for vi in list(gr.input) + list(gr.output) + list(gr.value_info):
+            fix_type(vi.type)
+        fix_nodes(gr.node)
+
+    fix_graph(m.graph)
+    for f in m.functions:
+        fix_nodes(f.node)
+        for vi in f.value_info:
+            fix_type(vi.type)
+    return m
+
+
+def feeds_as_float32(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: v.astype(np.float32) if v.dtype in (np.float16, ml_dtypes.bfloat16) else v
+            for k, v in feeds.items()}
+
+
+def run_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    names = {i.name for i in sess.get_inputs()}
+    return sess.run(None, {k: v for k, v in feeds.items() if k in names})
+
+
+def run_comparable(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Run in onnxruntime at float32 (low-precision models upcast first), outputs as float64."""
+    if _has_low_precision(model):
+        model, feeds = as_float32(model), feeds_as_float32(feeds)
+    return [np.asarray(o, np.float64) for o in run_ort(model, feeds)]
+
+
+def _has_low_precision(model: onnx.ModelProto) -> bool:
+    low = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
+    return any(vi.type.tensor_type.elem_type in low for vi in model.graph.input) or \
+        any(t.data_type in low for t in model.graph.initializer)
+
+
+def max_abs_diff(a: list[np.ndarray], b: list[np.ndarray], *, finite_only: bool = False) -> float:
+    """Largest |a - b| over all outputs (matching infinities count as equal)."""
+    assert len(a) == len(b), (len(a), len(b))
+    worst = 0.0
+    for x, y in zip(a, b):
+        x = np.asarray(x, np.float64)
+        y = np.asarray(y, np.float64)
+        assert x.shape == y.shape, (x.shape, y.shape)
+        same = (x == y) | (np.isnan(x) & np.isnan(y))
+        d = np.where(same, 0.0, np.abs(x - y))
+        d = np.where(np.isnan(d), np.inf, d)
+        worst = max(worst, float(d.max(initial=0.0)))
+    return worst
+
+
+def builder_tolerance(spec: AttnSpec) -> float:
+    """How close a native onnxruntime run of the built model is to the float64 reference."""
+    return {"float32": 2e-5, "float16": 1e-2, "bfloat16": 2e-5}[spec.dtype]  # bf16 runs upcast
+
+
+def wrong_scale_and_mask_diffs(built: Built, feeds: dict[str, np.ndarray] | None = None) -> dict[str, float]:
+    """How far deliberately wrong attention math lands from the right one (float64 references).
+
+    Each must exceed the 1e-4 comparison tolerance by a wide margin, or the tests could not tell a
+    wrong rewrite from a right one: a 5% scale error, the default 1/sqrt(d) instead of the graph's
+    own scale (when they differ), causal dropped or added, the off-by-one mask, tiled kv heads.
+    """
+    feeds = feeds or built.inputs()
+    right = built.reference(feeds)
+    s = built.spec
+    out = {
+        "scale x1.05": max_abs_diff(right, built.reference(feeds, scale_factor=1.05)),
+        "causal flipped": max_abs_diff(right, built.reference(feeds, mask="none" if s.causal else "causal")),
+    }
+    default = 1.0 / math.sqrt(s.head_dim)
+    if abs(built.effective_scale - default) > 1e-3 * default:
+        out["default scale"] = max_abs_diff(
+            right, built.reference(feeds, scale_factor=default / built.effective_scale))
+    if s.causal:
+        out["off by one"] = max_abs_diff(right, built.reference(feeds, mask="off_by_one"))
+    if 1 < s.kv < s.heads:
+        out["kv tiled"] = max_abs_diff(right, built.reference(feeds, kv_order="tile"))
+    return out
+
+
+def count_ops(model: onnx.ModelProto, op_type: str, domain: str | None = None) -> int:
+    return sum(1 for n in model.graph.node if n.op_type == op_type and (domain is None or n.domain == domain))
+
+
+def mutate_flashfwd(model: onnx.ModelProto, *, scale_factor: float | None = None,
+                    flip_causal: bool = False) -> onnx.ModelProto:
+    """A copy of a fused model with every FlashFwd node's scale or causal flag deliberately wrong."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for n in m.graph.node:
+        if n.op_type != "FlashFwd":
+            continue
+        for a in n.attribute:
+            if a.name == "softmax_scale" and scale_factor is not None:
+                a.f = a.f * scale_factor
+            if a.name == "use_causal_mask" and flip_causal:
+                a.i = 1 - a.i
+    return m
+
+
+# --- the catalog ------------------------------------------------------------------------------------
+
+CAUSAL = AttnSpec()  # seq 16, 4 heads of 8, Div by sqrt(8), constant causal mask added
+BIDIR = AttnSpec(seq=512, mask="none", heads=2, head_dim=8)  # non-causal: seq a multiple of 512
+
+
+def _r(base: AttnSpec, **kw) -> AttnSpec:
+    return dataclasses.replace(base, **kw)
+
+
+POSITIVE_VARIANTS: dict[str, AttnSpec] = {
+    # K transposition
+    "kt_perm0132": CAUSAL,
+    "kt_perm0231": _r(CAUSAL, k_transpose="perm0231"),
+    "kt_dynamo": _r(CAUSAL, k_transpose="dynamo"),
+    # scale placement and value
+    "scale_mul": _r(CAUSAL, scale_form="mul"),
+    "scale_sqrt_both": _r(CAUSAL, scale_form="sqrt_both"),
+    "scale_none": _r(CAUSAL, scale_form="none"),
+    "scale_mul_custom": _r(CAUSAL, scale_form="mul", scale=0.3),
+    "scale_div_custom": _r(CAUSAL, scale_form="div", scale=0.125),
+    "scale_sqrt_both_custom": _r(CAUSAL, scale_form="sqrt_both", scale=0.2),
+    # masks
+    "mask_add_min": _r(CAUSAL, mask_value="min"),
+    "mask_add_1e4": _r(CAUSAL, mask_value="-1e4"),
+    "mask_add_1e9": _r(CAUSAL, mask_value="-1e9"),
+    "mask_where_inf": _r(CAUSAL, mask_form="where"),
+    "mask_where_min": _r(CAUSAL, mask_form="where", mask_value="min"),
+    "mask_range_le": _r(CAUSAL, mask_form="range"),
+    "mask_range_ge_min": _r(CAUSAL, mask_form="range", mask_cmp="GreaterOrEqual", mask_value="min"),
+    "mask_range_add": _r(CAUSAL, mask_form="range_add", mask_value="min"),
+    "mask_trilu_inf": _r(CAUSAL, mask_form="trilu"),
+    "mask_trilu_min": _r(CAUSAL, mask_form="trilu", mask_value="min"),
+    "mask_none_512": BIDIR,
+    "mask_none_1024": _r(BIDIR, seq=1024, heads=1),
+    # softmax and what follows it
+    "softmax_axis3": _r(CAUSAL, softmax_axis=3),
+    "nan_guard": _r(CAUSAL, nan_guard=True, mask_form="where"),
+    "dropout_identity": _r(CAUSAL, dropout="identity"),
+    "dropout_identity_ratio": _r(CAUSAL, dropout="identity_ratio"),
+    # GQA, repeat_kv; group sizes 1, 2, 4, 8, h
+    "gqa_g1": _r(CAUSAL, heads=8, kv_heads=8, head_dim=4),
+    "gqa_g2": _r(CAUSAL, heads=8, kv_heads=4, head_dim=4),
+    "gqa_g4": _r(CAUSAL, heads=8, kv_heads=2, head_dim=4),
+    "gqa_g8_mqa": _r(CAUSAL, heads=8, kv_heads=1, head_dim=4),
+    "gqa_g8_of16": _r(CAUSAL, heads=16, kv_heads=2, head_dim=4),
+    "gqa_dynamo": _r(CAUSAL, heads=8, kv_heads=2, head_dim=4, k_transpose="dynamo"),
+    "gqa_perm0231": _r(CAUSAL, heads=8, kv_heads=2, head_dim=4, k_transpose="perm0231"),
+    "gqa_noncausal_512": _r(BIDIR, heads=4, kv_heads=2),
+    # the ONNX opset-23 Attention op
+    "op_is_causal": _r(CAUSAL, form="attention_op", mask_form="attr"),
+    "op_range_bool": _r(CAUSAL, form="attention_op", mask_form="range"),
+    "op_range_bool_ge": _r(CAUSAL, form="attention_op", mask_form="range", mask_cmp="GreaterOrEqual"),
+    "op_scale_attr": _r(CAUSAL, form="attention_op", mask_form="attr", scale=0.3),
+    "op_gqa": _r(CAUSAL, form="attention_op", mask_form="attr", heads=8, kv_heads=2, head_dim=4),
+    "op_no_mask_512": _r(BIDIR, form="attention_op", mask_form="attr"),
+    "op_all_true_512": _r(BIDIR, form="attention_op", mask_form="all_true"),
+    # dtypes
+    "fp16": _r(CAUSAL, dtype="float16", mask_value="min"),
+    "fp16_cast_softmax": _r(CAUSAL, dtype="float16", softmax_cast=True, nan_guard=True, mask_form="where"),
+    "fp16_gqa_range": _r(CAUSAL, dtype="float16", heads=8, kv_heads=2, head_dim=4, mask_form="range"),
+    "bf16": _r(CAUSAL, dtype="bfloat16"),
+    "bf16_cast_softmax": _r(CAUSAL, dtype="bfloat16", softmax_cast=True, mask_value="min"),
+    "op_fp16": _r(CAUSAL, form="attention_op", mask_form="attr", dtype="float16"),
+    # shapes and structure
+    "batch2": _r(CAUSAL, batch=2),
+    "two_blocks": _r(CAUSAL, blocks=2),
+    "two_blocks_gqa_op": _r(CAUSAL, form="attention_op", mask_form="range", blocks=2, heads=4, kv_heads=2),
+    "head_dim_128": _r(CAUSAL, heads=1, head_dim=128),
+    "seq_not_tileable_causal": _r(CAUSAL, seq=24),  # causal: compile pads, so it fuses
+    "symbolic_seq_causal": _r(CAUSAL, symbolic_seq=True, mask_form="range"),
+    "symbolic_seq_trilu_gqa": _r(CAUSAL, symbolic_seq=True, mask_form="trilu", heads=4, kv_heads=2),
+    "symbolic_seq_none": _r(CAUSAL, symbolic_seq=True, mask="none"),
+}
+
+# Near misses at seq 512 (masks) so that the mask, not the seq tile, is the one cause.
+MASKED = _r(CAUSAL, seq=512, heads=2)
+
+NEAR_MISSES: dict[str, AttnSpec] = {
+    "padding_input": _r(BIDIR, mask="padding"),
+    "causal_plus_padding": _r(MASKED, mask="causal_padding"),
+    "off_by_one": _r(MASKED, mask="off_by_one"),
+    "off_by_one_where": _r(MASKED, mask="off_by_one", mask_form="where"),
+    "shift_const": _r(MASKED, mask="shift"),
+    "shift_range": _r(MASKED, mask="shift", mask_form="range"),
+    "shift_trilu": _r(MASKED, mask="shift", mask_form="trilu"),
+    "bottom_right": _r(CAUSAL, mask="bottom_right", seq_kv=32),
+    "sliding_window": _r(MASKED, mask="sliding_window"),
+    "alibi": _r(MASKED, mask="alibi"),
+    "additive_bias": _r(BIDIR, mask="bias", seq=512),
+    "op_float_bias": _r(BIDIR, form="attention_op", mask="bias", mask_form="float"),
+    "op_off_by_one_bool": _r(MASKED, form="attention_op", mask="off_by_one", mask_form="bool"),
+    "op_shift_range": _r(MASKED, form="attention_op", mask="shift", mask_form="range"),
+    "kv_tiled": _r(CAUSAL, heads=8, kv_heads=2, head_dim=4, kv_repeat="tile"),
+    "kv_concat": _r(CAUSAL, heads=8, kv_heads=4, head_dim=4, kv_repeat="concat"),
+    "softmax_axis2": _r(CAUSAL, softmax_axis=2),
+    "softmax_axis_minus2": _r(CAUSAL, softmax_axis=-2),
+    "scale_tensor": _r(CAUSAL, scale_form="tensor"),
+    "probs_returned": _r(CAUSAL, extra_consumer="probs"),
+    "scores_returned": _r(CAUSAL, extra_consumer="scores"),
+    "k_untransposed": _r(CAUSAL, head_dim=16, k_transpose="untransposed"),
+    "v_transposed": _r(CAUSAL, head_dim=16, v_transpose="perm0231"),
+    "cross_attention": _r(BIDIR, seq_kv=1024),
+    "cross_attention_shorter_kv": _r(BIDIR, seq=1024, seq_kv=512, heads=1),
+    "head_dim_160": _r(CAUSAL, heads=1, head_dim=160),
+    "seq_16_not_causal": _r(CAUSAL, mask="none"),
+    "seq_640_not_causal": _r(BIDIR, seq=640, heads=1),
+}
