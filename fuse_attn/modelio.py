@@ -1,0 +1,138 @@
+"""Loading and saving models: bad input becomes one `InputError` line; weights are never read.
+
+External data stays where it is: the fused model references the same data files. Saved next
+to the input, nothing moves; saved elsewhere, each data file is hard-linked (or symlinked,
+or copied on request) beside the output so its relative location still resolves.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import onnx
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+
+from fuse_attn import contract
+
+
+class InputError(Exception):
+    """Bad input or usage: the CLI prints the message on one line and exits 2."""
+
+
+def _external_locations(proto: onnx.ModelProto) -> dict[str, int]:
+    """Every external data file the model's tensors name, with the bytes they need from it."""
+    needed: dict[str, int] = {}
+    tensors = list(proto.graph.initializer)
+    tensors += [a.t for n in proto.graph.node for a in n.attribute if a.HasField("t")]
+    for tensor in tensors:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location", "")
+        end = int(info.get("offset", 0) or 0) + int(info.get("length", 0) or 0)
+        needed[location] = max(needed.get(location, 0), end)
+    return needed
+
+
+def _check_external_data(proto: onnx.ModelProto, base_dir: str) -> None:
+    for location, end in _external_locations(proto).items():
+        if os.path.isabs(location) or ".." in location.replace("\\", "/").split("/"):
+            raise InputError(f"external data location '{location}' points outside the model's folder")
+        path = os.path.join(base_dir, location)
+        if not os.path.isfile(path):
+            raise InputError(f"external data file '{path}' is missing")
+        if os.path.getsize(path) < end:
+            raise InputError(f"external data file '{path}' is truncated ({os.path.getsize(path)} bytes, "
+                             f"tensors need {end})")
+
+
+def load_proto(path: str | os.PathLike) -> onnx.ModelProto:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise InputError(f"'{path}' does not exist or is not a file")
+    try:
+        proto = onnx.load(path, load_external_data=False)
+    except (DecodeError, RuntimeWarning, ValueError, TypeError, onnx.onnx_cpp2py_export.checker.ValidationError) as exc:
+        raise InputError(f"'{path}' is not a readable ONNX model ({type(exc).__name__}: {exc})") from None
+    except OSError as exc:
+        raise InputError(f"cannot read '{path}': {exc.strerror or exc}") from None
+    _check_external_data(proto, os.path.dirname(os.path.abspath(path)))
+    return proto
+
+
+def validate(proto: onnx.ModelProto, where: str) -> None:
+    if not proto.HasField("graph") or not proto.graph.node:
+        raise InputError(f"'{where}' has an empty graph (no nodes): not an ONNX model to fuse")
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is None:
+        raise InputError(f"'{where}' imports no default ONNX opset")
+    if opset < contract.MIN_OPSET:
+        raise InputError(f"'{where}' uses opset {opset}, older than this pass supports "
+                         f"({contract.MIN_OPSET}+); upgrade it with onnx.version_converter")
+
+
+def to_ir(proto: onnx.ModelProto, base_dir: str | None) -> ir.Model:
+    """Deserialize, filling in shapes the exporter left out (weights are not loaded)."""
+    try:
+        proto = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
+    except Exception:  # shape inference is a help, not a requirement: proofs say what they lack
+        pass
+    try:
+        model = ir.from_proto(proto)
+    except Exception as exc:
+        raise InputError(f"the model is malformed: {type(exc).__name__}: {exc}") from None
+    if base_dir is not None:
+        ir.external_data.set_base_dir(model.graph, base_dir)
+    return model
+
+
+def load(path: str | os.PathLike) -> ir.Model:
+    proto = load_proto(path)
+    validate(proto, os.fspath(path))
+    return to_ir(proto, os.path.dirname(os.path.abspath(path)))
+
+
+def _place_external_data(proto: onnx.ModelProto, source_dir: str, target_dir: str, copy: bool) -> None:
+    for location in _external_locations(proto):
+        source = os.path.join(source_dir, location)
+        target = os.path.join(target_dir, location)
+        if os.path.exists(target):
+            if os.path.samefile(source, target):
+                continue
+            raise InputError(f"'{target}' exists and is not the model's data file; choose another output folder")
+        os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+        if copy:
+            shutil.copyfile(source, target)
+            continue
+        try:
+            os.link(source, target)
+        except OSError:
+            os.symlink(os.path.abspath(source), target)
+
+
+def save(model: ir.Model, out_path: str | os.PathLike, *, source_path: str | os.PathLike | None = None,
+         copy_external_data: bool = False) -> None:
+    """Write `model` atomically: a temp file in the output folder, renamed into place."""
+    out_path = os.path.abspath(os.fspath(out_path))
+    out_dir = os.path.dirname(out_path)
+    if not os.path.isdir(out_dir):
+        raise InputError(f"output folder '{out_dir}' does not exist")
+    if not os.access(out_dir, os.W_OK):
+        raise InputError(f"output folder '{out_dir}' is not writable")
+    proto = ir.to_proto(model)
+    if source_path is not None:
+        source_dir = os.path.dirname(os.path.abspath(os.fspath(source_path)))
+        if not os.path.samefile(source_dir, out_dir):
+            _place_external_data(proto, source_dir, out_dir, copy_external_data)
+    fd, tmp = tempfile.mkstemp(prefix=".fuse-attn-", suffix=".onnx", dir=out_dir)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(proto.SerializeToString())
+        os.replace(tmp, out_path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

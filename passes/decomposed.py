@@ -1,0 +1,24 @@
+"""Plan the fusion of decomposed attention found around a Softmax (see `find_attention`)."""
+
+from __future__ import annotations
+
+from fuse_attn.evaluator import Evaluator
+from passes.find_attention import match_attention
+from passes.layout import walk_chain
+from passes.masks import read_scores
+from passes.plan import FusionPlan, Operand, plan_block, q_layout, same_layout
+
+
+def plan_decomposed(softmax, evaluator: Evaluator, opset: int) -> FusionPlan:
+    match = match_attention(softmax, opset)
+    return plan_block(
+        Operand(walk_chain(match.query, allow_scale=True), q_layout),
+        Operand(walk_chain(match.key_t, allow_scale=True), same_layout),
+        Operand(walk_chain(match.value, allow_scale=False), same_layout),
+        evaluator=evaluator,
+        read_scores=lambda seq_q, seq_k: read_scores(match.score_steps, evaluator, seq_q, seq_k),
+        output=match.output,
+        insert_before=match.pv,
+        dropout_p=match.dropout_p,
+        seed=match.dropout_seed,
+    )

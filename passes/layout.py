@@ -1,0 +1,203 @@
+"""Prove which tensor, with which transpose, is the kernel's q, k or v — by index labels.
+
+Q, Kᵀ and V reach the attention MatMuls through data-movement ops (Reshape, Transpose,
+Unsqueeze, Expand, ...) and scalar Muls. Walking back through those to the first op that
+computes something (the chain's root), we label every element of the root with its own
+index and move the labels through the chain exactly as the ops move data. The labels of the
+MatMul operand then say, for each element, which root element it is: from them we read
+  - the kernel layout the operand must be brought to (the `target`),
+  - which q heads share a kv head (GQA), and whether that is repeat_kv's order,
+  - the cheapest tensor along the chain that is the target up to one Transpose
+    (reusing the graph's own Kᵀ; folding q's transpose into the existing one).
+Equal labels mean equal values for any root contents, so the choice is exact, not guessed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+
+import numpy as np
+import onnx_ir as ir
+
+from fuse_attn.evaluator import Evaluator, Unprovable
+from passes._graph import NotFused, describe, is_op, scalar_constant
+
+_MOVEMENT_OPS = ("Transpose", "Reshape", "Unsqueeze", "Squeeze", "Expand", "Tile", "Flatten", "Identity")
+_MAX_CHAIN = 24
+
+
+@dataclasses.dataclass(frozen=True)
+class Chain:
+    """values[0] is the root; nodes[i] moves values[i] into values[i + 1]; the last value is the operand."""
+
+    values: tuple[ir.Value, ...]
+    nodes: tuple[ir.Node, ...]
+
+    def factor_after(self, index: int) -> float:
+        """The product of the scalar multipliers between values[index] and the operand."""
+        factor = 1.0
+        for node in self.nodes[index:]:
+            if is_op(node, "Mul", "Div"):
+                c = scalar_constant(node.inputs[1] if node.inputs[0] in self.values else node.inputs[0])
+                factor = factor / c if node.op_type == "Div" else factor * c
+        return factor
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """The kernel input is Transpose(value, perm), then Unsqueeze(axis 1) if `unsqueeze`."""
+
+    value: ir.Value
+    perm: tuple[int, ...]
+    unsqueeze: bool
+    factor: float  # scalar multipliers the graph applied after `value` (part of softmax_scale)
+
+    @property
+    def nodes_needed(self) -> int:
+        return int(self.perm != tuple(range(len(self.perm)))) + int(self.unsqueeze)
+
+
+def _scalar_operand(node: ir.Node) -> int | None:
+    """Index of the data input of a Mul/Div by a scalar constant, else None."""
+    if is_op(node, "Div") and scalar_constant(node.inputs[1]) not in (None, 0.0):
+        return 0
+    if is_op(node, "Mul"):
+        for data, other in ((0, 1), (1, 0)):
+            if scalar_constant(node.inputs[other]) is not None and scalar_constant(node.inputs[data]) is None:
+                return data
+    return None
+
+
+def walk_chain(operand: ir.Value, allow_scale: bool) -> Chain:
+    values, nodes = [operand], []
+    while len(nodes) < _MAX_CHAIN:
+        node = values[0].producer()
+        if node is None:
+            break
+        if is_op(node, *_MOVEMENT_OPS):
+            data = node.inputs[0]
+        elif allow_scale and (index := _scalar_operand(node)) is not None:
+            factor = scalar_constant(node.inputs[1 - index])
+            if not (np.isfinite(factor) and factor > 0):
+                break
+            data = node.inputs[index]
+        else:
+            break
+        values.insert(0, data)
+        nodes.insert(0, node)
+    return Chain(tuple(values), tuple(nodes))
+
+
+# --- moving labels ---------------------------------------------------------------------------
+
+def _ints(evaluator: Evaluator, node: ir.Node, index: int, attr: str) -> list[int] | None:
+    if len(node.inputs) > index and node.inputs[index] is not None:
+        return [int(x) for x in np.asarray(evaluator.value_of(node.inputs[index])).reshape(-1)]
+    return node.attributes.get_ints(attr, None)
+
+
+def _move(node: ir.Node, labels: np.ndarray, evaluator: Evaluator) -> np.ndarray:
+    op = node.op_type
+    if op in ("Identity", "Mul", "Div"):
+        return labels
+    if op == "Transpose":
+        perm = node.attributes.get_ints("perm", None)
+        return labels.transpose(perm if perm is not None else tuple(reversed(range(labels.ndim))))
+    if op == "Reshape":
+        shape = _ints(evaluator, node, 1, "shape")
+        if not node.attributes.get_int("allowzero", 0):
+            shape = [labels.shape[i] if s == 0 else s for i, s in enumerate(shape)]
+        return labels.reshape(shape)
+    if op in ("Unsqueeze", "Squeeze"):
+        axes = _ints(evaluator, node, 1, "axes")
+        if op == "Squeeze":
+            return np.squeeze(labels, axis=None if axes is None else tuple(axes))
+        rank = labels.ndim + len(axes)
+        return np.expand_dims(labels, tuple(sorted(a % rank for a in axes)))
+    if op == "Expand":
+        shape = _ints(evaluator, node, 1, "shape")
+        return np.broadcast_to(labels, np.broadcast_shapes(labels.shape, tuple(shape)))
+    if op == "Tile":
+        return np.tile(labels, _ints(evaluator, node, 1, "repeats"))
+    if op == "Flatten":
+        axis = node.attributes.get_int("axis", 1) % max(labels.ndim, 1)
+        return labels.reshape(math.prod(labels.shape[:axis]), -1)
+    raise AssertionError(op)
+
+
+def chain_labels(chain: Chain, evaluator: Evaluator) -> list[np.ndarray]:
+    """Index labels of every value along the chain (root labelled 0..n-1 in order)."""
+    try:
+        root_shape = evaluator.shape_of(chain.values[0])
+        size = math.prod(root_shape)
+        labels = [np.arange(size, dtype=np.int32 if size < 2**31 else np.int64).reshape(root_shape)]
+        for node in chain.nodes:
+            labels.append(_move(node, labels[-1], evaluator))
+    except Unprovable as exc:
+        raise NotFused(f"cannot prove the attention layout: {exc}") from None
+    except (ValueError, TypeError) as exc:
+        raise NotFused(f"cannot prove the attention layout: {describe(node)} fails at sample shapes ({exc})") from None
+    return labels
+
+
+# --- GQA -------------------------------------------------------------------------------------
+
+def kv_heads_of(target: np.ndarray, what: str) -> tuple[np.ndarray, list[int]]:
+    """Split heads (axis 1) of a kernel-layout target into the distinct kv heads.
+
+    Returns the target reduced to one head per kv head and, for each q head, its kv head.
+    Only repeat_kv's order (q head i -> kv head i // G) is what the kernel's grid computes.
+    """
+    heads = target.shape[1]
+    first_of: dict[bytes, int] = {}
+    kv_of: list[int] = []
+    representatives: list[int] = []
+    for i in range(heads):
+        key = np.ascontiguousarray(target[:, i]).tobytes()
+        if key not in first_of:
+            first_of[key] = len(representatives)
+            representatives.append(i)
+        kv_of.append(first_of[key])
+    kv = len(representatives)
+    if kv == heads:
+        return target, kv_of
+    group = heads // kv
+    if heads % kv or any(kv_of.count(j) != group for j in range(kv)):
+        raise NotFused(f"the {what} heads are shared unevenly ({heads} q heads over {kv} kv heads)")
+    if kv_of != [i // group for i in range(heads)]:
+        order = "tiled (q head i uses kv head i % kv)" if kv_of == [i % kv for i in range(heads)] else "permuted"
+        raise NotFused(f"the {what} kv heads are repeated {order}, not in repeat_kv's order the kernel's grid uses")
+    return target[:, representatives], kv_of
+
+
+# --- choosing the source ---------------------------------------------------------------------
+
+def choose_source(chain: Chain, labels: list[np.ndarray], target: np.ndarray) -> Source:
+    """The tensor along the chain that becomes `target` with the fewest new nodes.
+
+    Ties go to the tensor nearest the root, so that transposes the graph already has can be
+    folded into the new one and disappear.
+    """
+    best: tuple[int, int, Source] | None = None
+    for index, label in enumerate(labels):
+        if label.ndim not in (target.ndim, target.ndim - 1) or label.ndim > 6:
+            continue
+        unsqueeze = label.ndim == target.ndim - 1
+        if unsqueeze and target.shape[1] != 1:
+            continue
+        wanted = target.shape[:1] + target.shape[2:] if unsqueeze else target.shape
+        flat_target = target.reshape(wanted)
+        for perm in itertools.permutations(range(label.ndim)):
+            if tuple(label.shape[p] for p in perm) != wanted:
+                continue
+            if not np.array_equal(label.transpose(perm), flat_target):
+                continue
+            source = Source(chain.values[index], perm, unsqueeze, chain.factor_after(index))
+            key = (source.nodes_needed, index)
+            if best is None or key < best[:2]:
+                best = (*key, source)
+    if best is None:
+        raise NotFused("no tensor feeding the attention is the kernel layout up to a transpose")
+    return best[2]

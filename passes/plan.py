@@ -1,0 +1,143 @@
+"""From a proven attention block to a kernel launch: q/k/v sources, grid, and attributes.
+
+Shared by decomposed attention (`find_attention`) and the ONNX `Attention` op
+(`onnx_attention`): both hand over the three operand chains with the kernel-layout target
+each must become, plus the read scale and mask; this module checks what the kernel can run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import onnx_ir as ir
+
+from fuse_attn import contract
+from fuse_attn.evaluator import Evaluator
+from passes._graph import NotFused
+from passes.layout import Chain, Source, chain_labels, choose_source, kv_heads_of
+from passes.masks import ScoreReading
+
+
+@dataclasses.dataclass
+class FusionPlan:
+    q: Source
+    k: Source
+    v: Source
+    attrs: contract.FlashFwdAttrs
+    output: ir.Value  # the value the kernel's output replaces
+    squeeze_heads: bool  # heads were batched (b·h, s, d): the kernel runs them as h = 1
+    insert_before: ir.Node
+    batch: int | str
+    seq: int | str
+    head_dim: int
+    notes: list[str] = dataclasses.field(default_factory=list)
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Operand:
+    """One of q, k, v: its chain back to the root, and how its labels become the kernel layout."""
+
+    chain: Chain
+    to_kernel_layout: object  # labels of the operand -> labels in kernel layout
+
+
+def _dim_name(value: ir.Value, axis: int) -> int | str:
+    if value.shape is None or len(value.shape) <= abs(axis):
+        return "?"
+    d = value.shape[axis]
+    return d if isinstance(d, int) else str(getattr(d, "value", None) or "?")
+
+
+def plan_block(
+    q: Operand,
+    k: Operand,
+    v: Operand,
+    *,
+    evaluator: Evaluator,
+    read_scores,  # (seq_q, seq_k) -> ScoreReading; called once the seq lengths are proven
+    output: ir.Value,
+    insert_before: ir.Node,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+) -> FusionPlan:
+    dtypes = {q.chain.values[-1].dtype, k.chain.values[-1].dtype, v.chain.values[-1].dtype}
+    if len(dtypes) != 1:
+        raise NotFused(f"q, k and v have different dtypes ({', '.join(sorted(str(d) for d in dtypes))})")
+    if output.dtype is not None and output.dtype not in dtypes:
+        raise NotFused(f"the attention output is {output.dtype}, not the inputs' {dtypes.pop()}")
+
+    labels = {name: chain_labels(op.chain, evaluator) for name, op in (("q", q), ("k", k), ("v", v))}
+    q_target = q.to_kernel_layout(labels["q"][-1])
+    k_target, k_heads = kv_heads_of(k.to_kernel_layout(labels["k"][-1]), "key")
+    v_target, v_heads = kv_heads_of(v.to_kernel_layout(labels["v"][-1]), "value")
+    if k_heads != v_heads:
+        raise NotFused("keys and values share kv heads differently across q heads")
+
+    batch, heads, head_dim, seq_q = q_target.shape
+    _, kv_heads, _, seq_k = k_target.shape
+    if seq_q != seq_k:
+        raise NotFused(f"seq_q {seq_q} != seq_k {seq_k} (cross attention or a KV cache); the kernel needs them equal")
+    if k_target.shape != (batch, kv_heads, head_dim, seq_k) or v_target.shape != (batch, kv_heads, seq_k, head_dim):
+        raise NotFused(f"q, k, v shapes do not agree: {q_target.shape}, {k_target.shape}, {v_target.shape}")
+    if head_dim > contract.MAX_HEAD_DIM:
+        raise NotFused(f"head dim {head_dim} > {contract.MAX_HEAD_DIM}, the kernel's limit")
+
+    reading: ScoreReading = read_scores(seq_q, seq_k)
+    sources = {
+        "q": choose_source(q.chain, labels["q"], q_target),
+        "k": choose_source(k.chain, labels["k"], k_target),
+        "v": choose_source(v.chain, labels["v"], v_target),
+    }
+    if sources["v"].factor != 1.0:
+        raise NotFused("values are scaled before the output MatMul")
+    scale = reading.scale * sources["q"].factor * sources["k"].factor
+
+    query = q.chain.values[-1]
+    seq = _dim_name(query, -2)
+    notes = []
+    tile = None
+    if isinstance(seq, int):
+        tile = contract.seq_tile_size_for(seq)
+        if tile is None:
+            if not reading.causal:
+                raise NotFused(f"seq {seq} is not a multiple of 512: the kernel cannot run it, and a "
+                               "non-causal block cannot be padded exactly")
+            padded = math.ceil(seq / 512) * 512
+            tile = contract.seq_tile_size_for(padded)
+            notes.append(f"compile pads seq {seq} to {padded} (exact under the causal mask)")
+    attrs = contract.FlashFwdAttrs(
+        softmax_scale=float(np.float32(scale)),
+        use_causal_mask=reading.causal,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        dropout_p=dropout_p,
+        seq_tile_size=tile,
+    )
+    return FusionPlan(
+        q=sources["q"], k=sources["k"], v=sources["v"], attrs=attrs, output=output,
+        squeeze_heads=labels["q"][-1].ndim == 3,
+        insert_before=insert_before,
+        batch=_dim_name(query, 0), seq=seq, head_dim=head_dim, notes=notes, seed=seed,
+    )
+
+
+# Kernel layouts from the MatMul operands of decomposed attention.
+def q_layout(labels: np.ndarray) -> np.ndarray:
+    """Q (b, h, s, d) -> q (b, h, d, s); batched heads (b·h, s, d) run as h = 1."""
+    return _four_d(labels).transpose(0, 1, 3, 2)
+
+
+def same_layout(labels: np.ndarray) -> np.ndarray:
+    """Kᵀ (b, h, d, s) is already k's layout; V (b, h, s, d) already v's."""
+    return _four_d(labels)
+
+
+def _four_d(labels: np.ndarray) -> np.ndarray:
+    if labels.ndim == 4:
+        return labels
+    if labels.ndim == 3:
+        return labels[:, None]
+    raise NotFused(f"attention operands of rank {labels.ndim}; the kernel takes (b, h, s, d)")
