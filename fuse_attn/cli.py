@@ -1,0 +1,111 @@
+"""fuse-attn command line: `fuse-attn MODEL -o OUT`, `fuse-attn compile ...`, `fuse-attn zoo`.
+
+Exit codes: 0 done, 1 verification failed, 2 bad input or usage. Errors are one line on
+stderr (set FUSE_ATTN_DEBUG=1 for a traceback); the output file is written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+EXIT_OK, EXIT_VERIFY_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fuse-attn",
+        description="Fuse every attention block of an ONNX model into one FlashFwd op (NKI flash_fwd). "
+                    "Also: 'fuse-attn compile FUSED.onnx ...' (Inf2), 'fuse-attn zoo' (regression suite).",
+    )
+    parser.add_argument("model", help="the ONNX model to fuse")
+    parser.add_argument("-o", "--output", required=True, help="where to write the fused model")
+    parser.add_argument("--report", metavar="JSON", help="also write the report as JSON")
+    parser.add_argument("--verify", action="store_true",
+                        help="run original and fused model in onnxruntime on the same random inputs")
+    parser.add_argument("--assume-no-padding", action="store_true",
+                        help="treat graph inputs a mask depends on (attention_mask) as all ones")
+    parser.add_argument("--in-place", action="store_true", help="allow the output to overwrite the input")
+    parser.add_argument("--copy-external-data", action="store_true",
+                        help="copy external weight files next to the output instead of linking them")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print only the summary line")
+    return parser
+
+
+def _fuse_main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    from fuse_attn import modelio, verify
+    from fuse_attn.pipeline import fuse_model
+
+    source, target = os.path.abspath(args.model), os.path.abspath(args.output)
+    if source == target and not args.in_place:
+        raise modelio.InputError("the output would overwrite the input; pass --in-place to allow it")
+    if not os.path.isdir(os.path.dirname(target)):
+        raise modelio.InputError(f"output folder '{os.path.dirname(target)}' does not exist")
+    original = modelio.load_proto(args.model)
+    modelio.validate(original, args.model)
+    base_dir = os.path.dirname(source)
+    model = modelio.to_ir(original, base_dir)
+    report = fuse_model(model, name=args.model, assume_no_padding=args.assume_no_padding,
+                        progress=sys.stderr.isatty())
+    for line in report.lines() if not args.quiet else [report.summary()]:
+        print(line)
+    if report.fused:
+        modelio.save(model, target, source_path=source, copy_external_data=args.copy_external_data)
+    else:  # nothing to fuse: the model goes through exactly as it came
+        modelio.save(_untouched(original, base_dir), target, source_path=source,
+                     copy_external_data=args.copy_external_data)
+    if args.report:
+        with open(args.report, "w") as f:
+            f.write(report.to_json())
+    if args.verify and report.fused:
+        import onnx_ir as ir
+
+        feeds = verify.random_inputs(model)
+        checks = verify.compare(original, ir.to_proto(model), feeds, base_dir)
+        for check in checks:
+            print(check.line())
+        if not all(c.ok for c in checks):
+            return EXIT_VERIFY_FAILED
+    return EXIT_OK
+
+
+def _untouched(proto, base_dir):
+    import onnx_ir as ir
+
+    model = ir.from_proto(proto)
+    ir.external_data.set_base_dir(model.graph, base_dir)
+    return model
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from fuse_attn.modelio import InputError
+
+    try:
+        if argv[:1] == ["compile"]:
+            from fuse_attn.compile import compile_main
+
+            return compile_main(argv[1:])
+        if argv[:1] == ["zoo"]:
+            from models.check import zoo_main
+
+            return zoo_main(argv[1:])
+        return _fuse_main(argv)
+    except InputError as exc:
+        print(f"fuse-attn: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("fuse-attn: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # never a traceback for a user; one line and the way to get more
+        if os.environ.get("FUSE_ATTN_DEBUG"):
+            raise
+        print(f"fuse-attn: error: cannot process the model: {type(exc).__name__}: {exc} "
+              "(FUSE_ATTN_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""--verify: run the original and the fused model in onnxruntime on the same random inputs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+# Per dtype: (abs, rel) — allowed |fused - original| <= abs + rel * max|original|.
+TOLERANCES = {
+    np.dtype(np.float32): (1e-4, 1e-4),
+    np.dtype(np.float64): (1e-6, 1e-6),
+    np.dtype(np.float16): (1e-2, 1e-2),
+}
+BF16_TOLERANCE = (3e-2, 2e-2)
+SYMBOLIC_BATCH, SYMBOLIC_SEQ = 1, 128
+
+
+@dataclasses.dataclass
+class OutputCheck:
+    name: str
+    max_abs: float
+    max_rel: float
+    tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs <= self.tolerance
+
+    def line(self) -> str:
+        verdict = "ok" if self.ok else "MISMATCH"
+        return (f"verify {self.name}: max abs {self.max_abs:.3g}, max rel {self.max_rel:.3g} "
+                f"(tolerance {self.tolerance:.3g}) {verdict}")
+
+
+def _gather_rows(model: ir.Model) -> dict[str, int]:
+    """For integer inputs used as Gather indices (token ids): the table's row count."""
+    rows: dict[str, int] = {}
+    for node in model.graph:
+        if node.op_type == "Gather" and node.domain in ("", "ai.onnx") and len(node.inputs) > 1:
+            data, index = node.inputs[0], node.inputs[1]
+            if index is not None and index.is_graph_input() and data is not None and data.shape is not None:
+                axis = node.attributes.get_int("axis", 0)
+                if isinstance(data.shape[axis], int):
+                    rows[index.name] = min(rows.get(index.name, data.shape[axis]), data.shape[axis])
+    return rows
+
+
+def random_inputs(model: ir.Model, seed: int = 0) -> dict[str, np.ndarray]:
+    """Token ids within the vocabulary, all-ones integer masks, normal floats."""
+    rng = np.random.default_rng(seed)
+    rows = _gather_rows(model)
+    feeds = {}
+    for value in model.graph.inputs:
+        if value.is_initializer():
+            continue
+        shape = [d if isinstance(d, int) else (SYMBOLIC_BATCH if i == 0 else SYMBOLIC_SEQ)
+                 for i, d in enumerate(value.shape or [])]
+        dtype = value.dtype.numpy()
+        if value.dtype.is_floating_point():
+            feeds[value.name] = rng.standard_normal(shape).astype(dtype)
+        elif value.name in rows:
+            feeds[value.name] = rng.integers(0, rows[value.name], size=shape).astype(dtype)
+        else:
+            feeds[value.name] = np.ones(shape, dtype=dtype)
+    return feeds
+
+
+def _session(proto: onnx.ModelProto, base_dir: str | None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if base_dir is None:
+        return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    # External data resolves relative to the model file: run from a file next to the data.
+    import os
+    import tempfile
+
+    fd, path = tempfile.mkstemp(suffix=".onnx", dir=base_dir)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(proto.SerializeToString())
+        return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    finally:
+        os.unlink(path)
+
+
+def compare(original: onnx.ModelProto, fused: onnx.ModelProto, feeds: dict[str, np.ndarray],
+            base_dir: str | None = None) -> list[OutputCheck]:
+    expected = _session(original, base_dir).run(None, feeds)
+    actual = _session(fused, base_dir).run(None, feeds)
+    checks = []
+    for out, want, got in zip(original.graph.output, expected, actual):
+        want, got = np.asarray(want), np.asarray(got)
+        if want.dtype.kind not in "fc":
+            checks.append(OutputCheck(out.name, float(np.abs(want.astype(np.int64) - got.astype(np.int64)).max(initial=0)), 0.0, 0.0))
+            continue
+        atol, rtol = TOLERANCES.get(want.dtype, BF16_TOLERANCE)
+        want64, got64 = want.astype(np.float64), got.astype(np.float64)
+        diff = np.abs(want64 - got64)
+        both_nan = np.isnan(want64) & np.isnan(got64)
+        diff[both_nan] = 0.0
+        scale = float(np.abs(want64[~np.isnan(want64)]).max(initial=0.0))
+        max_abs = float(np.nan_to_num(diff, nan=np.inf).max(initial=0.0))
+        checks.append(OutputCheck(out.name, max_abs, max_abs / scale if scale else max_abs, atol + rtol * scale))
+    return checks
