@@ -88,13 +88,14 @@ print("RESULT " + json.dumps({"load_s": t_load, "run_s": time.perf_counter() - t
 class Run:
     seconds: float | None = None  # best wall time over the repeats
     rss_mb: float | None = None  # peak RSS of the best run's process
+    cpu_seconds: float | None = None  # least user+sys CPU over the repeats (robust on a shared box)
     runs: int = 0
     error: str | None = None
     result: dict | None = None  # the process's "RESULT {json}" line, if any
 
 
-def _run_process(cmd: list[str], timeout: float, env: dict | None = None) -> tuple[float, float, int, str, str]:
-    """One process: (wall seconds, peak RSS MB, exit code, stdout, stderr)."""
+def _run_process(cmd: list[str], timeout: float, env: dict | None = None) -> tuple[float, float, float, int, str, str]:
+    """One process: (wall seconds, CPU seconds, peak RSS MB, exit code, stdout, stderr)."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=ROOT, env=env)
@@ -113,7 +114,8 @@ def _run_process(cmd: list[str], timeout: float, env: dict | None = None) -> tup
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
-        return wall, usage.ru_maxrss / 1024, proc.returncode, out.read().decode(errors="replace"), err.read().decode(
+        cpu = usage.ru_utime + usage.ru_stime
+        return wall, cpu, usage.ru_maxrss / 1024, proc.returncode, out.read().decode(errors="replace"), err.read().decode(
             errors="replace"
         )
 
@@ -123,7 +125,7 @@ def measure(cmd: list[str], repeat: int, timeout: float, slow_after: float = 60.
     run = Run()
     for _ in range(repeat):
         try:
-            wall, rss, code, out, err = _run_process(cmd, timeout, env)
+            wall, cpu, rss, code, out, err = _run_process(cmd, timeout, env)
         except TimeoutError as exc:
             run.error = str(exc)
             return run
@@ -134,6 +136,7 @@ def measure(cmd: list[str], repeat: int, timeout: float, slow_after: float = 60.
             return run
         if run.seconds is None or wall < run.seconds:
             run.seconds, run.rss_mb = wall, rss
+        run.cpu_seconds = cpu if run.cpu_seconds is None else min(run.cpu_seconds, cpu)
         for line in out.splitlines():
             if line.startswith("RESULT "):
                 run.result = json.loads(line[len("RESULT "):])
@@ -144,9 +147,10 @@ def measure(cmd: list[str], repeat: int, timeout: float, slow_after: float = 60.
 
 def fuse_attn_command() -> list[str] | None:
     """How to run the CLI: the installed console script, else its entry point from this checkout."""
-    exe = shutil.which("fuse-attn")
-    if exe:
-        return [exe]
+    # The script next to this interpreter first: a pyenv/asdf shim on PATH adds ~0.1 s of bash.
+    for exe in (os.path.join(os.path.dirname(sys.executable), "fuse-attn"), shutil.which("fuse-attn")):
+        if exe and os.path.isfile(exe) and os.access(exe, os.X_OK):
+            return [exe]
     probe = subprocess.run([sys.executable, "-c", "import fuse_attn.cli"], cwd=ROOT, capture_output=True)
     if probe.returncode == 0:
         return [sys.executable, "-c", "import sys; from fuse_attn.cli import main; sys.exit(main())"]
@@ -246,6 +250,8 @@ def bench_layers(args, work: str, fuse_cmd, have_onnxscript: bool, have_api: boo
 
         f, fa, ox = row["floor"]["seconds"], row["fuse_attn"]["seconds"], (row["onnxscript"] or {}).get("seconds")
         row["fuse_over_floor"] = fa / f if fa and f else None
+        fc, fac = row["floor"]["cpu_seconds"], row["fuse_attn"]["cpu_seconds"]
+        row["fuse_over_floor_cpu"] = fac / fc if fac and fc else None
         row["onnxscript_over_fuse"] = ox / fa if ox and fa else None
         rows.append(row)
         for p in os.listdir(work):  # keep the work dir small: 128 layers of outputs add up
@@ -294,7 +300,7 @@ def bench_big(args, work: str, fuse_cmd, import_rss: float | None) -> dict:
 
 def table(rows: list[dict], mach: dict) -> str:
     head = (
-        "| layers | nodes | floor s | fuse-attn s | fuse/floor | onnxscript s | onnxscript/fuse-attn "
+        "| layers | nodes | floor s | fuse-attn s | fuse/floor | fuse/floor CPU | onnxscript s | onnxscript/fuse-attn "
         "| FlashFwd fused | onnxscript attn fused | pass µs/node | fuse-attn peak RSS MB |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -302,12 +308,13 @@ def table(rows: list[dict], mach: dict) -> str:
         ox = r["onnxscript"] or {}
         fa = r["fuse_attn"]
         lines.append(
-            "| {layers} | {nodes} | {floor} | {fa} | {ratio} | {ox} | {oxr} | {ffn} | {oxn} | {upn} | {rss} |".format(
+            "| {layers} | {nodes} | {floor} | {fa} | {ratio} | {ratio_cpu} | {ox} | {oxr} | {ffn} | {oxn} | {upn} | {rss} |".format(
                 layers=r["layers"],
                 nodes=r["nodes"],
                 floor=fmt(r["floor"]["seconds"]),
                 fa=fmt(fa["seconds"]) if fa["error"] is None else ("n/a" if "not installed" in fa["error"] else "error"),
                 ratio=fmt(r["fuse_over_floor"], 1, "x"),
+                ratio_cpu=fmt(r["fuse_over_floor_cpu"], 1, "x"),
                 ox=fmt(ox.get("seconds")) if ox and ox.get("error") is None else ("n/a" if not ox else ox["error"][:40]),
                 oxr=fmt(r["onnxscript_over_fuse"], 0, "x"),
                 ffn="n/a" if r["flashfwd_nodes"] is None else r["flashfwd_nodes"],
