@@ -41,7 +41,9 @@ NEAR_MISS_MASKS = (
     "sliding_window",  # causal and j > i - window
     "alibi",  # causal plus -slope_h * (i - j)
     "bias",  # an arbitrary additive (1, h, s, s) bias, no causal
+    "bias_shared",  # an arbitrary additive (1, 1, s, s) bias, the same for every head
 )
+BIAS_MASKS = ("alibi", "bias", "bias_shared")
 MASKS = POSITIVE_MASKS + NEAR_MISS_MASKS
 
 # How the mask reaches the scores.
@@ -74,7 +76,10 @@ V_TRANSPOSES = (
 SCALE_FORMS = ("div", "mul", "sqrt_both", "none", "tensor")  # "tensor": near miss, per-head scale
 KV_REPEATS = ("repeat_kv", "tile", "concat")  # tile/concat: near misses (head i uses kv head i % kv)
 DROPOUTS = ("none", "identity", "identity_ratio")
-EXTRA_CONSUMERS = ("none", "probs", "scores")
+# probs/scores: near misses (an intermediate of the block has a second consumer);
+# q/present: the block's *inputs* are also graph outputs (Q, or K and V as a KV-cache "present"): fusable,
+# but a pass that folds its q transpose into the graph's own Transpose must not break the other consumer.
+EXTRA_CONSUMERS = ("none", "probs", "scores", "q", "present")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +110,7 @@ class AttnSpec:
     dropout: str = "none"
     kv_repeat: str = "repeat_kv"
     extra_consumer: str = "none"
+    probs_transpose: bool = False  # near miss: MatMul(Transpose(P, [0,1,3,2]), V)
     opset: int | None = None  # None: 17 for decomposed, 23 for the Attention op
     seed: int = 0
     target_score_std: float = 4.0
@@ -178,6 +184,10 @@ class AttnSpec:
             p.append("seq_kv == seq: leave it None")
         if self.seq_kv is not None and self.mask not in ("none", "bottom_right"):
             p.append("cross attention takes mask none or bottom_right")
+        if self.extra_consumer == "present" and self.k_transpose == "perm0231":
+            p.append("present outputs are built for the (b, kv, s, d) K transposes only")
+        if self.probs_transpose and self.seq_kv is not None:
+            p.append("probs_transpose needs seq_kv == seq")
         if self.k_transpose == "untransposed" or self.v_transpose == "perm0231":
             if self.seq != self.head_dim or self.seq_kv is not None:
                 p.append("untransposed K / transposed V need seq == head_dim")
@@ -186,13 +196,13 @@ class AttnSpec:
         if self.symbolic_seq and (self.seq_kv is not None or self.mask_form in ("add", "where")
                                   and self.mask not in ("none", "padding")):
             p.append("a symbolic seq takes only computed or no masks (constants fix the seq)")
-        if self.symbolic_seq and self.mask in ("alibi", "bias", "causal_padding", "off_by_one",
+        if self.symbolic_seq and self.mask in ("alibi", "bias", "bias_shared", "causal_padding", "off_by_one",
                                                "sliding_window", "bottom_right"):
             p.append(f"mask {self.mask} is a constant: no symbolic seq")
         if self.symbolic_seq and self.k_transpose == "untransposed":
             p.append("untransposed K needs a static seq")
         if self.form == "decomposed":
-            if self.mask in ("none", "padding", "causal_padding", "alibi", "bias"):
+            if self.mask in ("none", "padding", "causal_padding") + BIAS_MASKS:
                 pass  # the form is fixed by the mask
             elif self.mask_form not in DECOMPOSED_MASK_FORMS:
                 p.append(f"mask_form {self.mask_form} for decomposed")
@@ -207,13 +217,14 @@ class AttnSpec:
                 p.append("all_true expresses only none")
             elif self.mask_form == "range" and self.mask not in COMPUTABLE_MASKS:
                 p.append(f"computed mask forms express only {COMPUTABLE_MASKS}")
-            elif self.mask_form == "float" and self.mask not in ("alibi", "bias"):
+            elif self.mask_form == "float" and self.mask not in BIAS_MASKS:
                 p.append("float attn_mask is for alibi/bias")
-            elif self.mask in ("alibi", "bias") and self.mask_form != "float":
+            elif self.mask in BIAS_MASKS and self.mask_form != "float":
                 p.append("alibi/bias need mask_form float")
             if (self.k_transpose, self.v_transpose, self.scale_form, self.softmax_axis, self.softmax_cast,
-                    self.nan_guard, self.dropout, self.kv_repeat, self.extra_consumer) != (
-                    "perm0132", "perm0213", "div", -1, False, False, "none", "repeat_kv", "none"):
+                    self.nan_guard, self.dropout, self.kv_repeat, self.extra_consumer in ("probs", "scores"),
+                    self.probs_transpose) != (
+                    "perm0132", "perm0213", "div", -1, False, False, "none", "repeat_kv", False, False):
                 p.append("the Attention op takes only defaults for the decomposed-only knobs")
             if self.scale_form != "div" or self.model_opset < 23:
                 pass
@@ -237,8 +248,10 @@ class AttnSpec:
             c.append("axis")
         if self.kv_repeat != "repeat_kv":
             c.append("repeat")
-        if self.extra_consumer != "none":
+        if self.extra_consumer in ("probs", "scores"):
             c.append("consumer")
+        if self.probs_transpose:
+            c.append("transpose")
         if self.head_dim > 128:
             c.append("head dim")
         if not self.causal and not self.symbolic_seq and self.seq_kv is None and (
@@ -249,6 +262,21 @@ class AttnSpec:
     @property
     def should_fuse(self) -> bool:
         return not self.near_miss_causes()
+
+    @property
+    def may_fuse_exactly(self) -> bool:
+        """Near misses a pass may still fuse *exactly* (then the outputs must match):
+        - kv heads tiled instead of repeated: by reordering heads (issue 2 allows it);
+        - K used untransposed / V transposed with seq == head_dim: FlashFwd takes the tensors as
+          they are, reading the other axis as d, which is the same computation.
+        Every other cause must be left alone."""
+        causes = set(self.near_miss_causes())
+        exact = set()
+        if self.kv_repeat != "repeat_kv":
+            exact.add("repeat")
+        if (self.k_transpose == "untransposed" or self.v_transpose == "perm0231") and not self.probs_transpose:
+            exact.add("transpose")
+        return bool(causes) and causes <= exact
 
     def short_id(self) -> str:
         d = AttnSpec.__dataclass_fields__
@@ -262,9 +290,9 @@ class AttnSpec:
 
 # Words the pass's reason may use for each cause (any one must appear, case-insensitive).
 REASON_WORDS = {
-    "mask": ("mask", "bias", "causal", "padding", "window"),
+    "mask": ("mask", "bias", "causal", "padding", "window", "additive"),
     "seq": ("seq", "cross"),
-    "transpose": ("transpose", "perm", "layout"),
+    "transpose": ("transpose", "perm", "layout", "softmax"),
     "scale": ("scale",),
     "axis": ("axis",),
     "repeat": ("repeat", "tile", "kv", "order"),
@@ -318,7 +346,7 @@ def allowed_keys(mask: str, sq: int, sk: int) -> np.ndarray:
     i = np.arange(sq)[:, None]
     j = np.arange(sk)[None, :]
     m = mask
-    if m in ("none", "padding", "bias"):
+    if m in ("none", "padding", "bias", "bias_shared"):
         return np.ones((sq, sk), bool)
     if m in ("causal", "causal_padding", "alibi"):
         return j <= i
@@ -342,9 +370,9 @@ def additive_bias(spec: AttnSpec, sq: int, sk: int) -> np.ndarray | None:
         i = np.arange(sq)[:, None]
         j = np.arange(sk)[None, :]
         return (-slopes[:, None, None] * np.maximum(i - j, 0)[None])[None] * 4.0
-    if spec.mask == "bias":
+    if spec.mask in ("bias", "bias_shared"):
         rng = np.random.default_rng(spec.seed + 991)
-        return rng.normal(0, 2.0, size=(1, spec.heads, sq, sk))
+        return rng.normal(0, 2.0, size=(1, spec.heads if spec.mask == "bias" else 1, sq, sk))
     return None
 
 
@@ -421,6 +449,7 @@ def _block_reference(spec: AttnSpec, p: BlockParams, x, mem, pad, *, scale_facto
     q = (x @ p.wq).reshape(b, sq, h, d).transpose(0, 2, 1, 3)
     k = (src @ p.wk).reshape(b, sk, kv, d).transpose(0, 2, 1, 3)
     v = (src @ p.wv).reshape(b, sk, kv, d).transpose(0, 2, 1, 3)
+    k0, v0 = k, v
     order = kv_order or ("repeat" if spec.kv_repeat == "repeat_kv" else "tile")
     if order == "repeat":
         k, v = np.repeat(k, spec.group, axis=1), np.repeat(v, spec.group, axis=1)
@@ -438,20 +467,25 @@ def _block_reference(spec: AttnSpec, p: BlockParams, x, mem, pad, *, scale_facto
     allowed = allowed_keys(m, sq, sk)[None, None]
     if m in ("padding", "causal_padding"):
         allowed = allowed & (pad[:, None, None, :] != 0)
-    if m in ("alibi", "bias"):
+    if m in BIAS_MASKS:
         bias = p.bias if m == spec.mask else additive_bias(dataclasses.replace(spec, mask=m), sq, sk)
         scores = scores + bias
     scores = np.where(allowed, scores, -np.inf)
     axis = spec.softmax_axis
     probs = _softmax(scores, axis)
     probs = np.where(np.isnan(probs), 0.0, probs)
-    o = probs @ (v.transpose(0, 1, 3, 2) if spec.v_transpose == "perm0231" else v)
+    pv = probs.transpose(0, 1, 3, 2) if spec.probs_transpose else probs
+    o = pv @ (v.transpose(0, 1, 3, 2) if spec.v_transpose == "perm0231" else v)
     o = o.transpose(0, 2, 1, 3).reshape(b, sq, h * d)
     extras = []
     if spec.extra_consumer == "probs":
         extras.append(probs)
     elif spec.extra_consumer == "scores":  # the raw q @ kT (after a sqrt_both scale)
         extras.append(raw)
+    elif spec.extra_consumer == "q":
+        extras.append(q)
+    elif spec.extra_consumer == "present":
+        extras.extend([k0, v0])
     return o @ p.wo, extras
 
 
@@ -473,14 +507,16 @@ def build(spec: AttnSpec) -> Built:
     params: list[BlockParams] = []
     x = "x"
     for blk in range(spec.blocks):
-        x, p, extra = _build_block(g, spec, rng, x, x if spec.seq_kv is None else kv_src, blk)
+        x, p, extras = _build_block(g, spec, rng, x, x if spec.seq_kv is None else kv_src, blk)
         params.append(p)
-        if extra is not None:
-            extra_outputs.append(extra)
+        extra_outputs.extend(extras)
     g.nodes.append(helper.make_node("Identity", [x], ["y"], name="n_output"))
     outputs.append(helper.make_tensor_value_info("y", g.onnx_dtype, [b, seq_dim, hid]))
+    skd = seq_dim if spec.seq_kv is None else sk
+    extra_shape = {"probs": [b, h, seq_dim, skd], "scores": [b, h, seq_dim, skd],
+                   "q": [b, h, seq_dim, spec.head_dim], "present": [b, spec.kv, skd, spec.head_dim]}
     for e in extra_outputs:
-        outputs.append(helper.make_tensor_value_info(e, g.onnx_dtype, [b, spec.heads, seq_dim, seq_dim if spec.seq_kv is None else sk]))
+        outputs.append(helper.make_tensor_value_info(e, g.onnx_dtype, extra_shape[spec.extra_consumer]))
     graph = helper.make_graph(g.nodes, "attention_model", inputs, outputs, initializer=g.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", spec.model_opset)],
                               producer_name="fuse-attn-tests")
@@ -554,7 +590,7 @@ def _apply_mask(g: _Graph, spec: AttnSpec, scores: str, x: str, bias_const: np.n
             causal = np.where(allowed_keys(spec.mask, s, sk), 0.0, value)[None, None]
             add = g.op("Add", [g.f(causal, "causal_mask"), add], "combined_mask")
         return g.op("Add", [scores, add], "masked")
-    if m in ("alibi", "bias"):
+    if m in BIAS_MASKS:
         return g.op("Add", [scores, g.f(_bias_constant(spec, bias_const), "attn_bias")], "masked")
     form = spec.mask_form
     if form == "add":
@@ -603,6 +639,7 @@ def _build_block(g: _Graph, spec: AttnSpec, rng, x: str, kv_src: str, blk: int):
     k = _reshape(g, k, [b, seqd, kv, d], "k_bshd")
     v = _reshape(g, v, [b, seqd, kv, d], "v_bshd")
     q = g.op("Transpose", [q], "q_bhsd", perm=[0, 2, 1, 3])
+    q_bhsd = q
 
     # scale constants, rounded to the dtype; the effective scale is what the stored constant applies
     bias = additive_bias(spec, s, sk)
@@ -630,6 +667,7 @@ def _build_block(g: _Graph, spec: AttnSpec, rng, x: str, kv_src: str, blk: int):
     if spec.form == "attention_op":
         k = g.op("Transpose", [k], "k_bhsd", perm=[0, 2, 1, 3])
         v = g.op("Transpose", [v], "v_bhsd", perm=[0, 2, 1, 3])
+        k_bhsd, v_bhsd = k, v
         attrs = {"q_num_heads": h, "kv_num_heads": kv}
         if spec.scale is not None:
             attrs["scale"] = float(spec.scale)
@@ -660,6 +698,7 @@ def _build_block(g: _Graph, spec: AttnSpec, rng, x: str, kv_src: str, blk: int):
             kt = _repeat_kv(g, spec, kt, [d, sk], "k")
         else:
             kh = g.op("Transpose", [k], "k_bhsd", perm=[0, 2, 1, 3])
+            k_bhsd = kh
             kh = _repeat_kv(g, spec, kh, [sk, d], "k")
             if spec.k_transpose == "perm0132":
                 kt = g.op("Transpose", [kh], "k_t", perm=[0, 1, 3, 2])
@@ -670,6 +709,7 @@ def _build_block(g: _Graph, spec: AttnSpec, rng, x: str, kv_src: str, blk: int):
             else:  # untransposed near miss
                 kt = kh
         vh = g.op("Transpose", [v], "v_bhsd", perm=[0, 2, 1, 3])
+        v_bhsd = vh
         vh = _repeat_kv(g, spec, vh, [sk, d], "v")
         if spec.v_transpose == "perm0231":
             vh = g.op("Transpose", [vh], "v_bhds", perm=[0, 1, 3, 2])
@@ -698,17 +738,23 @@ def _build_block(g: _Graph, spec: AttnSpec, rng, x: str, kv_src: str, blk: int):
             p = g.op("Dropout", [p], "probs_drop")
         elif spec.dropout == "identity_ratio":
             p = g.op("Dropout", [p, g.f(0.1, "ratio")], "probs_drop")
+        if spec.probs_transpose:
+            p = g.op("Transpose", [p], "probs_t", perm=[0, 1, 3, 2])
         o = g.op("MatMul", [p, vh], "attn_o")
         params = BlockParams(wq, wk, wv, wo, scale_array, effective, bias_stored)
     o = g.op("Transpose", [o], "o_bshd", perm=[0, 2, 1, 3])
     o = _reshape(g, o, [b, -1, h * d], "o_bsH")
     out = g.op("MatMul", [o, g.f(wo, f"wo{blk}")], "block_out")
-    extra = None
-    if spec.form == "decomposed" and spec.extra_consumer != "none":
-        src = probs if spec.extra_consumer == "probs" else raw_scores
-        extra = f"extra_{spec.extra_consumer}_{blk}"
-        g.nodes.append(helper.make_node("Identity", [src], [extra], name=g.name("n_extra")))
-    return out, params, extra
+    extras = []
+    if spec.extra_consumer != "none":
+        if spec.extra_consumer == "present" and spec.k_transpose == "perm0231":
+            raise ValueError("present outputs are built for the (b, kv, s, d) K transposes only")
+        srcs = {"probs": lambda: [probs], "scores": lambda: [raw_scores], "q": lambda: [q_bhsd],
+                "present": lambda: [k_bhsd, v_bhsd]}[spec.extra_consumer]()
+        for i, src in enumerate(srcs):
+            extras.append(f"extra_{spec.extra_consumer}{i}_{blk}")
+            g.nodes.append(helper.make_node("Identity", [src], [extras[-1]], name=g.name("n_extra")))
+    return out, params, extras
 
 
 # --- running and comparing --------------------------------------------------------------------------
@@ -931,6 +977,12 @@ POSITIVE_VARIANTS: dict[str, AttnSpec] = {
     "symbolic_seq_causal": _r(CAUSAL, symbolic_seq=True, mask_form="range"),
     "symbolic_seq_trilu_gqa": _r(CAUSAL, symbolic_seq=True, mask_form="trilu", heads=4, kv_heads=2),
     "symbolic_seq_none": _r(CAUSAL, symbolic_seq=True, mask="none"),
+    # the block's inputs also consumed elsewhere (Q returned, K/V as KV-cache "present" outputs)
+    "q_also_output": _r(CAUSAL, extra_consumer="q"),
+    "present_kv_outputs": _r(CAUSAL, extra_consumer="present"),
+    "present_kv_gqa_dynamo": _r(CAUSAL, extra_consumer="present", heads=8, kv_heads=2, head_dim=4,
+                                k_transpose="dynamo"),
+    "op_present_kv": _r(CAUSAL, form="attention_op", mask_form="attr", extra_consumer="present"),
 }
 
 # Near misses at seq 512 (masks) so that the mask, not the seq tile, is the one cause.
@@ -956,6 +1008,8 @@ NEAR_MISSES: dict[str, AttnSpec] = {
     "softmax_axis2": _r(CAUSAL, softmax_axis=2),
     "softmax_axis_minus2": _r(CAUSAL, softmax_axis=-2),
     "scale_tensor": _r(CAUSAL, scale_form="tensor"),
+    "bias_shared": _r(BIDIR, mask="bias_shared"),
+    "probs_transposed": _r(CAUSAL, probs_transpose=True),
     "probs_returned": _r(CAUSAL, extra_consumer="probs"),
     "scores_returned": _r(CAUSAL, extra_consumer="scores"),
     "k_untransposed": _r(CAUSAL, head_dim=16, k_transpose="untransposed"),
@@ -966,3 +1020,44 @@ NEAR_MISSES: dict[str, AttnSpec] = {
     "seq_16_not_causal": _r(CAUSAL, mask="none"),
     "seq_640_not_causal": _r(BIDIR, seq=640, heads=1),
 }
+
+
+# --- fusing and checking (shared by the fusion tests and the property suite) ------------------------
+
+FUSED_TOL = 1e-4  # fused vs original, float32 (low-precision models compared upcast to float32)
+FP16_NATIVE_TOL = 1e-2  # fused vs original, both run natively in float16
+
+
+def fuse_model(model: onnx.ModelProto, **kwargs):
+    """`fuse_attn.fuse(model)` -> (fused ModelProto, report); skips the test while the pass is absent."""
+    import pytest
+
+    try:
+        from fuse_attn import fuse
+    except ImportError as e:  # the pass lands in its own commit
+        pytest.skip(f"fuse_attn.fuse is not available yet: {e}")
+    import onnx_ir
+
+    fused, report = fuse(model, **kwargs)
+    proto = fused if isinstance(fused, onnx.ModelProto) else onnx_ir.to_proto(fused)
+    return proto, report
+
+
+def flash_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    return [n for n in model.graph.node if n.op_type == "FlashFwd" and n.domain == "fuse_attn.nki"]
+
+
+def node_attrs(node: onnx.NodeProto) -> dict[str, object]:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def fused_vs_original(built: Built, fused: onnx.ModelProto, feeds: dict[str, np.ndarray] | None = None) -> float:
+    """Max abs difference of all outputs, both models run at float32 in onnxruntime."""
+    feeds = feeds or built.inputs()
+    return max_abs_diff(run_comparable(built.model, feeds), run_comparable(fused, feeds))
+
+
+def describe(spec: AttnSpec) -> str:
+    """The spec as a pasteable constructor call with only the non-default fields."""
+    fields = [f for f in dataclasses.fields(spec) if getattr(spec, f.name) != f.default]
+    return "AttnSpec(" + ", ".join(f"{f.name}={getattr(spec, f.name)!r}" for f in fields) + ")"
