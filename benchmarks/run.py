@@ -260,6 +260,43 @@ def bench_layers(args, work: str, fuse_cmd, have_onnxscript: bool, have_api: boo
     return rows
 
 
+def bench_seq(args, work: str, fuse_cmd) -> list[dict]:
+    """Fixed layers, longer sequences: graph size is the same, only the (s, s) constants grow."""
+    rows = []
+    for seq in args.seq_sweep:
+        path = os.path.join(work, f"llama_seq{seq}.onnx")
+        cfg = dataclasses.replace(SMALL, layers=args.seq_layers, seq=seq)
+        info = build_llama(path, cfg, attn=args.attn, weights="zeros")
+        print(f"[{args.seq_layers} layers at seq {seq}]", file=sys.stderr, flush=True)
+        row = {"layers": args.seq_layers, "seq": seq, "nodes": info["nodes"], "graph_bytes": info["graph_bytes"]}
+        row["floor"] = dataclasses.asdict(
+            measure([sys.executable, "-c", FLOOR, path, os.path.join(work, "seq_floor.onnx")], args.repeat, args.timeout))
+        if fuse_cmd:
+            out = os.path.join(work, "seq_fused.onnx")
+            fa = measure(fuse_cmd + [path, "-o", out], args.repeat, args.timeout)
+            row["fuse_attn"] = dataclasses.asdict(fa)
+            row["flashfwd_nodes"] = count_flashfwd(out) if fa.error is None else None
+        else:
+            row["fuse_attn"] = dataclasses.asdict(Run(error="fuse-attn CLI not installed"))
+            row["flashfwd_nodes"] = None
+        rows.append(row)
+        for p in os.listdir(work):
+            if p.startswith(("llama_seq", "seq_")):
+                os.unlink(os.path.join(work, p))
+    return rows
+
+
+def seq_table(rows: list[dict]) -> str:
+    lines = ["| layers | seq | nodes | floor s | fuse-attn s | fuse-attn CPU s | fuse-attn peak RSS MB | FlashFwd fused |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        fa = r["fuse_attn"]
+        lines.append(f"| {r['layers']} | {r['seq']} | {r['nodes']} | {fmt(r['floor']['seconds'])} | "
+                     f"{fmt(fa['seconds']) if fa['error'] is None else 'n/a'} | {fmt(fa.get('cpu_seconds'))} | "
+                     f"{fmt(fa.get('rss_mb'), 0)} | {'n/a' if r['flashfwd_nodes'] is None else r['flashfwd_nodes']} |")
+    return "\n".join(lines)
+
+
 def bench_big(args, work: str, fuse_cmd, import_rss: float | None) -> dict:
     cfg = dataclasses.replace(BIG, layers=args.big_layers, seq=args.big_seq)
     need = cfg.weight_bytes()
@@ -323,6 +360,11 @@ def table(rows: list[dict], mach: dict) -> str:
                 rss=fmt(fa.get("rss_mb"), 0),
             )
         )
+    for r in rows:
+        for tool in ("floor", "fuse_attn", "onnxscript"):
+            err = (r.get(tool) or {}).get("error")
+            if err and "not installed" not in err:
+                lines.append(f"\n{r['layers']} layers, {tool}: {err}")
     v = mach["versions"]
     lines.append("")
     lines.append(
@@ -374,6 +416,9 @@ def main(argv=None) -> int:
     ap.add_argument("--onnxscript-timeout", type=float, default=900.0)
     ap.add_argument("--slow-after", type=float, default=60.0, help="run onnxscript once when a run exceeds this")
     ap.add_argument("--skip-onnxscript", action="store_true")
+    ap.add_argument("--seq-sweep", type=int, nargs="*", default=[2048, 4096],
+                    help="also time fuse-attn at these sequence lengths (--seq-layers layers); empty to skip")
+    ap.add_argument("--seq-layers", type=int, default=32)
     ap.add_argument("--big", action="store_true", help="also the >= 3 GB external-data model")
     ap.add_argument("--big-layers", type=int, default=BIG.layers)
     ap.add_argument("--big-seq", type=int, default=512)
@@ -393,6 +438,7 @@ def main(argv=None) -> int:
     os.makedirs(work, exist_ok=True)
     try:
         rows = bench_layers(args, work, fuse_cmd, have_onnxscript, have_api, imp.seconds)
+        seq_rows = bench_seq(args, work, fuse_cmd) if args.seq_sweep else []
         big = bench_big(args, work, fuse_cmd, imp.rss_mb) if args.big else None
     finally:
         if args.workdir is None:
@@ -403,6 +449,9 @@ def main(argv=None) -> int:
     if fuse_cmd:
         print(f"\nfuse-attn CLI: {' '.join(fuse_cmd[:1])}; python + `import fuse_attn.cli` alone: "
               f"{fmt(imp.seconds)} s, {fmt(imp.rss_mb, 0)} MB")
+    if seq_rows:
+        print()
+        print(seq_table(seq_rows))
     if big is not None:
         print()
         print(big_text(big))
@@ -413,6 +462,7 @@ def main(argv=None) -> int:
         "fuse_attn_cli": fuse_cmd,
         "import_only": dataclasses.asdict(imp),
         "rows": rows,
+        "seq_rows": seq_rows,
         "big": big,
         "markdown": md,
     }
