@@ -50,6 +50,8 @@ class Evaluator:
         self._cache: dict[ir.Value, np.ndarray] = {}
         self._opset = graph.opset_imports.get("", 18)
         self.declared_used: set[str] = set()
+        # Proofs keyed by what they depend on: layers that repeat a structure are proven once.
+        self.memo: dict[object, object] = {}
 
     # --- shapes ---------------------------------------------------------------------------
     def dim(self, d) -> int:

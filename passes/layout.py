@@ -46,6 +46,15 @@ class Chain:
 
 
 @dataclasses.dataclass(frozen=True)
+class Pick:
+    """Where along a chain the kernel input is taken: values[index], transposed, maybe unsqueezed."""
+
+    index: int
+    perm: tuple[int, ...]
+    unsqueeze: bool
+
+
+@dataclasses.dataclass(frozen=True)
 class Source:
     """The kernel input is Transpose(value, perm), then Unsqueeze(axis 1) if `unsqueeze`."""
 
@@ -127,6 +136,22 @@ def _move(node: ir.Node, labels: np.ndarray, evaluator: Evaluator) -> np.ndarray
     raise AssertionError(op)
 
 
+def chain_signature(chain: Chain, evaluator: Evaluator) -> tuple:
+    """Everything the chain's labels depend on: root shape, ops, attributes, shape operands."""
+    try:
+        parts: list[object] = [evaluator.shape_of(chain.values[0])]
+        for node in chain.nodes:
+            attrs = tuple(sorted((k, str(a.value)) for k, a in node.attributes.items()))
+            params = ()
+            if node.op_type not in ("Mul", "Div"):
+                params = tuple(tuple(np.asarray(evaluator.value_of(v)).reshape(-1).tolist())
+                               for v in node.inputs[1:] if v is not None)
+            parts.append((node.op_type, attrs, params))
+    except Unprovable as exc:
+        raise NotFused(f"cannot prove the attention layout: {exc}") from None
+    return tuple(parts)
+
+
 def chain_labels(chain: Chain, evaluator: Evaluator) -> list[np.ndarray]:
     """Index labels of every value along the chain (root labelled 0..n-1 in order)."""
     try:
@@ -174,13 +199,13 @@ def kv_heads_of(target: np.ndarray, what: str) -> tuple[np.ndarray, list[int]]:
 
 # --- choosing the source ---------------------------------------------------------------------
 
-def choose_source(chain: Chain, labels: list[np.ndarray], target: np.ndarray) -> Source:
+def choose_source(labels: list[np.ndarray], target: np.ndarray) -> Pick:
     """The tensor along the chain that becomes `target` with the fewest new nodes.
 
     Ties go to the tensor nearest the root, so that transposes the graph already has can be
     folded into the new one and disappear.
     """
-    best: tuple[int, int, Source] | None = None
+    best: tuple[int, int, Pick] | None = None
     for index, label in enumerate(labels):
         if label.ndim not in (target.ndim, target.ndim - 1) or label.ndim > 6:
             continue
@@ -194,10 +219,9 @@ def choose_source(chain: Chain, labels: list[np.ndarray], target: np.ndarray) ->
                 continue
             if not np.array_equal(label.transpose(perm), flat_target):
                 continue
-            source = Source(chain.values[index], perm, unsqueeze, chain.factor_after(index))
-            key = (source.nodes_needed, index)
-            if best is None or key < best[:2]:
-                best = (*key, source)
+            nodes_needed = int(perm != tuple(range(label.ndim))) + int(unsqueeze)
+            if best is None or (nodes_needed, index) < best[:2]:
+                best = (nodes_needed, index, Pick(index, perm, unsqueeze))
     if best is None:
         raise NotFused("no tensor feeding the attention is the kernel layout up to a transpose")
     return best[2]

@@ -61,7 +61,28 @@ def _square(array: np.ndarray, seq_q: int, seq_k: int, what: str) -> np.ndarray:
     return np.array(slices[0])
 
 
+def _step_key(step: ScoreStep) -> tuple:
+    def ident(x):
+        return ("array", x.tobytes(), x.shape) if isinstance(x, np.ndarray) else id(x)
+
+    return (step.kind, ident(step.operand), ident(step.condition), step.factor, step.scores_when_true)
+
+
 def read_scores(steps: tuple[ScoreStep, ...], evaluator: Evaluator, seq_q: int, seq_k: int) -> ScoreReading:
+    """The scale and mask of the steps; blocks sharing the same mask values are read once."""
+    key = ("scores", seq_q, seq_k, tuple(_step_key(s) for s in steps))
+    if key not in evaluator.memo:
+        try:
+            evaluator.memo[key] = _read_scores(steps, evaluator, seq_q, seq_k)
+        except NotFused as exc:
+            evaluator.memo[key] = exc
+    result = evaluator.memo[key]
+    if isinstance(result, NotFused):
+        raise NotFused(result.reason, result.node)
+    return result
+
+
+def _read_scores(steps: tuple[ScoreStep, ...], evaluator: Evaluator, seq_q: int, seq_k: int) -> ScoreReading:
     scale = 1.0
     bias = np.zeros((seq_q, seq_k))  # additive term on kept positions
     replaced = np.zeros((seq_q, seq_k), dtype=bool)  # positions a Where replaced by a constant

@@ -16,7 +16,7 @@ import onnx_ir as ir
 from fuse_attn import contract
 from fuse_attn.evaluator import Evaluator
 from passes._graph import NotFused
-from passes.layout import Chain, Source, chain_labels, choose_source, kv_heads_of
+from passes.layout import Chain, Source, chain_labels, chain_signature, choose_source, kv_heads_of
 from passes.masks import ScoreReading
 
 
@@ -51,6 +51,53 @@ def _dim_name(value: ir.Value, axis: int) -> int | str:
     return d if isinstance(d, int) else str(getattr(d, "value", None) or "?")
 
 
+@dataclasses.dataclass(frozen=True)
+class LayoutProof:
+    """What the index labels proved about one block's q, k, v (independent of value objects)."""
+
+    batch: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    seq_q: int
+    seq_k: int
+    picks: tuple  # (q, k, v) layout.Pick
+    batched_heads: bool  # operands were (b·h, s, d)
+
+
+def _prove_layout(q: Operand, k: Operand, v: Operand, evaluator: Evaluator) -> LayoutProof:
+    labels = {name: chain_labels(op.chain, evaluator) for name, op in (("q", q), ("k", k), ("v", v))}
+    q_target = q.to_kernel_layout(labels["q"][-1])
+    k_target, k_heads = kv_heads_of(k.to_kernel_layout(labels["k"][-1]), "key")
+    v_target, v_heads = kv_heads_of(v.to_kernel_layout(labels["v"][-1]), "value")
+    if k_heads != v_heads:
+        raise NotFused("keys and values share kv heads differently across q heads")
+    batch, heads, head_dim, seq_q = q_target.shape
+    _, kv_heads, _, seq_k = k_target.shape
+    if seq_q != seq_k:
+        raise NotFused(f"seq_q {seq_q} != seq_k {seq_k} (cross attention or a KV cache); the kernel needs them equal")
+    if k_target.shape != (batch, kv_heads, head_dim, seq_k) or v_target.shape != (batch, kv_heads, seq_k, head_dim):
+        raise NotFused(f"q, k, v shapes do not agree: {q_target.shape}, {k_target.shape}, {v_target.shape}")
+    if head_dim > contract.MAX_HEAD_DIM:
+        raise NotFused(f"head dim {head_dim} > {contract.MAX_HEAD_DIM}, the kernel's limit")
+    picks = (choose_source(labels["q"], q_target), choose_source(labels["k"], k_target),
+             choose_source(labels["v"], v_target))
+    return LayoutProof(batch, heads, kv_heads, head_dim, seq_q, seq_k, picks, labels["q"][-1].ndim == 3)
+
+
+def _memoized(evaluator: Evaluator, key: tuple, prove):
+    """`prove()` once per key; a NotFused is remembered and raised again like a result."""
+    if key not in evaluator.memo:
+        try:
+            evaluator.memo[key] = prove()
+        except NotFused as exc:
+            evaluator.memo[key] = exc
+    result = evaluator.memo[key]
+    if isinstance(result, NotFused):
+        raise NotFused(result.reason)
+    return result
+
+
 def plan_block(
     q: Operand,
     k: Operand,
@@ -69,31 +116,16 @@ def plan_block(
     if output.dtype is not None and output.dtype not in dtypes:
         raise NotFused(f"the attention output is {output.dtype}, not the inputs' {dtypes.pop()}")
 
-    labels = {name: chain_labels(op.chain, evaluator) for name, op in (("q", q), ("k", k), ("v", v))}
-    q_target = q.to_kernel_layout(labels["q"][-1])
-    k_target, k_heads = kv_heads_of(k.to_kernel_layout(labels["k"][-1]), "key")
-    v_target, v_heads = kv_heads_of(v.to_kernel_layout(labels["v"][-1]), "value")
-    if k_heads != v_heads:
-        raise NotFused("keys and values share kv heads differently across q heads")
-
-    batch, heads, head_dim, seq_q = q_target.shape
-    _, kv_heads, _, seq_k = k_target.shape
-    if seq_q != seq_k:
-        raise NotFused(f"seq_q {seq_q} != seq_k {seq_k} (cross attention or a KV cache); the kernel needs them equal")
-    if k_target.shape != (batch, kv_heads, head_dim, seq_k) or v_target.shape != (batch, kv_heads, seq_k, head_dim):
-        raise NotFused(f"q, k, v shapes do not agree: {q_target.shape}, {k_target.shape}, {v_target.shape}")
-    if head_dim > contract.MAX_HEAD_DIM:
-        raise NotFused(f"head dim {head_dim} > {contract.MAX_HEAD_DIM}, the kernel's limit")
-
-    reading: ScoreReading = read_scores(seq_q, seq_k)
-    sources = {
-        "q": choose_source(q.chain, labels["q"], q_target),
-        "k": choose_source(k.chain, labels["k"], k_target),
-        "v": choose_source(v.chain, labels["v"], v_target),
-    }
-    if sources["v"].factor != 1.0:
+    key = ("layout",) + tuple((op.to_kernel_layout, chain_signature(op.chain, evaluator)) for op in (q, k, v))
+    proof: LayoutProof = _memoized(evaluator, key, lambda: _prove_layout(q, k, v, evaluator))
+    reading: ScoreReading = read_scores(proof.seq_q, proof.seq_k)
+    q_src, k_src, v_src = (
+        Source(op.chain.values[pick.index], pick.perm, pick.unsqueeze, op.chain.factor_after(pick.index))
+        for op, pick in zip((q, k, v), proof.picks)
+    )
+    if v_src.factor != 1.0:
         raise NotFused("values are scaled before the output MatMul")
-    scale = reading.scale * sources["q"].factor * sources["k"].factor
+    scale = reading.scale * q_src.factor * k_src.factor
 
     query = q.chain.values[-1]
     seq = _dim_name(query, -2)
@@ -111,16 +143,16 @@ def plan_block(
     attrs = contract.FlashFwdAttrs(
         softmax_scale=float(np.float32(scale)),
         use_causal_mask=reading.causal,
-        num_heads=heads,
-        num_kv_heads=kv_heads,
+        num_heads=proof.heads,
+        num_kv_heads=proof.kv_heads,
         dropout_p=dropout_p,
         seq_tile_size=tile,
     )
     return FusionPlan(
-        q=sources["q"], k=sources["k"], v=sources["v"], attrs=attrs, output=output,
-        squeeze_heads=labels["q"][-1].ndim == 3,
+        q=q_src, k=k_src, v=v_src, attrs=attrs, output=output,
+        squeeze_heads=proof.batched_heads,
         insert_before=insert_before,
-        batch=_dim_name(query, 0), seq=seq, head_dim=head_dim, notes=notes, seed=seed,
+        batch=_dim_name(query, 0), seq=seq, head_dim=proof.head_dim, notes=notes, seed=seed,
     )
 
 
