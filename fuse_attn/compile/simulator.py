@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from fuse_attn.contract import KERNEL_MASK_VALUE, MAX_HEAD_DIM, QUERY_TILE
 
@@ -91,24 +92,29 @@ def simulate_flash_fwd(
             # Sub-tiles the kernel multiplies: all of them, or with the mask those starting at or left of q0.
             n_mul = tile // SUB_TILE if not use_causal_mask else min(tile // SUB_TILE, (q0 - k0) // SUB_TILE + 1)
             width = n_mul * SUB_TILE
-            psum = q_rows @ k_all[..., k0 : k0 + width]  # fp32 accumulation of kernel-dtype products
-            scores = mask_value.expand(b, kv, group * QUERY_TILE, tile).clone()
-            scores[..., :width] = psum
+            scores = q_rows @ k_all[..., k0 : k0 + width]  # fp32 accumulation of kernel-dtype products
             if use_causal_mask:
-                scores = torch.where(q_pos >= pos[k0 : k0 + tile][None, :], scores, mask_value)
+                scores = torch.where(q_pos >= pos[k0 : k0 + width][None, :], scores, mask_value)
             scores = ra(rk(scores))  # copied out of PSUM as the kernel dtype into an acc-dtype buffer
             tile_max = scores.amax(dim=-1, keepdim=True)
+            if width < tile:  # the sub-tiles not multiplied hold the mask value
+                tile_max = torch.maximum(tile_max, mask_value)
             if m is None:
                 m_cur = tile_max
             else:
                 m_cur = torch.maximum(m, tile_max)
                 alpha = ra(torch.exp(m - m_cur))
                 acc_scaled = ra(acc * alpha)
-            p = rk(torch.exp(scores - m_cur))
-            ps = ra(ra(p.view(*p.shape[:-1], tile // reduction, reduction).sum(-1)).sum(-1, keepdim=True))
-            pv = p[..., :width] @ v_all[:, :, k0 : k0 + width]
-            if width < tile and bool(p[..., width:].any()):  # masked sub-tiles only add when exp(-9984 - m) > 0
-                pv = pv + p[..., width:] @ v_all[:, :, k0 + width : k0 + tile]
+            if width < tile and bool(rk(torch.exp(mask_value - m_cur)).any()):
+                # Only when a row's max is within ~100 of -9984 do the masked scores weigh anything:
+                # then carry the whole tile, mask values included, as the kernel does.
+                scores = torch.cat([scores, mask_value.expand(*scores.shape[:-1], tile - width)], dim=-1)
+                width = tile
+            p = rk(torch.exp(scores - m_cur))  # the masked columns left out have p == 0 exactly
+            chunks = -(-width // reduction)
+            p_chunks = F.pad(p, (0, chunks * reduction - width)).view(*p.shape[:-1], chunks, reduction)
+            ps = ra(ra(p_chunks.sum(-1)).sum(-1, keepdim=True))  # per-reduction-chunk sums, then their sum
+            pv = p @ v_all[:, :, k0 : k0 + width]
             if m is None:
                 acc = ra(pv)
                 l = ra(ra(torch.log(ps)) + tile_max)
