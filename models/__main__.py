@@ -1,0 +1,60 @@
+"""python -m models build [--only NAME] [--out DIR] [--force] | list | check"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from . import build_all, cache_dir, entries
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m models", description="the fuse-attn model zoo")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="export every recipe (cached by recipe hash)")
+    c = sub.add_parser("check", help="build, run the pass on every model, print the coverage table")
+    for p in (b, c):
+        p.add_argument("--only", action="append", help="a model name (exact, or a substring); repeatable")
+        p.add_argument("--out", help=f"cache dir (default {cache_dir()})")
+    b.add_argument("--force", action="store_true", help="re-export even when the cache is current")
+    c.add_argument("--markdown", help="also write the table to this Markdown file")
+    sub.add_parser("list", help="list the recipes")
+    args = ap.parse_args(argv)
+
+    if args.cmd == "list":
+        for e in entries():
+            print(f"{e['name']:<34} {e['family']:<14} {e['exporter']:<11} {str(e.get('opset') or '-'):<4} "
+                  f"{e['dtype']:<8} {e.get('attn_impl') or '-'}")
+        return 0
+
+    only = None
+    if args.only:
+        only = [n for o in args.only for n in (e["name"] for e in entries(o))]
+        if not only:
+            print(f"no recipe matches {args.only}", file=sys.stderr)
+            return 2
+    t0 = time.perf_counter()
+    models = build_all(args.out, only, force=getattr(args, "force", False), log=lambda m: print(m, flush=True))
+    failed = [m for m in models if not m.ok and not m.skipped]
+    print(f"built {len(models) - len(failed)}/{len(models)} models in {time.perf_counter() - t0:.1f}s "
+          f"-> {cache_dir(args.out)}")
+    for m in models:
+        if not m.ok:
+            print(f"  {'skipped' if m.skipped else 'FAILED'} {m.name}: {m.error}")
+    if args.cmd == "build":
+        return 1 if failed else 0
+
+    from .check import check_zoo, render_markdown
+
+    rows = check_zoo(models)
+    table = render_markdown(rows)
+    print(table)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table + "\n")
+    return 0 if all(r.ok or r.skipped for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

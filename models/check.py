@@ -1,0 +1,183 @@
+"""Run the fusion pass over the zoo and hold every model to its manifest entry.
+
+    from models import build_all
+    from models.check import check_zoo, render_markdown
+    rows = check_zoo(build_all())
+    print(render_markdown(rows))
+
+A row is ok when the pass found exactly the expected blocks, fused the expected number, reported
+every expected not-fused block with a reason that carries one of its keywords, and the fused
+model's outputs match the original's in onnxruntime on the same random inputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import traceback
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterable
+
+from . import ZooModel, cache_dir, load_manifest
+from .export import max_abs_err, ort_session
+from .recipes import make_inputs
+
+
+@dataclasses.dataclass
+class Row:
+    model: str
+    exporter: str  # e.g. "dynamo/20", "torchscript/17"
+    found: int | None  # blocks the pass reported
+    fused: int | None
+    expected: int  # blocks the manifest expects fused
+    expected_found: int  # ... fused + expected not fused
+    max_err: float | None  # original vs fused, onnxruntime
+    seconds: float | None  # the pass alone
+    ok: bool
+    problems: list[str] = dataclasses.field(default_factory=list)
+    family: str = ""
+    dtype: str = ""
+    attn_impl: str | None = None
+    not_fused: list[str] = dataclasses.field(default_factory=list)  # the pass's reasons
+    skipped: bool = False  # the recipe needs a package that is not installed
+
+
+def _tolerance(entry: dict[str, Any], manifest: dict[str, Any]) -> float:
+    return float(entry.get("tolerance") or manifest.get("tolerance", {}).get(entry["dtype"], 1e-3))
+
+
+def match_not_fused(reasons: list[str], expected: list[dict[str, Any]]) -> list[str]:
+    """Problems with the not-fused blocks: each expected group must be met by `count` reasons
+    carrying one of its keywords (case-insensitive); no reason may be left unexplained."""
+    problems = []
+    left = list(reasons)
+    for group in expected:
+        keys = [k.lower() for k in group["keywords"]]
+        hits = [r for r in left if any(k in (r or "").lower() for k in keys)][: group["count"]]
+        for r in hits:
+            left.remove(r)
+        if len(hits) < group["count"]:
+            problems.append(f"expected {group['count']} not fused for '{group['reason']}' "
+                            f"(keywords {group['keywords']}), the pass reported {len(hits)}")
+    for reason, n in Counter(left).items():
+        problems.append(f"unexpected not fused x{n}: {reason}")
+    return problems
+
+
+def check_model(zm: ZooModel, *, fused_dir: Path | None = None, manifest: dict[str, Any] | None = None) -> Row:
+    entry = zm.entry
+    manifest = manifest or load_manifest()
+    exp = entry["expected"]
+    expected_nf = sum(g["count"] for g in exp.get("not_fused", []))
+    opset = zm.meta.get("opset") or entry.get("opset") or "?"
+    row = Row(model=zm.name, exporter=f"{entry['exporter']}/{opset}", found=None, fused=None,
+              expected=exp["fused"], expected_found=exp["fused"] + expected_nf, max_err=None, seconds=None,
+              ok=False, family=entry.get("family", ""), dtype=entry["dtype"], attn_impl=entry.get("attn_impl"))
+    if zm.skipped:
+        row.skipped = True
+        row.problems.append(f"skipped: {zm.error}")
+        return row
+    if not zm.ok:
+        row.problems.append(f"build failed: {zm.error}")
+        return row
+    if entry.get("opset") is not None and zm.meta.get("opset") != entry["opset"]:
+        row.problems.append(f"exported at opset {zm.meta.get('opset')}, manifest says {entry['opset']}")
+
+    try:
+        import onnx_ir
+
+        from fuse_attn import fuse
+    except ImportError as exc:
+        row.problems.append(f"fuse_attn.fuse unavailable: {exc}")
+        return row
+
+    t0 = time.perf_counter()
+    try:
+        fused_model, report = fuse(zm.path)
+    except Exception as exc:
+        row.seconds = time.perf_counter() - t0
+        row.problems.append(f"fuse raised {type(exc).__name__}: {exc}"[:400])
+        return row
+    row.seconds = time.perf_counter() - t0
+    blocks = list(report.blocks)
+    row.found = len(blocks)
+    row.fused = sum(1 for b in blocks if b.fused)
+    row.not_fused = [b.reason or "(no reason given)" for b in blocks if not b.fused]
+    if row.fused != row.expected:
+        row.problems.append(f"fused {row.fused}, expected {row.expected}")
+    if row.found != row.expected_found:
+        row.problems.append(f"found {row.found} blocks, expected {row.expected_found}")
+    row.problems += match_not_fused(row.not_fused, exp.get("not_fused", []))
+
+    out_dir = fused_dir or (zm.path.parent / "fused")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fused_path = out_dir / f"{zm.name}.fused.onnx"
+    try:
+        onnx_ir.save(fused_model, fused_path)
+        inputs = make_inputs(entry["inputs"], entry["dtype"], seed=1)
+        want = ort_session(zm.path).run(None, inputs)
+        got = ort_session(fused_path).run(None, inputs)
+        if len(want) != len(got):
+            raise ValueError(f"{len(got)} outputs, the original has {len(want)}")
+        row.max_err = max(max_abs_err(g, w) for g, w in zip(got, want))
+    except Exception as exc:
+        lines = traceback.format_exception_only(type(exc), exc)
+        row.problems.append(f"onnxruntime: {lines[-1].strip()}"[:400])
+    else:
+        tol = _tolerance(entry, manifest)
+        if not row.max_err <= tol:
+            row.problems.append(f"max error {row.max_err:.3g} > {tol:g}")
+    row.ok = not row.problems
+    return row
+
+
+def check_zoo(models: Iterable[ZooModel], *, fused_dir: Path | str | None = None, log=None) -> list[Row]:
+    """One Row per model: the pass run on it, held to the manifest, numerics in onnxruntime."""
+    manifest = load_manifest()
+    rows = []
+    for zm in models:
+        row = check_model(zm, fused_dir=Path(fused_dir) if fused_dir else None, manifest=manifest)
+        if log is not None:
+            log(f"{row.model}: {'ok' if row.ok else 'FAIL ' + '; '.join(row.problems)}")
+        rows.append(row)
+    return rows
+
+
+def _fmt_err(err: float | None) -> str:
+    return "—" if err is None else f"{err:.1e}"
+
+
+def render_markdown(rows: list[Row], *, details: bool = True) -> str:
+    """The coverage table (and, below it, what went wrong and every not-fused reason)."""
+    head = ("| model | family | exporter | dtype | attn | blocks found | fused | expected fused "
+            "| max err | pass s | ok |\n|---|---|---|---|---|---:|---:|---:|---:|---:|:-:|")
+    lines = [head]
+    for r in rows:
+        lines.append(
+            f"| {r.model} | {r.family} | {r.exporter} | {r.dtype} | {r.attn_impl or '—'} "
+            f"| {'—' if r.found is None else r.found} | {'—' if r.fused is None else r.fused} "
+            f"| {r.expected} of {r.expected_found} | {_fmt_err(r.max_err)} "
+            f"| {'—' if r.seconds is None else f'{r.seconds:.2f}'} | {'✅' if r.ok else 'skipped' if r.skipped else '❌'} |"
+        )
+    ok = sum(r.ok for r in rows)
+    fused = sum(r.fused or 0 for r in rows)
+    expected = sum(r.expected for r in rows)
+    lines.append("")
+    lines.append(f"{ok}/{len(rows)} models ok; {fused} of {expected} expected blocks fused.")
+    if details:
+        notes = []
+        for r in rows:
+            for p in r.problems:
+                notes.append(f"- **{r.model}**: {p}")
+        if notes:
+            lines += ["", "Problems:", "", *notes]
+        reasons = Counter(reason for r in rows for reason in r.not_fused)
+        if reasons:
+            lines += ["", "Blocks left unfused, by reason:", ""]
+            lines += [f"- {n} × {reason}" for reason, n in reasons.most_common()]
+    return "\n".join(lines)
+
+
+def default_fused_dir(out_dir: Path | str | None = None) -> Path:
+    return cache_dir(out_dir) / "fused"

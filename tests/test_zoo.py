@@ -1,0 +1,75 @@
+"""The model zoo: every recipe exports (cached in .zoo-cache/), the pass fuses exactly what the
+manifest expects, reports every must-not with its reason, and the fused model matches the
+original in onnxruntime. Marker `zoo`; deselect with `-m "not zoo"`.
+
+The coverage table lands in <cache>/coverage.md after the run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+import models
+
+MANIFEST = models.load_manifest()
+NAMES = [e["name"] for e in MANIFEST["models"]]
+EXPORTERS = {"dynamo", "torchscript"}
+
+
+def test_manifest_is_well_formed():
+    """Cheap and torch-free: the hand-written manifest stays consistent."""
+    assert len(NAMES) == len(set(NAMES))
+    families = {e["family"] for e in MANIFEST["models"]}
+    assert len(families) >= 12, families
+    for e in MANIFEST["models"]:
+        assert e["exporter"] in EXPORTERS, e["name"]
+        assert e["dtype"] in MANIFEST["tolerance"], e["name"]
+        assert e["inputs"], e["name"]
+        exp = e["expected"]
+        assert exp["fused"] >= 0
+        for group in exp["not_fused"]:
+            assert group["count"] > 0 and group["reason"] and group["keywords"], e["name"]
+        assert exp["fused"] + sum(g["count"] for g in exp["not_fused"]) > 0, f"{e['name']} has no attention"
+
+
+_zoo_deps = [m for m in ("torch", "transformers", "onnxscript") if importlib.util.find_spec(m) is None]
+zoo = [
+    pytest.mark.zoo,
+    pytest.mark.skipif(bool(_zoo_deps), reason=f"the zoo extra is not installed ({', '.join(_zoo_deps)})"),
+]
+
+
+@pytest.fixture(scope="module")
+def built():
+    return {m.name: m for m in models.build_all()}
+
+
+@pytest.fixture(scope="module")
+def rows(built):
+    collected = {}
+    yield collected
+    if collected:
+        from models.check import render_markdown
+
+        table = render_markdown([collected[n] for n in NAMES if n in collected])
+        (models.cache_dir() / "coverage.md").write_text(table + "\n")
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.zoo
+def test_zoo_model(name, built, rows):
+    if _zoo_deps:
+        pytest.skip(f"the zoo extra is not installed ({', '.join(_zoo_deps)})")
+    from models.check import check_model
+
+    zm = built[name]
+    if zm.skipped:
+        pytest.skip(zm.error)
+    assert zm.ok, f"export failed: {zm.error}"
+    if importlib.util.find_spec("fuse_attn") is None or not hasattr(__import__("fuse_attn"), "fuse"):
+        pytest.skip("fuse_attn.fuse is not available yet")
+    row = check_model(zm, manifest=MANIFEST)
+    rows[name] = row
+    assert row.ok, "\n".join(row.problems + [f"pass reasons: {row.not_fused}"])
