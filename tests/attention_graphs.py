@@ -332,7 +332,8 @@ class _Graph:
 
     def f(self, values, hint: str) -> str:
         """A constant in the model's float dtype."""
-        return self.init(np.asarray(values, dtype=np.float64).astype(self.np_dtype), hint)
+        with np.errstate(over="ignore"):  # -1e9 is -inf in float16, as in a real export
+            return self.init(np.asarray(values, dtype=np.float64).astype(self.np_dtype), hint)
 
 
 def _mask_value(spec: AttnSpec) -> float:
@@ -530,8 +531,8 @@ def _reshape(g: _Graph, x: str, dims: list[int], hint: str) -> str:
     return g.op("Reshape", [x, g.i64(dims)], hint)
 
 
-def _repeat_kv(g: _Graph, spec: AttnSpec, t: str, tail: list[int], hint: str) -> str:
-    """(b, kv, t0, t1) -> (b, h, t0, t1) in the spec's head order (a -1 in `tail` is the seq)."""
+def _repeat_kv(g: _Graph, spec: AttnSpec, t: str, tail: list[int | None], hint: str) -> str:
+    """(b, kv, t0, t1) -> (b, h, t0, t1) in the spec's head order; None in `tail` marks the seq axis."""
     G = spec.group
     if G == 1:
         return t
@@ -540,9 +541,10 @@ def _repeat_kv(g: _Graph, spec: AttnSpec, t: str, tail: list[int], hint: str) ->
         if spec.symbolic_seq:
             e = g.op("Expand", [u, g.i64([1, 1, G, 1, 1])], hint + "_exp")
         else:
-            e = g.op("Expand", [u, g.i64([spec.batch, spec.kv, G, *tail])], hint + "_exp")
-        return _reshape(g, e, [spec.batch, spec.heads, *([-1 if spec.symbolic_seq and x != spec.head_dim
-                                                            else x for x in tail])], hint + "_rep")
+            e = g.op("Expand", [u, g.i64([spec.batch, spec.kv, G, *(spec.skv if x is None else x for x in tail)])],
+                     hint + "_exp")
+        seq = -1 if spec.symbolic_seq else spec.skv
+        return _reshape(g, e, [spec.batch, spec.heads, *(seq if x is None else x for x in tail)], hint + "_rep")
     if spec.kv_repeat == "tile":
         return g.op("Tile", [t, g.i64([1, G, 1, 1])], hint + "_tile")
     return g.op("Concat", [t] * G, hint + "_cat", axis=1)
@@ -609,8 +611,9 @@ def _apply_mask(g: _Graph, spec: AttnSpec, scores: str, x: str, bias_const: np.n
     if form == "trilu":
         n = g.op("Reshape", [_seq_scalar(g, x), g.i64([1])], "seq_1d")
         shape = g.op("Concat", [n, n], "mask_shape", axis=0)
-        full = g.op("ConstantOfShape", [shape], "mask_full",
-                    value=numpy_helper.from_array(np.array([value], dtype=g.np_dtype)))
+        with np.errstate(over="ignore"):  # -1e9 is -inf in float16, as in a real export
+            fill = np.array([value], dtype=g.np_dtype)
+        full = g.op("ConstantOfShape", [shape], "mask_full", value=numpy_helper.from_array(fill))
         k = 2 if m == "shift" else 1
         tri = g.op("Trilu", [full, g.i64(k, "diag")], "causal_mask", upper=1)
         return g.op("Add", [scores, tri], "masked")
@@ -695,11 +698,11 @@ def _build_block(g: _Graph, spec: AttnSpec, rng, x: str, kv_src: str, blk: int):
         # K to (b, h, d, s) in the spec's form
         if spec.k_transpose == "perm0231":
             kt = g.op("Transpose", [k], "k_bhds", perm=[0, 2, 3, 1])
-            kt = _repeat_kv(g, spec, kt, [d, sk], "k")
+            kt = _repeat_kv(g, spec, kt, [d, None], "k")
         else:
             kh = g.op("Transpose", [k], "k_bhsd", perm=[0, 2, 1, 3])
             k_bhsd = kh
-            kh = _repeat_kv(g, spec, kh, [sk, d], "k")
+            kh = _repeat_kv(g, spec, kh, [None, d], "k")
             if spec.k_transpose == "perm0132":
                 kt = g.op("Transpose", [kh], "k_t", perm=[0, 1, 3, 2])
             elif spec.k_transpose == "dynamo":
@@ -710,7 +713,7 @@ def _build_block(g: _Graph, spec: AttnSpec, rng, x: str, kv_src: str, blk: int):
                 kt = kh
         vh = g.op("Transpose", [v], "v_bhsd", perm=[0, 2, 1, 3])
         v_bhsd = vh
-        vh = _repeat_kv(g, spec, vh, [sk, d], "v")
+        vh = _repeat_kv(g, spec, vh, [None, d], "v")
         if spec.v_transpose == "perm0231":
             vh = g.op("Transpose", [vh], "v_bhds", perm=[0, 1, 3, 2])
         if spec.scale_form == "sqrt_both":
