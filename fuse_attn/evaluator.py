@@ -15,6 +15,7 @@ import operator
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 import onnx_ir as ir
 from onnx import helper
 
@@ -48,6 +49,7 @@ class Evaluator:
         self.binding = binding
         self.declared_inputs = declared_inputs or {}
         self._cache: dict[ir.Value, np.ndarray] = {}
+        self._shapes: dict[ir.Value, tuple[int, ...]] = {}
         self._opset = graph.opset_imports.get("", 18)
         self.declared_used: set[str] = set()
         # Proofs keyed by what they depend on: layers that repeat a structure are proven once.
@@ -67,15 +69,81 @@ class Evaluator:
         raise Unprovable(f"a dimension is unknown ({d if name else '?'})")
 
     def shape_of(self, value: ir.Value) -> tuple[int, ...]:
+        """The concrete shape of `value` under the binding.
+
+        Dims that are not free symbols of the graph inputs (shape inference's `unk__N`, or no
+        shape at all) are never guessed: the producer's shape is inferred again, node by node,
+        from its inputs' concrete shapes and its evaluated shape operands.
+        """
+        if value in self._shapes:
+            return self._shapes[value]
+        pending = [value]
+        while pending:
+            current = pending[-1]
+            if current in self._shapes:
+                pending.pop()
+                continue
+            known = self._declared_shape(current)
+            if known is not None:
+                self._shapes[current] = known
+                pending.pop()
+                continue
+            node = current.producer()
+            if node is None:
+                raise Unprovable(f"the shape of '{current.name}' is unknown")
+            missing = [v for v in node.inputs if v is not None and v not in self._shapes]
+            if missing:
+                if len(pending) > 100_000:
+                    raise Unprovable(f"the shape of '{value.name}' is unknown")
+                pending.extend(missing)
+                continue
+            self._infer_outputs(node)
+            if current not in self._shapes:
+                raise Unprovable(f"the shape of '{current.name}' cannot be inferred")
+            pending.pop()
+        return self._shapes[value]
+
+    def _declared_shape(self, value: ir.Value) -> tuple[int, ...] | None:
+        const = ir.convenience.get_const_tensor(value)
+        if const is not None:
+            return tuple(const.shape)
         if value.shape is None:
-            const = ir.convenience.get_const_tensor(value)
-            if const is not None:
-                return tuple(const.shape)
-            raise Unprovable(f"the shape of '{value.name}' is unknown")
+            return None
         try:
             return tuple(self.dim(d) for d in value.shape)
-        except Unprovable as exc:
-            raise Unprovable(f"the shape of '{value.name}' is not known: {exc}") from None
+        except Unprovable:
+            return None
+
+    def _infer_outputs(self, node: ir.Node) -> None:
+        """Shapes of `node`'s outputs by ONNX's own per-op inference, on concrete inputs."""
+        from onnx import defs, shape_inference
+
+        names = {v: f"i{i}" for i, v in enumerate(node.inputs) if v is not None}
+        proto = helper.make_node(node.op_type, [names.get(v, "") for v in node.inputs],
+                                 [f"o{i}" for i in range(len(node.outputs))], domain=node.domain)
+        proto.attribute.extend(ir.serde.serialize_attribute(a) for a in node.attributes.values())
+        types, data = {}, {}
+        for v, name in names.items():
+            elem = v.dtype if v.dtype is not None else ir.DataType.FLOAT
+            types[name] = helper.make_tensor_type_proto(int(elem), self._shapes[v])
+            if elem == ir.DataType.INT64 and len(self._shapes[v]) <= 1 and math.prod(self._shapes[v]) <= 64:
+                try:
+                    data[name] = onnx.numpy_helper.from_array(np.asarray(self.value_of(v), dtype=np.int64), name)
+                except Unprovable:
+                    pass
+        try:
+            schema = defs.get_schema(node.op_type, self._opset, node.domain)
+            inferred = shape_inference.infer_node_outputs(
+                schema, proto, types, data, opset_imports=[helper.make_opsetid(node.domain, self._opset)])
+        except Exception as exc:
+            raise Unprovable(f"cannot infer the shapes of {node.op_type} '{node.name}': {exc}") from None
+        for i, out in enumerate(node.outputs):
+            type_proto = inferred.get(f"o{i}")
+            if out is None or type_proto is None or not type_proto.tensor_type.HasField("shape"):
+                continue
+            dims = type_proto.tensor_type.shape.dim
+            if all(d.HasField("dim_value") for d in dims):
+                self._shapes[out] = tuple(d.dim_value for d in dims)
 
     # --- values ---------------------------------------------------------------------------
     def value_of(self, value: ir.Value) -> np.ndarray:

@@ -27,28 +27,23 @@ FIRST_SEQ_SAMPLE, SEQ_SAMPLE_STEP = 96, 8
 
 
 def sample_binding(graph: ir.Graph) -> dict[str, int]:
-    """A concrete size for every symbolic dim: batch dims (axis 0 of an input) and others."""
-    batch_like: set[str] = set()
-    symbols: dict[str, None] = {}
-    values = list(graph.inputs) + [v for n in graph for v in n.outputs]
-    for value in values:
-        if value.shape is None:
-            continue
-        for axis, dim in enumerate(value.shape):
-            name = None if isinstance(dim, int) else getattr(dim, "value", None)
-            if name is None:
-                continue
-            symbols.setdefault(name)
-            if axis == 0 and value.is_graph_input():
-                batch_like.add(name)
-    binding = {}
+    """A concrete size for every free symbolic dim: those of the graph inputs.
+
+    Symbols that only intermediate values carry (shape inference's `unk__N`) are not free:
+    the evaluator infers them from the inputs instead of inventing a size.
+    """
+    binding: dict[str, int] = {}
     others = 0
-    for name in symbols:
-        if name in batch_like:
-            binding[name] = BATCH_SAMPLE
-        else:
-            binding[name] = FIRST_SEQ_SAMPLE + SEQ_SAMPLE_STEP * others
-            others += 1
+    for value in graph.inputs:
+        for axis, dim in enumerate(value.shape or ()):
+            name = None if isinstance(dim, int) else getattr(dim, "value", None)
+            if name is None or name in binding:
+                continue
+            if axis == 0:
+                binding[name] = BATCH_SAMPLE
+            else:
+                binding[name] = FIRST_SEQ_SAMPLE + SEQ_SAMPLE_STEP * others
+                others += 1
     return binding
 
 

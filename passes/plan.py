@@ -44,11 +44,17 @@ class Operand:
     to_kernel_layout: object  # labels of the operand -> labels in kernel layout
 
 
-def _dim_name(value: ir.Value, axis: int) -> int | str:
-    if value.shape is None or len(value.shape) <= abs(axis):
-        return "?"
-    d = value.shape[axis]
-    return d if isinstance(d, int) else str(getattr(d, "value", None) or "?")
+def _size(value: ir.Value, axis: int, proven: int, evaluator: Evaluator) -> int | str:
+    """A dim as the report and attributes should carry it: an int when fixed, else its symbol.
+
+    With no free symbols in the graph every proven size is the real one; otherwise a dim is
+    fixed only where the graph says so."""
+    if not evaluator.binding:
+        return proven
+    dim = value.shape[axis] if value.shape is not None and len(value.shape) > abs(axis) else None
+    if isinstance(dim, int):
+        return dim
+    return str(getattr(dim, "value", None) or "dynamic")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +134,7 @@ def plan_block(
     scale = reading.scale * q_src.factor * k_src.factor
 
     query = q.chain.values[-1]
-    seq = _dim_name(query, -2)
+    seq = _size(query, -2, proof.seq_q, evaluator)
     notes = []
     tile = None
     if isinstance(seq, int):
@@ -152,7 +158,7 @@ def plan_block(
         q=q_src, k=k_src, v=v_src, attrs=attrs, output=output,
         squeeze_heads=proof.batched_heads,
         insert_before=insert_before,
-        batch=_dim_name(query, 0), seq=seq, head_dim=proof.head_dim, notes=notes, seed=seed,
+        batch=_size(query, 0, proof.batch, evaluator), seq=seq, head_dim=proof.head_dim, notes=notes, seed=seed,
     )
 
 
