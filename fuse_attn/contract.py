@@ -196,8 +196,8 @@ def make_function(opset: int) -> onnx.FunctionProto:
         _attr_const("dropout_f", "dropout_p", "value_float"),
         _const("zero_f", value=helper.make_tensor("zero_f", TensorProto.FLOAT, [], [0.0])),
         helper.make_node("Greater", ["dropout_f", "zero_f"], ["training"]),
-        helper.make_node("CastLike", ["dropout_f", "probs"], ["ratio"]),
-        helper.make_node("Dropout", ["probs", "ratio", "training"], ["dropped"]),
+        # ratio is its own type (T1: no bfloat16): it stays float32 whatever the inputs are.
+        helper.make_node("Dropout", ["probs", "dropout_f", "training"], ["dropped"]),
         *_repeat_kv("v", "v_rep"),
         helper.make_node("MatMul", ["dropped", "v_rep"], ["o"]),
     ]
