@@ -104,7 +104,7 @@ def kernel_violations(
         if seq % QUERY_TILE:
             problems.append(f"seq {seq} is not a multiple of the {QUERY_TILE}-query tile")
     if dropout_p != 0.0:
-        problems.append(f"dropout_p {dropout_p} != 0: inference mode (training=False) asserts no dropout")
+        problems.append(f"dropout_p {dropout_p:g} != 0: inference mode (training=False) asserts no dropout")
     if len(dtypes) != 1:
         problems.append(f"q, k, v dtypes differ ({', '.join(sorted(dtypes))}); the kernel assumes one dtype")
     if batch <= 0:
