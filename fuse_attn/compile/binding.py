@@ -49,12 +49,13 @@ def detect_kernel_api() -> KernelAPI:
     attention = importlib.import_module("neuronxcc.nki.kernels.attention")
     flash_fwd, flash_config = attention.flash_fwd, attention.FlashConfig
     params = _parameters(flash_fwd)
-    if params is None:
+    launchable = callable(getattr(type(flash_fwd), "__getitem__", None))
+    if params is None and not launchable:
         raise RuntimeError("cannot read the signature of neuronxcc.nki.kernels.attention.flash_fwd")
-    if "o" in params:
+    if params is not None and "o" in params:  # 2.20's is a plain function: its signature is always readable
         nki_jit = importlib.import_module("torch_neuronx.xla_impl.ops").nki_jit
         return KernelAPI(STYLE_2_20, nki_jit()(flash_fwd), flash_config)
-    if not callable(getattr(type(flash_fwd), "__getitem__", None)):  # a bare function: jit it ourselves
+    if not launchable:  # the 2.21+ signature as a bare function: jit it ourselves
         flash_fwd = importlib.import_module("neuronxcc.nki").jit(flash_fwd)
     return KernelAPI(STYLE_2_21, flash_fwd, flash_config)
 
