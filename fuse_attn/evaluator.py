@@ -21,6 +21,9 @@ from onnx import helper
 
 # A cone this large is real computation, not mask or shape plumbing; refusing keeps proofs cheap.
 MAX_CONE_NODES = 400
+# Masks and biases read small tables (a causal buffer, a position-bias embedding); a cone that
+# needs more than this is computing with weights, and reading them is what the pass avoids.
+MAX_CONE_CONSTANT_BYTES = 64 << 20
 
 
 class Unprovable(Exception):
@@ -151,16 +154,12 @@ class Evaluator:
             self._evaluate_cone(value)
         return self._cache[value]
 
-    def constant(self, value: ir.Value) -> np.ndarray | None:
-        """The value if it is a constant (initializer or Constant node), else None."""
-        tensor = ir.convenience.get_const_tensor(value)
-        return None if tensor is None else np.asarray(tensor.numpy())
-
-    def _leaf(self, value: ir.Value) -> np.ndarray | None:
-        """The value of a cone leaf, or None if the value must be computed by its producer."""
+    def _leaf(self, value: ir.Value) -> np.ndarray | ir.TensorProtocol | None:
+        """A cone leaf (a constant tensor, not loaded yet, or an array), or None if the value
+        must be computed by its producer."""
         if value in self._cache:
             return self._cache[value]
-        const = self.constant(value)
+        const = ir.convenience.get_const_tensor(value)
         if const is not None:
             return const
         if value.is_graph_input():
@@ -205,6 +204,10 @@ class Evaluator:
                 raise Unprovable(f"'{target.name}' is computed by custom op {node.domain}::{node.op_type}")
             order.append(node)
             stack.extend(v for v in node.inputs if v is not None)
+        constants = [v for v, leaf in leaves.items() if not isinstance(leaf, np.ndarray)]
+        if sum(leaves[v].nbytes for v in constants) > MAX_CONE_CONSTANT_BYTES:
+            raise Unprovable(f"'{target.name}' is computed from large weights, not from shapes")
+        leaves.update({v: np.asarray(leaves[v].numpy()) for v in constants})
         if not order:
             self._cache[target] = leaves[target]
             return

@@ -36,19 +36,14 @@ def sole_consumer(value: ir.Value, what: str) -> ir.Node:
     return consumers[0]
 
 
-def constant_array(value: ir.Value | None) -> np.ndarray | None:
-    if value is None:
-        return None
-    tensor = ir.convenience.get_const_tensor(value)
-    return None if tensor is None else np.asarray(tensor.numpy())
-
-
 def scalar_constant(value: ir.Value | None) -> float | None:
-    """The value as a Python float if it is a constant holding exactly one number."""
-    array = constant_array(value)
-    if array is None or array.size != 1:
+    """The value as a Python float if it is a constant holding exactly one number.
+
+    The size is read from the shape first: a weight is never loaded to find it is no scalar."""
+    tensor = None if value is None else ir.convenience.get_const_tensor(value)
+    if tensor is None or tensor.size != 1:
         return None
-    return float(array.reshape(()))
+    return float(np.asarray(tensor.numpy()).reshape(()))
 
 
 def cast_target(node: ir.Node) -> ir.DataType:
