@@ -113,6 +113,12 @@ def _place_external_data(proto: onnx.ModelProto, source_dir: str, target_dir: st
             os.symlink(os.path.abspath(source), target)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save(model: ir.Model, out_path: str | os.PathLike, *, source_path: str | os.PathLike | None = None,
          copy_external_data: bool = False) -> None:
     """Write `model` atomically: a temp file in the output folder, renamed into place."""
@@ -131,6 +137,7 @@ def save(model: ir.Model, out_path: str | os.PathLike, *, source_path: str | os.
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(proto.SerializeToString())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual mode of a new file
         os.replace(tmp, out_path)
     except BaseException:
         if os.path.exists(tmp):

@@ -105,8 +105,6 @@ def test_fused_next_to_input_references_the_same_weights(built, model):
     np.testing.assert_allclose(run_ort(out, built["ids"]), built["ref"], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.xfail(strict=True, reason="modelio.save writes through tempfile.mkstemp, which creates 0600 files; "
-                   "the output should get 0666 & ~umask like any file the user creates")
 def test_output_file_is_readable_like_any_other_new_file(model, tmp_path):
     out = model.parent / "fused.onnx"
     umask = os.umask(0o022)
