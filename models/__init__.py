@@ -37,6 +37,11 @@ class ZooModel:
     skipped: bool = False  # an optional requirement (entry "requires") is not installed
 
     @property
+    def manifest(self) -> dict[str, Any]:
+        """The manifest entry (alias of `entry`)."""
+        return self.entry
+
+    @property
     def ok(self) -> bool:
         return self.error is None and self.path is not None
 

@@ -13,13 +13,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m models", description="the fuse-attn model zoo")
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="export every recipe (cached by recipe hash)")
-    c = sub.add_parser("check", help="build, run the pass on every model, print the coverage table")
-    for p in (b, c):
-        p.add_argument("--only", action="append", help="a model name (exact, or a substring); repeatable")
-        p.add_argument("--out", help=f"cache dir (default {cache_dir()})")
+    b.add_argument("--only", action="append", help="a model name (exact, or a substring); repeatable")
+    b.add_argument("--out", help=f"cache dir (default {cache_dir()})")
     b.add_argument("--force", action="store_true", help="re-export even when the cache is current")
-    c.add_argument("--markdown", help="also write the table to this Markdown file")
+    sub.add_parser("check", help="build, run the pass on every model, print the coverage table "
+                   "(same as `fuse-attn zoo`; see its --help)", add_help=False)
     sub.add_parser("list", help="list the recipes")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["check"]:
+        from .check import zoo_main
+
+        return zoo_main(argv[1:])
     args = ap.parse_args(argv)
 
     if args.cmd == "list":
@@ -42,18 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     for m in models:
         if not m.ok:
             print(f"  {'skipped' if m.skipped else 'FAILED'} {m.name}: {m.error}")
-    if args.cmd == "build":
-        return 1 if failed else 0
-
-    from .check import check_zoo, render_markdown
-
-    rows = check_zoo(models)
-    table = render_markdown(rows)
-    print(table)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(table + "\n")
-    return 0 if all(r.ok or r.skipped for r in rows) else 1
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

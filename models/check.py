@@ -181,3 +181,33 @@ def render_markdown(rows: list[Row], *, details: bool = True) -> str:
 
 def default_fused_dir(out_dir: Path | str | None = None) -> Path:
     return cache_dir(out_dir) / "fused"
+
+
+def zoo_main(argv: list[str] | None = None) -> int:
+    """`fuse-attn zoo [--only NAME] [--out DIR] [--markdown FILE]`: build (cached), run the pass on
+    every model, print the coverage table. Exit 0 when every row is ok (or skipped)."""
+    import argparse
+    import sys
+
+    from . import build_all, entries
+
+    ap = argparse.ArgumentParser(prog="fuse-attn zoo", description="the regression suite over the model zoo")
+    ap.add_argument("--only", action="append", help="a model name (exact, or a substring); repeatable")
+    ap.add_argument("--out", help=f"cache dir (default {cache_dir()})")
+    ap.add_argument("--markdown", help="also write the table to this Markdown file")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no per-model progress lines")
+    args = ap.parse_args(argv)
+    only = None
+    if args.only:
+        only = [n for o in args.only for n in (e["name"] for e in entries(o))]
+        if not only:
+            print(f"no recipe matches {args.only}", file=sys.stderr)
+            return 2
+    log = None if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    models = build_all(args.out, only, log=log)
+    rows = check_zoo(models, fused_dir=default_fused_dir(args.out), log=log)
+    table = render_markdown(rows)
+    print(table)
+    if args.markdown:
+        Path(args.markdown).write_text(table + "\n")
+    return 0 if all(r.ok or r.skipped for r in rows) else 1
