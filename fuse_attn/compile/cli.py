@@ -13,7 +13,6 @@ import numpy as np
 import onnx
 
 from fuse_attn.compile import constraints, shapes
-from fuse_attn.compile.shapes import ValueType
 
 TARGETS = ("inf2", "trn1", "trn1n", "trn2")
 
@@ -39,20 +38,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def example_inputs(feeds: dict[str, ValueType], seed: int) -> dict[str, np.ndarray]:
-    """Inputs to trace and compare with: floats standard normal, integers and booleans all ones
-    (a valid token id, an all-visible mask)."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for name, vt in feeds.items():
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(vt.elem_type)
-        if np.issubdtype(dtype, np.floating):
-            out[name] = rng.standard_normal(vt.shape).astype(dtype)
-        else:
-            out[name] = np.ones(vt.shape, dtype=dtype)
-    return out
-
-
 def attention_fn(simulate: bool):
     """The attention each FlashFwd node runs: the simulator, or flash_fwd through the binding."""
     if simulate:
@@ -76,7 +61,7 @@ def compare_with_onnxruntime(model: onnx.ModelProto, module, feeds: dict[str, np
 
     reference = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
     with torch.no_grad():
-        got = module(*[torch.from_numpy(a) for a in feeds.values()])
+        got = module(*[torch.from_numpy(feeds[name]) for name in module.input_names])
     if not isinstance(got, (list, tuple)):
         got = [got]
     rows = []
@@ -97,7 +82,8 @@ def compile_main(argv: list[str]) -> int:
     except shapes.ShapeError as e:
         print(f"fuse-attn compile: {e}", file=sys.stderr)
         return 1
-    plans, problems = constraints.plan_model(model, mixed_precision=False if args.no_mixed_precision else None)
+    feeds = shapes.example_feeds(model, args.seed)
+    plans, problems = constraints.plan_model(model, False if args.no_mixed_precision else None, feeds)
     if problems:
         print(f"fuse-attn compile: {len(problems)} FlashFwd launch problem(s):", file=sys.stderr)
         for problem in problems:
@@ -121,7 +107,6 @@ def compile_main(argv: list[str]) -> int:
     attention, backend = attention_fn(args.simulate)
     print(f"attention backend: {backend}")
     module = lower(model, plans, attention)
-    feeds = example_inputs(shapes.input_feed_types(model), args.seed)
 
     if args.simulate:
         for name, abs_err, rel_err in compare_with_onnxruntime(model, module, feeds):
@@ -136,7 +121,7 @@ def compile_main(argv: list[str]) -> int:
 
     cargs = compiler_args(args.target, args.auto_cast, args.auto_cast_type, args.compiler_arg)
     print(f"torch_neuronx.trace, compiler_args={cargs}")
-    trace_and_save(module, tuple(torch.from_numpy(a) for a in feeds.values()), cargs, args.output)
+    trace_and_save(module, tuple(torch.from_numpy(feeds[name]) for name in module.input_names), cargs, args.output)
     print(f"wrote {args.output}")
     return 0
 

@@ -13,7 +13,9 @@ import math
 import onnx
 
 from fuse_attn import contract
-from fuse_attn.compile.shapes import ValueType, value_types
+import numpy as np
+
+from fuse_attn.compile.shapes import ValueType, evaluated_types, value_types
 
 PAD_MULTIPLE = 512  # a causal block's seq is padded to a multiple of this (the smallest tile)
 KERNEL_DTYPES = ("float", "float16", "bfloat16")
@@ -96,7 +98,7 @@ def plan_node(
     missing = [n for n in (q_name, k_name, v_name) if n not in types]
     if missing:
         fail(f"the shape of {', '.join(repr(m) for m in missing)} is unknown after shape inference",
-             "pass --shape for every input the model's dims depend on")
+             "pass --shape for every input the model's dims depend on, or example inputs to measure it")
         return None, problems
     q, k, v = types[q_name].shape, types[k_name].shape, types[v_name].shape
     if len(q) != 4 or len(k) != 4 or len(v) != 4:
@@ -134,11 +136,18 @@ def plan_node(
     return FlashPlan(name, tuple(node.input), node.output[0], attrs, b, h, kv, d, s, padded, tile, dtype), []
 
 
-def plan_model(model: onnx.ModelProto, mixed_precision: bool | None = None) -> tuple[list[FlashPlan], list[str]]:
-    """Plans for every FlashFwd node of a shape-fixed model, and every violation found."""
+def plan_model(
+    model: onnx.ModelProto, mixed_precision: bool | None = None, feeds: dict[str, np.ndarray] | None = None
+) -> tuple[list[FlashPlan], list[str]]:
+    """Plans for every FlashFwd node of a shape-fixed model, and every violation found. FlashFwd
+    inputs that shape inference leaves unknown are measured by running the model on `feeds`."""
     types = value_types(model)
+    nodes = flash_nodes(model)
+    unknown = sorted({name for node in nodes for name in node.input[:3] if name not in types})
+    if unknown and feeds is not None:
+        types.update(evaluated_types(model, unknown, feeds))
     plans, problems = [], []
-    for node in flash_nodes(model):
+    for node in nodes:
         plan, node_problems = plan_node(node, types, mixed_precision)
         problems += node_problems
         if plan is not None:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import onnx
-from onnx import TensorProto, shape_inference
+from onnx import TensorProto, helper, shape_inference
 
 
 class ShapeError(ValueError):
@@ -107,8 +108,23 @@ def value_types(model: onnx.ModelProto) -> dict[str, ValueType]:
     return out
 
 
-def input_feed_types(model: onnx.ModelProto) -> dict[str, ValueType]:
-    """The run-time inputs of a model whose shapes have been fixed."""
-    types = value_types(model)
-    return {i.name: types[i.name] for i in real_inputs(model.graph)}
+def evaluated_types(model: onnx.ModelProto, names: list[str], feeds: dict[str, np.ndarray]) -> dict[str, ValueType]:
+    """The shapes of `names`, found by running the model in onnxruntime on `feeds`: for values
+    whose shape static inference cannot reach (e.g. an Expand whose target shape is computed)."""
+    import onnxruntime as ort
 
+    probe = onnx.ModelProto.FromString(model.SerializeToString())
+    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    arrays = session.run(list(names), feeds)
+    return {n: ValueType(a.shape, helper.np_dtype_to_tensor_dtype(a.dtype)) for n, a in zip(names, arrays)}
+
+
+def example_feeds(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs for a shape-fixed model: token ids within the vocabulary, all-ones integer masks,
+    normal floats (the pass's own verify.random_inputs)."""
+    import onnx_ir as ir
+
+    from fuse_attn.verify import random_inputs
+
+    return random_inputs(ir.from_proto(model), seed)
