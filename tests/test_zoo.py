@@ -72,4 +72,9 @@ def test_zoo_model(name, built, rows):
         pytest.skip("fuse_attn.fuse is not available yet")
     row = check_model(zm, manifest=MANIFEST)
     rows[name] = row
-    assert row.ok, "\n".join(row.problems + [f"pass reasons: {row.not_fused}"])
+    detail = "\n".join(row.problems + [f"pass reasons: {row.not_fused}"])
+    if row.known_issue:
+        if row.ok:
+            pytest.fail(f"known issue looks fixed, remove 'known_issue' from the manifest: {row.known_issue}")
+        pytest.xfail(f"known issue: {row.known_issue}\n{detail}")
+    assert row.ok, detail
