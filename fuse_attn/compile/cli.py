@@ -41,13 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
 def attention_fn(simulate: bool):
     """The attention each FlashFwd node runs: the simulator, or flash_fwd through the binding."""
     if simulate:
-        from fuse_attn.compile.simulator import simulate_flash_fwd
+        from fuse_attn.compile.simulator import simulate_node
 
-        def simulated(q, k, v, attrs, tile):
-            return simulate_flash_fwd(q, k, v, softmax_scale=attrs.softmax_scale, use_causal_mask=attrs.use_causal_mask,
-                                      mixed_precision=attrs.mixed_precision, dropout_p=attrs.dropout_p, seq_tile_size=tile)
-
-        return simulated, "CPU simulator of flash_fwd"
+        return simulate_node, "CPU simulator of flash_fwd"
     from fuse_attn.compile.binding import detect_kernel_api, launch_flash_fwd
 
     api = detect_kernel_api()

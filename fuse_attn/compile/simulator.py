@@ -25,7 +25,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fuse_attn.contract import KERNEL_MASK_VALUE, MAX_HEAD_DIM, QUERY_TILE
+from fuse_attn.contract import KERNEL_MASK_VALUE, MAX_HEAD_DIM, QUERY_TILE, FlashFwdAttrs
 
 SUB_TILE = 512  # B_F_SIZE: keys per QK^T matmul
 
@@ -125,3 +125,10 @@ def simulate_flash_fwd(
         out = rk(acc * ra(torch.exp(ra(m - l))))  # (b, kv, G*128, d)
         o_grid[:, :, :, q0 : q0 + QUERY_TILE] = out.view(b, kv, group, QUERY_TILE, d).to(q.dtype)
     return o
+
+
+def simulate_node(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attrs: FlashFwdAttrs, seq_tile_size: int) -> torch.Tensor:
+    """One FlashFwd node's launch, simulated: the lowering's attention callable for --simulate."""
+    return simulate_flash_fwd(q, k, v, softmax_scale=attrs.softmax_scale, use_causal_mask=attrs.use_causal_mask,
+                              mixed_precision=attrs.mixed_precision, dropout_p=attrs.dropout_p,
+                              seq_tile_size=seq_tile_size)
