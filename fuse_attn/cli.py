@@ -36,47 +36,34 @@ def _parser() -> argparse.ArgumentParser:
 def _fuse_main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     from fuse_attn import modelio, verify
-    from fuse_attn.pipeline import fuse_model
+    from fuse_attn.graph import Graph
+    from fuse_attn.pipeline import fuse_graph
 
     source, target = os.path.abspath(args.model), os.path.abspath(args.output)
     if source == target and not args.in_place:
         raise modelio.InputError("the output would overwrite the input; pass --in-place to allow it")
     if not os.path.isdir(os.path.dirname(target)):
         raise modelio.InputError(f"output folder '{os.path.dirname(target)}' does not exist")
-    original = modelio.load_proto(args.model)
-    modelio.validate(original, args.model)
-    base_dir = os.path.dirname(source)
-    model = modelio.to_ir(original, base_dir)
-    report = fuse_model(model, name=args.model, assume_no_padding=args.assume_no_padding,
+    proto = modelio.load_proto(args.model)
+    modelio.validate(proto, args.model)
+    graph = Graph(proto, os.path.dirname(source))
+    report = fuse_graph(graph, name=args.model, assume_no_padding=args.assume_no_padding,
                         progress=sys.stderr.isatty())
     for line in report.lines() if not args.quiet else [report.summary()]:
         print(line)
-    if report.fused:
-        modelio.save(model, target, source_path=source, copy_external_data=args.copy_external_data)
-    else:  # nothing to fuse: the model goes through exactly as it came
-        modelio.save(_untouched(original, base_dir), target, source_path=source,
-                     copy_external_data=args.copy_external_data)
+    # Nothing fused: the model goes through exactly as it came.
+    modelio.save(graph.model, target, source_path=source, copy_external_data=args.copy_external_data)
     if args.report:
         with open(args.report, "w") as f:
             f.write(report.to_json())
     if args.verify and report.fused:
-        import onnx_ir as ir
-
-        feeds = verify.random_inputs(model)
-        checks = verify.compare(original, ir.to_proto(model), feeds, base_dir)
+        original = modelio.load_proto(args.model)
+        checks = verify.compare(original, graph.model, verify.random_inputs(original), os.path.dirname(source))
         for check in checks:
             print(check.line())
         if not all(c.ok for c in checks):
             return EXIT_VERIFY_FAILED
     return EXIT_OK
-
-
-def _untouched(proto, base_dir):
-    import onnx_ir as ir
-
-    model = ir.from_proto(proto)
-    ir.external_data.set_base_dir(model.graph, base_dir)
-    return model
 
 
 def main(argv: list[str] | None = None) -> int:

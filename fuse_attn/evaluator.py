@@ -5,6 +5,8 @@ evaluated at a concrete binding of the symbolic dims and compared with the causa
 a Reshape target computed from `Shape(x)` is evaluated the same way. A value that depends on
 the *contents* of a graph input (a padding mask, say) is never guessed: it raises
 `DependsOnInput`, unless the caller declared that input's contents (e.g. all ones).
+Shapes the model does not declare are inferred node by node (ONNX's own per-op inference on
+concrete input shapes and evaluated shape operands), never invented.
 """
 
 from __future__ import annotations
@@ -15,15 +17,21 @@ import operator
 
 import numpy as np
 import onnx
-import onnx.numpy_helper
-import onnx_ir as ir
-from onnx import helper
+from onnx import helper, numpy_helper
+
+from fuse_attn.graph import DEFAULT_DOMAINS, Graph, Node, Value
 
 # A cone this large is real computation, not mask or shape plumbing; refusing keeps proofs cheap.
 MAX_CONE_NODES = 400
 # Masks and biases read small tables (a causal buffer, a position-bias embedding); a cone that
 # needs more than this is computing with weights, and reading them is what the pass avoids.
-MAX_CONE_CONSTANT_BYTES = 64 << 20
+MAX_CONE_CONSTANT_ELEMENTS = 16 << 20
+MAX_SHAPE_WALK = 200_000
+
+
+# Ops whose first output has exactly the type and shape of their first input.
+_SAME_TYPE_AS_INPUT = {"Dropout", "Identity", "Softmax", "LogSoftmax", "Relu", "Erf", "Tanh", "Sigmoid",
+                       "Neg", "Sqrt", "Exp", "Abs", "LayerNormalization"}
 
 
 class Unprovable(Exception):
@@ -36,102 +44,108 @@ class DependsOnInput(Unprovable):
         self.input_name = input_name
 
 
-def _is_shape_op(node: ir.Node) -> bool:
-    return node.domain in ("", "ai.onnx") and node.op_type in ("Shape", "Size")
+def _is_shape_op(node: Node) -> bool:
+    return node.domain in DEFAULT_DOMAINS and node.op_type in ("Shape", "Size")
 
 
 class Evaluator:
     """Evaluates values of one graph under one binding of symbolic dims to integers.
 
     `declared_inputs` maps graph-input names to contents the user vouched for; they are
-    built at the input's concrete shape with `declared_inputs[name](shape, dtype)`.
+    built at the input's concrete shape with `declared_inputs[name](shape, numpy_dtype)`.
     """
 
-    def __init__(self, graph: ir.Graph, binding: dict[str, int], declared_inputs=None):
+    def __init__(self, graph: Graph, binding: dict[str, int], declared_inputs=None):
         self.graph = graph
         self.binding = binding
         self.declared_inputs = declared_inputs or {}
-        self._cache: dict[ir.Value, np.ndarray] = {}
-        self._shapes: dict[ir.Value, tuple[int, ...]] = {}
-        self._opset = graph.opset_imports.get("", 18)
+        self._cache: dict[Value, np.ndarray] = {}
+        self._types: dict[Value, tuple[int, tuple[int, ...]]] = {}
+        self._opset = graph.opset or 18
         self.declared_used: set[str] = set()
         # Proofs keyed by what they depend on: layers that repeat a structure are proven once.
         self.memo: dict[object, object] = {}
 
-    # --- shapes ---------------------------------------------------------------------------
+    # --- shapes and dtypes ----------------------------------------------------------------
     def dim(self, d) -> int:
         if isinstance(d, int):
             return d
-        name = getattr(d, "value", None)
-        if name is not None and name in self.binding:
-            return self.binding[name]
-        if name is not None:
-            value = _arithmetic(name, self.binding)
+        if isinstance(d, str):
+            if d in self.binding:
+                return self.binding[d]
+            value = _arithmetic(d, self.binding)
             if value is not None:
                 return value
-        raise Unprovable(f"a dimension is unknown ({d if name else '?'})")
+        raise Unprovable(f"a dimension is unknown ({d or '?'})")
 
-    def shape_of(self, value: ir.Value) -> tuple[int, ...]:
-        """The concrete shape of `value` under the binding.
+    def shape_of(self, value: Value) -> tuple[int, ...]:
+        return self._resolve(value)[1]
 
-        Dims that are not free symbols of the graph inputs (shape inference's `unk__N`, or no
-        shape at all) are never guessed: the producer's shape is inferred again, node by node,
-        from its inputs' concrete shapes and its evaluated shape operands.
-        """
-        if value in self._shapes:
-            return self._shapes[value]
+    def dtype_of(self, value: Value) -> int:
+        return self._resolve(value)[0]
+
+    def _resolve(self, value: Value) -> tuple[int, tuple[int, ...]]:
+        """Concrete (dtype, shape) of `value` under the binding: declared, or inferred from
+        the producer once its inputs are resolved (an explicit stack: graphs are deep)."""
+        if value in self._types:
+            return self._types[value]
         pending = [value]
         while pending:
             current = pending[-1]
-            if current in self._shapes:
+            if current in self._types:
                 pending.pop()
                 continue
-            known = self._declared_shape(current)
-            if known is not None:
-                self._shapes[current] = known
+            declared = self._declared(current)
+            if declared is not None:
+                self._types[current] = declared
                 pending.pop()
                 continue
             node = current.producer()
             if node is None:
                 raise Unprovable(f"the shape of '{current.name}' is unknown")
-            missing = [v for v in node.inputs if v is not None and v not in self._shapes]
+            missing = [v for v in node.inputs if v is not None and v not in self._types]
             if missing:
-                if len(pending) > 100_000:
+                if len(pending) > MAX_SHAPE_WALK:
                     raise Unprovable(f"the shape of '{value.name}' is unknown")
                 pending.extend(missing)
                 continue
             self._infer_outputs(node)
-            if current not in self._shapes:
+            if current not in self._types:
                 raise Unprovable(f"the shape of '{current.name}' cannot be inferred")
             pending.pop()
-        return self._shapes[value]
+        return self._types[value]
 
-    def _declared_shape(self, value: ir.Value) -> tuple[int, ...] | None:
-        const = ir.convenience.get_const_tensor(value)
-        if const is not None:
-            return tuple(const.shape)
-        if value.shape is None:
+    def same_type(self, new: Value, old: Value) -> None:
+        """`new` replaces `old` (a fused block's output): it has the type `old` has."""
+        try:
+            self._types[new] = self._resolve(old)
+        except Unprovable:
+            pass
+
+    def _declared(self, value: Value) -> tuple[int, tuple[int, ...]] | None:
+        shape, dtype = value.shape, value.dtype
+        if shape is None or dtype is None:
             return None
         try:
-            return tuple(self.dim(d) for d in value.shape)
+            return dtype, tuple(self.dim(d) for d in shape)
         except Unprovable:
             return None
 
-    def _infer_outputs(self, node: ir.Node) -> None:
-        """Shapes of `node`'s outputs by ONNX's own per-op inference, on concrete inputs."""
+    def _infer_outputs(self, node: Node) -> None:
+        """Types of `node`'s outputs by ONNX's own per-op inference, on concrete inputs."""
         from onnx import defs, shape_inference
 
         names = {v: f"i{i}" for i, v in enumerate(node.inputs) if v is not None}
         proto = helper.make_node(node.op_type, [names.get(v, "") for v in node.inputs],
                                  [f"o{i}" for i in range(len(node.outputs))], domain=node.domain)
-        proto.attribute.extend(ir.serde.serialize_attribute(a) for a in node.attributes.values())
+        proto.attribute.extend(node.proto.attribute)
         types, data = {}, {}
         for v, name in names.items():
-            elem = v.dtype if v.dtype is not None else ir.DataType.FLOAT
-            types[name] = helper.make_tensor_type_proto(int(elem), self._shapes[v])
-            if elem == ir.DataType.INT64 and len(self._shapes[v]) <= 1 and math.prod(self._shapes[v]) <= 64:
+            dtype, shape = self._types[v]
+            types[name] = helper.make_tensor_type_proto(dtype, shape)
+            if dtype == onnx.TensorProto.INT64 and len(shape) <= 1 and math.prod(shape) <= 64:
                 try:
-                    data[name] = onnx.numpy_helper.from_array(np.asarray(self.value_of(v), dtype=np.int64), name)
+                    data[name] = numpy_helper.from_array(np.asarray(self.value_of(v), dtype=np.int64), name)
                 except Unprovable:
                     pass
         try:
@@ -139,35 +153,38 @@ class Evaluator:
             inferred = shape_inference.infer_node_outputs(
                 schema, proto, types, data, opset_imports=[helper.make_opsetid(node.domain, self._opset)])
         except Exception as exc:
+            if node.op_type in _SAME_TYPE_AS_INPUT and node.domain in DEFAULT_DOMAINS and node.inputs[0] is not None:
+                # A shape- and type-preserving op whose other inputs the schema objects to.
+                self._types[node.outputs[0]] = self._types[node.inputs[0]]
+                return
             raise Unprovable(f"cannot infer the shapes of {node.op_type} '{node.name}': {exc}") from None
         for i, out in enumerate(node.outputs):
-            type_proto = inferred.get(f"o{i}")
-            if out is None or type_proto is None or not type_proto.tensor_type.HasField("shape"):
+            t = inferred.get(f"o{i}")
+            if out is None or t is None or not t.tensor_type.HasField("shape"):
                 continue
-            dims = type_proto.tensor_type.shape.dim
-            if all(d.HasField("dim_value") for d in dims):
-                self._shapes[out] = tuple(d.dim_value for d in dims)
+            dims = t.tensor_type.shape.dim
+            if t.tensor_type.elem_type and all(d.HasField("dim_value") for d in dims):
+                self._types[out] = (t.tensor_type.elem_type, tuple(d.dim_value for d in dims))
 
     # --- values ---------------------------------------------------------------------------
-    def value_of(self, value: ir.Value) -> np.ndarray:
+    def value_of(self, value: Value) -> np.ndarray:
         if value not in self._cache:
             self._evaluate_cone(value)
         return self._cache[value]
 
-    def _leaf(self, value: ir.Value) -> np.ndarray | ir.TensorProtocol | None:
-        """A cone leaf (a constant tensor, not loaded yet, or an array), or None if the value
+    def _leaf(self, value: Value) -> np.ndarray | Value | None:
+        """A cone leaf — an array, or a constant Value not loaded yet — or None if the value
         must be computed by its producer."""
         if value in self._cache:
             return self._cache[value]
-        const = ir.convenience.get_const_tensor(value)
-        if const is not None:
-            return const
+        if value.is_constant():
+            return value
         if value.is_graph_input():
             maker = self.declared_inputs.get(value.name)
             if maker is None:
                 raise DependsOnInput(value.name)
             self.declared_used.add(value.name)
-            return maker(self.shape_of(value), value.dtype.numpy())
+            return maker(self.shape_of(value), helper.tensor_dtype_to_np_dtype(self.dtype_of(value)))
         producer = value.producer()
         if producer is None:
             raise Unprovable(f"'{value.name}' has no producer")
@@ -175,16 +192,14 @@ class Evaluator:
             shape = self.shape_of(producer.inputs[0])
             if producer.op_type == "Size":
                 return np.array(math.prod(shape), dtype=np.int64)
-            start = producer.attributes.get_int("start", 0)
-            end = producer.attributes.get_int("end", len(shape))
-            return np.array(shape[slice(start, end if end is not None else None)], dtype=np.int64)
+            start, end = producer.attr("start", 0), producer.attr("end", None)
+            return np.array(shape[slice(start, end)], dtype=np.int64)
         return None
 
-    def _evaluate_cone(self, target: ir.Value) -> None:
+    def _evaluate_cone(self, target: Value) -> None:
         # Collect the nodes to run, stopping at leaves (constants, shapes, declared inputs).
-        leaves: dict[ir.Value, np.ndarray] = {}
-        order: list[ir.Node] = []
-        seen: set[ir.Node] = set()
+        leaves: dict[Value, np.ndarray | Value] = {}
+        seen: set[Node] = set()
         stack = [target]
         while stack:
             value = stack.pop()
@@ -200,37 +215,36 @@ class Evaluator:
             seen.add(node)
             if len(seen) > MAX_CONE_NODES:
                 raise Unprovable(f"'{target.name}' is computed by more than {MAX_CONE_NODES} nodes")
-            if node.domain not in ("", "ai.onnx"):
+            if node.domain not in DEFAULT_DOMAINS:
                 raise Unprovable(f"'{target.name}' is computed by custom op {node.domain}::{node.op_type}")
-            order.append(node)
             stack.extend(v for v in node.inputs if v is not None)
-        constants = [v for v, leaf in leaves.items() if not isinstance(leaf, np.ndarray)]
-        if sum(leaves[v].nbytes for v in constants) > MAX_CONE_CONSTANT_BYTES:
+        constants = [v for v, leaf in leaves.items() if isinstance(leaf, Value)]
+        if sum(v.constant_size() or 0 for v in constants) > MAX_CONE_CONSTANT_ELEMENTS:
             raise Unprovable(f"'{target.name}' is computed from large weights, not from shapes")
-        leaves.update({v: np.asarray(leaves[v].numpy()) for v in constants})
-        if not order:
+        for v in constants:
+            array = v.constant()
+            if array is None:
+                raise Unprovable(f"the constant '{v.name}' cannot be read")
+            leaves[v] = array
+        if not seen:
             self._cache[target] = leaves[target]
             return
         order = _topological(target, seen)
-        names: dict[ir.Value, str] = {}
+        names: dict[Value, str] = {}
 
-        def name(v: ir.Value | None) -> str:
-            if v is None:
-                return ""
-            return names.setdefault(v, f"v{len(names)}")
+        def name(v: Value | None) -> str:
+            return "" if v is None else names.setdefault(v, f"v{len(names)}")
 
         protos = []
         for node in order:
-            proto = helper.make_node(
-                node.op_type, [name(v) for v in node.inputs], [name(v) for v in node.outputs]
-            )
-            proto.attribute.extend(ir.serde.serialize_attribute(a) for a in node.attributes.values())
+            proto = helper.make_node(node.op_type, [name(v) for v in node.inputs],
+                                     [name(v) for v in node.outputs])
+            proto.attribute.extend(node.proto.attribute)
             protos.append(proto)
-        feeds = {name(v): arr for v, arr in leaves.items()}
+        feeds = {name(v): a for v, a in leaves.items()}
         wanted = [v for n in order for v in n.outputs if v in names]
         graph = helper.make_graph(
-            protos,
-            "cone",
+            protos, "cone",
             [helper.make_tensor_value_info(name(v), helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
              for v, a in leaves.items()],
             [helper.make_empty_tensor_value_info(name(v)) for v in wanted],
@@ -246,11 +260,11 @@ class Evaluator:
         self._cache.update({v: np.asarray(r) for v, r in zip(wanted, results)})
 
 
-def _topological(target: ir.Value, nodes: set[ir.Node]) -> list[ir.Node]:
+def _topological(target: Value, nodes: set[Node]) -> list[Node]:
     """`nodes` (the cone of `target`) in an order where producers come first."""
-    order: list[ir.Node] = []
-    done: set[ir.Node] = set()
-    stack: list[tuple[ir.Node, bool]] = [(target.producer(), False)]
+    order: list[Node] = []
+    done: set[Node] = set()
+    stack: list[tuple[Node, bool]] = [(target.producer(), False)]
     while stack:
         node, expanded = stack.pop()
         if node in done:

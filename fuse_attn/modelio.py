@@ -12,7 +12,6 @@ import shutil
 import tempfile
 
 import onnx
-import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from fuse_attn import contract
@@ -74,27 +73,6 @@ def validate(proto: onnx.ModelProto, where: str) -> None:
                          f"({contract.MIN_OPSET}+); upgrade it with onnx.version_converter")
 
 
-def to_ir(proto: onnx.ModelProto, base_dir: str | None) -> ir.Model:
-    """Deserialize, filling in shapes the exporter left out (weights are not loaded)."""
-    try:
-        proto = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
-    except Exception:  # shape inference is a help, not a requirement: proofs say what they lack
-        pass
-    try:
-        model = ir.from_proto(proto)
-    except Exception as exc:
-        raise InputError(f"the model is malformed: {type(exc).__name__}: {exc}") from None
-    if base_dir is not None:
-        ir.external_data.set_base_dir(model.graph, base_dir)
-    return model
-
-
-def load(path: str | os.PathLike) -> ir.Model:
-    proto = load_proto(path)
-    validate(proto, os.fspath(path))
-    return to_ir(proto, os.path.dirname(os.path.abspath(path)))
-
-
 def _place_external_data(proto: onnx.ModelProto, source_dir: str, target_dir: str, copy: bool) -> None:
     for location in _external_locations(proto):
         source = os.path.join(source_dir, location)
@@ -119,16 +97,19 @@ def _umask() -> int:
     return mask
 
 
-def save(model: ir.Model, out_path: str | os.PathLike, *, source_path: str | os.PathLike | None = None,
+def save(model: onnx.ModelProto, out_path: str | os.PathLike, *, source_path: str | os.PathLike | None = None,
          copy_external_data: bool = False) -> None:
-    """Write `model` atomically: a temp file in the output folder, renamed into place."""
+    """Write `model` atomically: a temp file in the output folder, renamed into place.
+
+    `source_path` is the model file its external data locations are relative to; when the
+    output goes to another folder the data files are linked (or copied) beside it."""
     out_path = os.path.abspath(os.fspath(out_path))
     out_dir = os.path.dirname(out_path)
     if not os.path.isdir(out_dir):
         raise InputError(f"output folder '{out_dir}' does not exist")
     if not os.access(out_dir, os.W_OK):
         raise InputError(f"output folder '{out_dir}' is not writable")
-    proto = ir.to_proto(model)
+    proto = model
     if source_path is not None:
         source_dir = os.path.dirname(os.path.abspath(os.fspath(source_path)))
         if not os.path.samefile(source_dir, out_dir):

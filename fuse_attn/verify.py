@@ -6,7 +6,6 @@ import dataclasses
 
 import numpy as np
 import onnx
-import onnx_ir as ir
 
 # Per dtype: (abs, rel) — allowed |fused - original| <= abs + rel * max|original|.
 TOLERANCES = {
@@ -35,31 +34,34 @@ class OutputCheck:
                 f"(tolerance {self.tolerance:.3g}) {verdict}")
 
 
-def _gather_rows(model: ir.Model) -> dict[str, int]:
+def _gather_rows(model: onnx.ModelProto) -> dict[str, int]:
     """For integer inputs used as Gather indices (token ids): the table's row count."""
+    tables = {t.name: list(t.dims) for t in model.graph.initializer}
     rows: dict[str, int] = {}
-    for node in model.graph:
-        if node.op_type == "Gather" and node.domain in ("", "ai.onnx") and len(node.inputs) > 1:
-            data, index = node.inputs[0], node.inputs[1]
-            if index is not None and index.is_graph_input() and data is not None and data.shape is not None:
-                axis = node.attributes.get_int("axis", 0)
-                if isinstance(data.shape[axis], int):
-                    rows[index.name] = min(rows.get(index.name, data.shape[axis]), data.shape[axis])
+    for node in model.graph.node:
+        if node.op_type == "Gather" and node.domain in ("", "ai.onnx") and len(node.input) > 1:
+            dims = tables.get(node.input[0])
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+            if dims:
+                rows[node.input[1]] = min(rows.get(node.input[1], dims[axis]), dims[axis])
     return rows
 
 
-def random_inputs(model: ir.Model, seed: int = 0) -> dict[str, np.ndarray]:
-    """Token ids within the vocabulary, all-ones integer masks, normal floats."""
+def random_inputs(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
+    """Token ids within the vocabulary, all-ones integer masks, normal floats; symbolic dims
+    get batch 1 and seq 128."""
     rng = np.random.default_rng(seed)
     rows = _gather_rows(model)
+    initializers = {t.name for t in model.graph.initializer}
     feeds = {}
-    for value in model.graph.inputs:
-        if value.is_initializer():
+    for value in model.graph.input:
+        if value.name in initializers:
             continue
-        shape = [d if isinstance(d, int) else (SYMBOLIC_BATCH if i == 0 else SYMBOLIC_SEQ)
-                 for i, d in enumerate(value.shape or [])]
-        dtype = value.dtype.numpy()
-        if value.dtype.is_floating_point():
+        tensor_type = value.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else (SYMBOLIC_BATCH if i == 0 else SYMBOLIC_SEQ)
+                 for i, d in enumerate(tensor_type.shape.dim)]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+        if np.issubdtype(dtype, np.floating) or tensor_type.elem_type == onnx.TensorProto.BFLOAT16:
             feeds[value.name] = rng.standard_normal(shape).astype(dtype)
         elif value.name in rows:
             feeds[value.name] = rng.integers(0, rows[value.name], size=shape).astype(dtype)

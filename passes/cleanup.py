@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-import onnx_ir as ir
-import onnx_ir.passes.common as common_passes
+import onnx
+from onnx import helper
 
 from fuse_attn import contract
+from fuse_attn.graph import Graph
 
 
-def remove_dead_nodes(model: ir.Model) -> None:
-    common_passes.RemoveUnusedNodesPass()(model)
+def remove_dead_nodes(graph: Graph) -> int:
+    return graph.remove_dead()
 
 
-def declare_flash_fwd(model: ir.Model) -> None:
+def declare_flash_fwd(model: onnx.ModelProto) -> None:
     """Import the FlashFwd domain and ship its meaning as a model-local function, once."""
-    model.opset_imports[contract.DOMAIN] = contract.VERSION
-    key = (contract.DOMAIN, contract.OP_TYPE, "")
-    if key not in model.functions:
-        proto = contract.make_function(model.opset_imports.get("", contract.MIN_OPSET))
-        model.functions[key] = ir.serde.deserialize_function(proto)
+    if not any(o.domain == contract.DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(contract.DOMAIN, contract.VERSION))
+    if not any(f.domain == contract.DOMAIN and f.name == contract.OP_TYPE for f in model.functions):
+        opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+        model.functions.append(contract.make_function(opset))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fuse_attn.evaluator import Evaluator
+from fuse_attn.evaluator import Evaluator, Unprovable
 from passes.find_attention import match_attention
 from passes.layout import walk_chain
 from passes.masks import read_scores
@@ -10,7 +10,11 @@ from passes.plan import FusionPlan, Operand, plan_block, q_layout, same_layout
 
 
 def plan_decomposed(softmax, evaluator: Evaluator, opset: int) -> FusionPlan:
-    match = match_attention(softmax, opset)
+    try:
+        rank = len(evaluator.shape_of(softmax.inputs[0]))
+    except Unprovable:
+        rank = None
+    match = match_attention(softmax, opset, rank)
     return plan_block(
         Operand(walk_chain(match.query, allow_scale=True), q_layout),
         Operand(walk_chain(match.key_t, allow_scale=True), same_layout),

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
-import onnx_ir as ir
-
+from fuse_attn.graph import Node, Value
 from passes._graph import FLOAT_TYPES, NotFused, cast_target, describe, is_op, scalar_constant, sole_consumer
 
 # Ops that may stand between the QK MatMul and the Softmax.
@@ -24,50 +23,49 @@ class ScoreStep:
     """One op between MatMul(Q, Kᵀ) and Softmax, in the order they apply."""
 
     kind: str  # "cast" | "scale" | "add" | "sub" | "where"
-    node: ir.Node
-    operand: ir.Value | None = None  # the mask, bias or fill the op brings in
+    node: Node
+    operand: Value | None = None  # the mask, bias or fill the op brings in
     factor: float = 1.0  # for "scale": the multiplier (a Div's divisor is inverted)
-    condition: ir.Value | None = None  # for "where"
+    condition: Value | None = None  # for "where"
     scores_when_true: bool = True  # for "where": which branch carries the scores
 
 
 @dataclasses.dataclass(frozen=True)
 class AttentionMatch:
-    qk: ir.Node
-    softmax: ir.Node
-    pv: ir.Node
+    qk: Node
+    softmax: Node
+    pv: Node
     score_steps: tuple[ScoreStep, ...]
     dropout_p: float
     dropout_seed: int
 
     @property
-    def query(self) -> ir.Value:
+    def query(self) -> Value:
         return self.qk.inputs[0]
 
     @property
-    def key_t(self) -> ir.Value:
+    def key_t(self) -> Value:
         return self.qk.inputs[1]
 
     @property
-    def value(self) -> ir.Value:
+    def value(self) -> Value:
         return self.pv.inputs[1]
 
     @property
-    def output(self) -> ir.Value:
+    def output(self) -> Value:
         return self.pv.outputs[0]
 
 
-def check_softmax_axis(softmax: ir.Node, opset: int) -> None:
-    rank = None if softmax.inputs[0].shape is None else len(softmax.inputs[0].shape)
+def check_softmax_axis(softmax: Node, opset: int, rank: int | None) -> None:
     default = -1 if opset >= 13 else 1
-    axis = softmax.attributes.get_int("axis", default)
+    axis = softmax.attr("axis", default)
     if axis == -1 or (rank is not None and axis == rank - 1):
         return
     where = f"axis {axis}" + (f" of a rank-{rank} tensor" if rank is not None else "")
     raise NotFused(f"softmax over {where}, not the last (key) axis", softmax)
 
 
-def _reaches_matmul(value: ir.Value, budget: int = 12) -> bool:
+def _reaches_matmul(value: Value, budget: int = 12) -> bool:
     """Whether `value` is computed from a MatMul through score ops only (cheap, structural)."""
     node = value.producer()
     if budget == 0 or node is None:
@@ -80,7 +78,7 @@ def _reaches_matmul(value: ir.Value, budget: int = 12) -> bool:
     return any(v is not None and _reaches_matmul(v, budget - 1) for v in inputs)
 
 
-def _pick_scores(node: ir.Node, candidates: list[int]) -> int:
+def _pick_scores(node: Node, candidates: list[int]) -> int:
     for index in candidates:
         value = node.inputs[index]
         if value is not None and _reaches_matmul(value):
@@ -88,7 +86,7 @@ def _pick_scores(node: ir.Node, candidates: list[int]) -> int:
     raise NotFused(f"{describe(node)} before the softmax does not carry the QK scores", node)
 
 
-def _score_step(node: ir.Node) -> tuple[ScoreStep, ir.Value]:
+def _score_step(node: Node) -> tuple[ScoreStep, Value]:
     """Interpret one op before the softmax; returns the step and the scores it reads."""
     op = node.op_type
     if op == "Cast":
@@ -119,7 +117,7 @@ def _score_step(node: ir.Node) -> tuple[ScoreStep, ir.Value]:
     raise NotFused(f"{describe(node)} between the QK MatMul and the softmax is not a scale or mask", node)
 
 
-def _walk_scores(softmax: ir.Node) -> tuple[ir.Node, tuple[ScoreStep, ...]]:
+def _walk_scores(softmax: Node) -> tuple[Node, tuple[ScoreStep, ...]]:
     steps: list[ScoreStep] = []
     value = softmax.inputs[0]
     reader = softmax
@@ -136,7 +134,7 @@ def _walk_scores(softmax: ir.Node) -> tuple[ir.Node, tuple[ScoreStep, ...]]:
         reader = node
 
 
-def _nan_guard_output(value: ir.Value, consumers: list[ir.Node]) -> ir.Value | None:
+def _nan_guard_output(value: Value, consumers: list[Node]) -> Value | None:
     """The output of Where(IsNaN(p), 0, p) when `consumers` are exactly that guard, else None."""
     isnan = next((n for n in consumers if is_op(n, "IsNaN")), None)
     where = next((n for n in consumers if is_op(n, "Where")), None)
@@ -150,7 +148,7 @@ def _nan_guard_output(value: ir.Value, consumers: list[ir.Node]) -> ir.Value | N
     return where.outputs[0]
 
 
-def _dropout_ratio(node: ir.Node) -> tuple[float, int]:
+def _dropout_ratio(node: Node) -> tuple[float, int]:
     """dropout_p of a Dropout node: 0 unless its training mode is a constant true."""
     if len(node.outputs) > 1 and node.outputs[1] is not None and (
         node.outputs[1].consumers() or node.outputs[1].is_graph_output()
@@ -168,14 +166,14 @@ def _dropout_ratio(node: ir.Node) -> tuple[float, int]:
     ratio = 0.5 if ratio_input is None else scalar_constant(ratio_input)
     if ratio is None:
         raise NotFused("dropout's ratio is not a constant", node)
-    return ratio, node.attributes.get_int("seed", 0)
+    return ratio, node.attr("seed", 0)
 
 
-def _walk_probs(softmax: ir.Node) -> tuple[ir.Node, float, int]:
+def _walk_probs(softmax: Node) -> tuple[Node, float, int]:
     value = softmax.outputs[0]
     dropout_p, seed = 0.0, 0
     while True:
-        consumers = list(dict.fromkeys(value.consumers()))
+        consumers = value.consumers()
         guarded = None if value.is_graph_output() else _nan_guard_output(value, consumers)
         if guarded is not None:
             value = guarded
@@ -192,9 +190,10 @@ def _walk_probs(softmax: ir.Node) -> tuple[ir.Node, float, int]:
             raise NotFused(f"the probabilities feed {describe(node)}, not MatMul(P, V)", node)
 
 
-def match_attention(softmax: ir.Node, opset: int) -> AttentionMatch:
-    """The attention block around `softmax`, or NotFused saying why there is none."""
-    check_softmax_axis(softmax, opset)
+def match_attention(softmax: Node, opset: int, rank: int | None) -> AttentionMatch:
+    """The attention block around `softmax` (whose input has `rank` dims, if known), or
+    NotFused saying why there is none."""
+    check_softmax_axis(softmax, opset, rank)
     qk, steps = _walk_scores(softmax)
     pv, dropout_p, seed = _walk_probs(softmax)
     return AttentionMatch(qk, softmax, pv, steps, dropout_p, seed)

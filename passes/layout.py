@@ -19,9 +19,9 @@ import itertools
 import math
 
 import numpy as np
-import onnx_ir as ir
 
 from fuse_attn.evaluator import Evaluator, Unprovable
+from fuse_attn.graph import Node, Value
 from passes._graph import NotFused, describe, is_op, scalar_constant
 
 _MOVEMENT_OPS = ("Transpose", "Reshape", "Unsqueeze", "Squeeze", "Expand", "Tile", "Flatten", "Identity")
@@ -32,8 +32,8 @@ _MAX_CHAIN = 24
 class Chain:
     """values[0] is the root; nodes[i] moves values[i] into values[i + 1]; the last value is the operand."""
 
-    values: tuple[ir.Value, ...]
-    nodes: tuple[ir.Node, ...]
+    values: tuple[Value, ...]
+    nodes: tuple[Node, ...]
 
     def factor_after(self, index: int) -> float:
         """The product of the scalar multipliers between values[index] and the operand."""
@@ -58,7 +58,7 @@ class Pick:
 class Source:
     """The kernel input is Transpose(value, perm), then Unsqueeze(axis 1) if `unsqueeze`."""
 
-    value: ir.Value
+    value: Value
     perm: tuple[int, ...]
     unsqueeze: bool
     factor: float  # scalar multipliers the graph applied after `value` (part of softmax_scale)
@@ -68,7 +68,7 @@ class Source:
         return int(self.perm != tuple(range(len(self.perm)))) + int(self.unsqueeze)
 
 
-def _scalar_operand(node: ir.Node) -> int | None:
+def _scalar_operand(node: Node) -> int | None:
     """Index of the data input of a Mul/Div by a scalar constant, else None."""
     if is_op(node, "Div") and scalar_constant(node.inputs[1]) not in (None, 0.0):
         return 0
@@ -79,7 +79,7 @@ def _scalar_operand(node: ir.Node) -> int | None:
     return None
 
 
-def walk_chain(operand: ir.Value, allow_scale: bool) -> Chain:
+def walk_chain(operand: Value, allow_scale: bool) -> Chain:
     values, nodes = [operand], []
     while len(nodes) < _MAX_CHAIN:
         node = values[0].producer()
@@ -101,22 +101,22 @@ def walk_chain(operand: ir.Value, allow_scale: bool) -> Chain:
 
 # --- moving labels ---------------------------------------------------------------------------
 
-def _ints(evaluator: Evaluator, node: ir.Node, index: int, attr: str) -> list[int] | None:
+def _ints(evaluator: Evaluator, node: Node, index: int, attr: str) -> list[int] | None:
     if len(node.inputs) > index and node.inputs[index] is not None:
         return [int(x) for x in np.asarray(evaluator.value_of(node.inputs[index])).reshape(-1)]
-    return node.attributes.get_ints(attr, None)
+    return node.attr(attr)
 
 
-def _move(node: ir.Node, labels: np.ndarray, evaluator: Evaluator) -> np.ndarray:
+def _move(node: Node, labels: np.ndarray, evaluator: Evaluator) -> np.ndarray:
     op = node.op_type
     if op in ("Identity", "Mul", "Div"):
         return labels
     if op == "Transpose":
-        perm = node.attributes.get_ints("perm", None)
+        perm = node.attr("perm")
         return labels.transpose(perm if perm is not None else tuple(reversed(range(labels.ndim))))
     if op == "Reshape":
         shape = _ints(evaluator, node, 1, "shape")
-        if not node.attributes.get_int("allowzero", 0):
+        if not node.attr("allowzero", 0):
             shape = [labels.shape[i] if s == 0 else s for i, s in enumerate(shape)]
         return labels.reshape(shape)
     if op in ("Unsqueeze", "Squeeze"):
@@ -131,7 +131,7 @@ def _move(node: ir.Node, labels: np.ndarray, evaluator: Evaluator) -> np.ndarray
     if op == "Tile":
         return np.tile(labels, _ints(evaluator, node, 1, "repeats"))
     if op == "Flatten":
-        axis = node.attributes.get_int("axis", 1) % max(labels.ndim, 1)
+        axis = node.attr("axis", 1) % max(labels.ndim, 1)
         return labels.reshape(math.prod(labels.shape[:axis]), -1)
     raise AssertionError(op)
 
@@ -141,7 +141,7 @@ def chain_signature(chain: Chain, evaluator: Evaluator) -> tuple:
     try:
         parts: list[object] = [evaluator.shape_of(chain.values[0])]
         for node in chain.nodes:
-            attrs = tuple(sorted((k, str(a.value)) for k, a in node.attributes.items()))
+            attrs = tuple(sorted(a.SerializeToString() for a in node.proto.attribute))
             params = ()
             if node.op_type not in ("Mul", "Div"):
                 params = tuple(tuple(np.asarray(evaluator.value_of(v)).reshape(-1).tolist())

@@ -12,9 +12,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import onnx_ir as ir
+from onnx import TensorProto
 
 from fuse_attn.evaluator import Evaluator
+from fuse_attn.graph import Node, Value
 from passes._graph import NotFused, describe
 from passes.find_attention import ScoreStep
 from passes.layout import walk_chain
@@ -22,7 +23,7 @@ from passes.masks import read_scores
 from passes.plan import FusionPlan, Operand, plan_block, same_layout
 
 
-def _input(node: ir.Node, index: int) -> ir.Value | None:
+def _input(node: Node, index: int) -> Value | None:
     return node.inputs[index] if len(node.inputs) > index else None
 
 
@@ -39,7 +40,7 @@ def _to_kernel_v(labels: np.ndarray) -> np.ndarray:
     return same_layout(labels)
 
 
-def _check_supported(node: ir.Node) -> None:
+def _check_supported(node: Node) -> None:
     for index, what in ((4, "past_key"), (5, "past_value"), (6, "nonpad_kv_seqlen")):
         if _input(node, index) is not None:
             raise NotFused(f"{describe(node)} has a {what} input (KV cache); the kernel needs seq_q == seq_k", node)
@@ -47,31 +48,31 @@ def _check_supported(node: ir.Node) -> None:
         out = node.outputs[index] if len(node.outputs) > index else None
         if out is not None and (out.consumers() or out.is_graph_output()):
             raise NotFused(f"{describe(node)}'s {what} output is used", node)
-    if node.attributes.get_float("softcap", 0.0):
+    if node.attr("softcap", 0.0):
         raise NotFused(f"{describe(node)} has softcap, which the kernel does not apply", node)
     for attr in ("left_window_size", "right_window_size"):
-        if node.attributes.get_int(attr, -1) >= 0:
+        if node.attr(attr, -1) >= 0:
             raise NotFused(f"{describe(node)} has a sliding window ({attr})", node)
     for value in node.inputs[:3]:
         if value is not None and value.shape is not None and len(value.shape) != 4:
             raise NotFused(f"{describe(node)} has {len(value.shape)}D inputs; only 4D (b, heads, s, d) is fused", node)
 
 
-def plan_onnx_attention(node: ir.Node, evaluator: Evaluator) -> FusionPlan:
+def plan_onnx_attention(node: Node, evaluator: Evaluator) -> FusionPlan:
     _check_supported(node)
     query, key, value = node.inputs[:3]
     mask = _input(node, 3)
 
     def read(seq_q: int, seq_k: int):
         head_dim = evaluator.shape_of(query)[-1]
-        scale = node.attributes.get_float("scale", None) or 1.0 / math.sqrt(head_dim)
+        scale = node.attr("scale", None) or 1.0 / math.sqrt(head_dim)
         steps = [ScoreStep("scale", node, factor=scale)]
         if mask is not None:
-            if mask.dtype == ir.DataType.BOOL:
+            if evaluator.dtype_of(mask) == TensorProto.BOOL:
                 steps.append(ScoreStep("where", node, operand=np.array(-np.inf), condition=mask))
             else:
                 steps.append(ScoreStep("add", node, operand=mask))
-        if node.attributes.get_int("is_causal", 0):
+        if node.attr("is_causal", 0):
             below = np.tril(np.ones((seq_q, seq_k), dtype=bool))
             steps.append(ScoreStep("where", node, operand=np.array(-np.inf), condition=below))
         return read_scores(tuple(steps), evaluator, seq_q, seq_k)

@@ -11,11 +11,11 @@ import dataclasses
 import math
 
 import numpy as np
-import onnx_ir as ir
 
 from fuse_attn import contract
-from fuse_attn.evaluator import Evaluator
-from passes._graph import NotFused
+from fuse_attn.evaluator import Evaluator, Unprovable
+from fuse_attn.graph import Node, Value
+from passes._graph import NotFused, dtype_name
 from passes.layout import Chain, Source, chain_labels, chain_signature, choose_source, kv_heads_of
 from passes.masks import ScoreReading
 
@@ -26,9 +26,9 @@ class FusionPlan:
     k: Source
     v: Source
     attrs: contract.FlashFwdAttrs
-    output: ir.Value  # the value the kernel's output replaces
+    output: Value  # the value the kernel's output replaces
     squeeze_heads: bool  # heads were batched (b·h, s, d): the kernel runs them as h = 1
-    insert_before: ir.Node
+    insert_before: Node
     batch: int | str
     seq: int | str
     head_dim: int
@@ -44,7 +44,7 @@ class Operand:
     to_kernel_layout: object  # labels of the operand -> labels in kernel layout
 
 
-def _size(value: ir.Value, axis: int, proven: int, evaluator: Evaluator) -> int | str:
+def _size(value: Value, axis: int, proven: int, evaluator: Evaluator) -> int | str:
     """A dim as the report and attributes should carry it: an int when fixed, else its symbol.
 
     With no free symbols in the graph every proven size is the real one; otherwise a dim is
@@ -54,7 +54,7 @@ def _size(value: ir.Value, axis: int, proven: int, evaluator: Evaluator) -> int 
     dim = value.shape[axis] if value.shape is not None and len(value.shape) > abs(axis) else None
     if isinstance(dim, int):
         return dim
-    return str(getattr(dim, "value", None) or "dynamic")
+    return dim or "dynamic"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,16 +111,20 @@ def plan_block(
     *,
     evaluator: Evaluator,
     read_scores,  # (seq_q, seq_k) -> ScoreReading; called once the seq lengths are proven
-    output: ir.Value,
-    insert_before: ir.Node,
+    output: Value,
+    insert_before: Node,
     dropout_p: float = 0.0,
     seed: int = 0,
 ) -> FusionPlan:
-    dtypes = {q.chain.values[-1].dtype, k.chain.values[-1].dtype, v.chain.values[-1].dtype}
+    try:
+        dtypes = {evaluator.dtype_of(op.chain.values[-1]) for op in (q, k, v)}
+        out_dtype = evaluator.dtype_of(output)
+    except Unprovable as exc:
+        raise NotFused(f"cannot prove the attention dtypes: {exc}") from None
     if len(dtypes) != 1:
-        raise NotFused(f"q, k and v have different dtypes ({', '.join(sorted(str(d) for d in dtypes))})")
-    if output.dtype is not None and output.dtype not in dtypes:
-        raise NotFused(f"the attention output is {output.dtype}, not the inputs' {dtypes.pop()}")
+        raise NotFused(f"q, k and v have different dtypes ({', '.join(sorted(map(dtype_name, dtypes)))})")
+    if out_dtype not in dtypes:
+        raise NotFused(f"the attention output is {dtype_name(out_dtype)}, not the inputs' {dtype_name(dtypes.pop())}")
 
     key = ("layout",) + tuple((op.to_kernel_layout, chain_signature(op.chain, evaluator)) for op in (q, k, v))
     proof: LayoutProof = _memoized(evaluator, key, lambda: _prove_layout(q, k, v, evaluator))

@@ -7,61 +7,61 @@ Only new nodes are added and the block's output is rewired; the old nodes become
 from __future__ import annotations
 
 import numpy as np
-import onnx_ir as ir
+from onnx import helper, numpy_helper
 
 from fuse_attn import contract
+from fuse_attn.graph import Graph, Node, Value
 from passes.layout import Source
 from passes.plan import FusionPlan
 
 
+def _axis_one(graph: Graph, name: str, protos: list) -> str:
+    out = graph.unique_name(f"{name}_axes")
+    protos.append(helper.make_node("Constant", [], [out], name=out,
+                                   value=numpy_helper.from_array(np.array([1], dtype=np.int64), out)))
+    return out
 
 
-def _kernel_input(source: Source, name: str, new_nodes: list[ir.Node]) -> ir.Value:
-    value = source.value
+def _kernel_input(graph: Graph, source: Source, name: str, protos: list) -> str:
+    """The name of the kernel input made from `source`: the graph's own value when it already is."""
+    value = source.value.name
     if source.perm != tuple(range(len(source.perm))):
-        node = ir.node("Transpose", [value], {"perm": list(source.perm)}, name=f"{name}_transpose")
-        new_nodes.append(node)
-        value = node.outputs[0]
+        out = graph.unique_name(name)
+        protos.append(helper.make_node("Transpose", [value], [out], name=graph.unique_name(f"{name}_transpose"),
+                                       perm=list(source.perm)))
+        value = out
     if source.unsqueeze:
-        axes = ir.node("Constant", [], {"value": ir.tensor(np.array([1], dtype=np.int64))}, name=f"{name}_axes")
-        node = ir.node("Unsqueeze", [value, axes.outputs[0]], name=f"{name}_unsqueeze")
-        new_nodes.extend([axes, node])
-        value = node.outputs[0]
-    value.name = name
+        out = graph.unique_name(f"{name}_heads")
+        protos.append(helper.make_node("Unsqueeze", [value, _axis_one(graph, name, protos)], [out],
+                                       name=graph.unique_name(f"{name}_unsqueeze")))
+        value = out
     return value
 
 
-def emit_flash_fwd(graph: ir.Graph, plan: FusionPlan, name: str) -> ir.Node:
-    """Insert the FlashFwd node for `plan` and point every reader of the block's output at it."""
-    new_nodes: list[ir.Node] = []
+def emit_flash_fwd(graph: Graph, plan: FusionPlan, name: str) -> tuple[Node, Value]:
+    """Insert the FlashFwd node for `plan` and point every reader of the block's output at it.
+    Returns the node and the value that now stands for the block's output."""
+    protos: list = []
     inputs = [
-        _kernel_input(plan.q, f"{name}_q", new_nodes),
-        _kernel_input(plan.k, f"{name}_k", new_nodes),
-        _kernel_input(plan.v, f"{name}_v", new_nodes),
+        _kernel_input(graph, plan.q, f"{name}_q", protos),
+        _kernel_input(graph, plan.k, f"{name}_k", protos),
+        _kernel_input(graph, plan.v, f"{name}_v", protos),
     ]
     if plan.attrs.dropout_p > 0:
-        seed = ir.node("Constant", [], {"value": ir.tensor(np.array([plan.seed], dtype=np.int32))},
-                       name=f"{name}_seed")
-        new_nodes.append(seed)
-        inputs.append(seed.outputs[0])
-    flash = ir.node(contract.OP_TYPE, inputs, plan.attrs.as_onnx_attributes(), domain=contract.DOMAIN, name=name)
-    new_nodes.append(flash)
-    result = flash.outputs[0]
-    result.dtype = plan.q.value.dtype
-    if plan.squeeze_heads:
-        axes = ir.node("Constant", [], {"value": ir.tensor(np.array([1], dtype=np.int64))}, name=f"{name}_o_axes")
-        squeeze = ir.node("Squeeze", [result, axes.outputs[0]], name=f"{name}_o_squeeze")
-        new_nodes.extend([axes, squeeze])
-        result.name = f"{name}_o_heads"
-        result = squeeze.outputs[0]
-    graph.insert_before(plan.insert_before, new_nodes)
-
-    old = plan.output
-    result.shape, result.dtype = old.shape, old.dtype
-    if old.is_graph_output():
-        old_name, old.name = old.name, f"{old.name}__unfused"
-        result.name = old_name
-    else:
-        result.name = f"{name}_o"
-    old.replace_all_uses_with(result, replace_graph_outputs=True)
-    return flash
+        seed = graph.unique_name(f"{name}_seed")
+        protos.append(helper.make_node("Constant", [], [seed], name=seed,
+                                       value=numpy_helper.from_array(np.array([plan.seed], dtype=np.int32), seed)))
+        inputs.append(seed)
+    result = graph.unique_name(f"{name}_o")
+    protos.append(helper.make_node(contract.OP_TYPE, inputs, [result], name=name, domain=contract.DOMAIN,
+                                   **plan.attrs.as_onnx_attributes()))
+    if plan.squeeze_heads:  # batched heads ran as h = 1: (b·h, 1, s, d) -> (b·h, s, d)
+        squeezed = graph.unique_name(f"{name}_o_batched")
+        protos.append(helper.make_node("Squeeze", [result, _axis_one(graph, f"{name}_o", protos)], [squeezed],
+                                       name=graph.unique_name(f"{name}_o_squeeze")))
+        result = squeezed
+    nodes = graph.insert_before(plan.insert_before, protos)
+    new_output = graph.value(result)
+    graph.set_type(new_output, plan.output)
+    graph.replace_uses(plan.output, new_output)
+    return next(n for n in nodes if n.op_type == contract.OP_TYPE), new_output

@@ -1,0 +1,334 @@
+"""A thin view over an ONNX ModelProto's main graph: what the passes read, and the edits they make.
+
+Why not a full IR: the pass touches a few dozen nodes per attention block, yet must handle
+graphs of 100k nodes and weights of tens of GB in about the time protobuf takes to parse them.
+So nothing is copied or deserialized up front: values are names with producer/consumer links,
+shapes are read from the model's own value_info on demand, constants are loaded only when a
+proof asks for one, and weights in external data are never touched. Edits are kept aside
+(new nodes before an anchor, rewired inputs) and written back in one pass by `to_model`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+class Value:
+    """A tensor of the main graph, by name."""
+
+    __slots__ = ("graph", "name", "_producer", "_consumers")
+
+    def __init__(self, graph: "Graph", name: str):
+        self.graph, self.name = graph, name
+        self._producer: Node | None = None
+        self._consumers: list[Node] = []
+
+    def __repr__(self) -> str:
+        return f"Value({self.name!r})"
+
+    def producer(self) -> "Node | None":
+        return self._producer
+
+    def consumers(self) -> list["Node"]:
+        return list(dict.fromkeys(self._consumers))
+
+    def is_graph_input(self) -> bool:
+        """A runtime input (an initializer listed among the inputs is a constant here)."""
+        return self.name in self.graph._input_names and self.name not in self.graph._initializers
+
+    def is_graph_output(self) -> bool:
+        return self.name in self.graph._output_names
+
+    def is_initializer(self) -> bool:
+        return self.name in self.graph._initializers
+
+    @property
+    def type(self) -> onnx.TypeProto | None:
+        return self.graph._types().get(self.name)
+
+    @property
+    def dtype(self) -> int | None:
+        """The element type (onnx.TensorProto.FLOAT, ...) if the model declares it."""
+        if self.name in self.graph._initializers:
+            return self.graph._initializers[self.name].data_type
+        const = self._constant_tensor()
+        if const is not None:
+            return const.data_type
+        t = self.type
+        if t is None or not t.HasField("tensor_type") or not t.tensor_type.elem_type:
+            return None
+        return t.tensor_type.elem_type
+
+    @property
+    def shape(self) -> tuple[int | str | None, ...] | None:
+        """Declared dims: an int, a symbol's name, or None where unknown; None if no shape."""
+        if self.name in self.graph._initializers:
+            return tuple(self.graph._initializers[self.name].dims)
+        const = self._constant_tensor()
+        if const is not None:
+            return tuple(const.dims)
+        t = self.type
+        if t is None or not t.HasField("tensor_type") or not t.tensor_type.HasField("shape"):
+            return None
+        dims = []
+        for d in t.tensor_type.shape.dim:
+            if d.HasField("dim_value"):
+                dims.append(d.dim_value)
+            elif d.HasField("dim_param") and d.dim_param:
+                dims.append(d.dim_param)
+            else:
+                dims.append(None)
+        return tuple(dims)
+
+    # --- constants ------------------------------------------------------------------------
+    def _constant_tensor(self) -> onnx.TensorProto | None:
+        """The TensorProto of a Constant node's `value` (not loaded if external)."""
+        node = self._producer
+        if node is None or node.op_type != "Constant" or node.domain not in DEFAULT_DOMAINS:
+            return None
+        for attr in node.proto.attribute:
+            if attr.name == "value":
+                return attr.t
+        return None
+
+    def is_constant(self) -> bool:
+        if self.name in self.graph._initializers:
+            return True
+        node = self._producer
+        return node is not None and node.op_type == "Constant" and node.domain in DEFAULT_DOMAINS
+
+    def constant_size(self) -> int | None:
+        """How many elements the constant holds, read from its dims (nothing is loaded)."""
+        if not self.is_constant():
+            return None
+        tensor = self.graph._initializers.get(self.name) or self._constant_tensor()
+        if tensor is not None:
+            return math.prod(tensor.dims)
+        array = self.constant()
+        return None if array is None else array.size
+
+    def constant(self) -> np.ndarray | None:
+        """The constant's value, loaded now (from external data if it lives there)."""
+        if not self.is_constant():
+            return None
+        tensor = self.graph._initializers.get(self.name) or self._constant_tensor()
+        if tensor is not None:
+            return numpy_helper.to_array(tensor, base_dir=self.graph.base_dir or "")
+        attr = self._producer.proto.attribute[0]
+        value = helper.get_attribute_value(attr)
+        if attr.name in ("value_float", "value_floats"):
+            return np.asarray(value, dtype=np.float32)
+        if attr.name in ("value_int", "value_ints"):
+            return np.asarray(value, dtype=np.int64)
+        return None  # sparse or string constants: nothing a proof here uses
+
+
+class Node:
+    """A node of the main graph; `inputs`/`outputs` are Values (None for an omitted optional)."""
+
+    __slots__ = ("graph", "proto", "inputs", "outputs")
+
+    def __init__(self, graph: "Graph", proto: onnx.NodeProto):
+        self.graph, self.proto = graph, proto
+        self.inputs = [graph.value(n) if n else None for n in proto.input]
+        self.outputs = [graph.value(n) if n else None for n in proto.output]
+
+    def __repr__(self) -> str:
+        return f"Node({self.op_type}, {self.name!r})"
+
+    @property
+    def op_type(self) -> str:
+        return self.proto.op_type
+
+    @property
+    def domain(self) -> str:
+        return self.proto.domain
+
+    @property
+    def name(self) -> str:
+        return self.proto.name
+
+    def attr(self, name: str, default=None):
+        for attr in self.proto.attribute:
+            if attr.name == name:
+                if attr.ref_attr_name:
+                    return default
+                value = helper.get_attribute_value(attr)
+                return value.decode() if isinstance(value, bytes) else value
+        return default
+
+
+class Graph:
+    """The main graph of `model`, read lazily; `base_dir` resolves external data."""
+
+    def __init__(self, model: onnx.ModelProto, base_dir: str | None = None):
+        self.model = model
+        self.base_dir = base_dir
+        graph = model.graph
+        self._values: dict[str, Value] = {}
+        self._initializers = {t.name: t for t in graph.initializer}
+        self._input_names = {i.name for i in graph.input}
+        self._output_names = {o.name for o in graph.output}
+        self._type_index: dict[str, onnx.TypeProto] | None = None
+        self.nodes = [Node(self, proto) for proto in graph.node]
+        for node in self.nodes:
+            self._link(node)
+        self._before: dict[Node, list[Node]] = {}
+        self._names = None
+        self.opset = next((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), 0)
+
+    def _link(self, node: Node) -> None:
+        for v in node.inputs:
+            if v is not None:
+                v._consumers.append(node)
+        for v in node.outputs:
+            if v is not None:
+                v._producer = node
+
+    def _types(self) -> dict[str, onnx.TypeProto]:
+        if self._type_index is None:
+            g = self.model.graph
+            self._type_index = {vi.name: vi.type for vi in (*g.value_info, *g.input, *g.output)}
+        return self._type_index
+
+    def __iter__(self):
+        return iter(self.nodes)
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def value(self, name: str) -> Value:
+        value = self._values.get(name)
+        if value is None:
+            value = self._values[name] = Value(self, name)
+        return value
+
+    @property
+    def inputs(self) -> list[Value]:
+        return [self.value(i.name) for i in self.model.graph.input if i.name not in self._initializers]
+
+    @property
+    def outputs(self) -> list[Value]:
+        return [self.value(o.name) for o in self.model.graph.output]
+
+    # --- edits ----------------------------------------------------------------------------
+    def unique_name(self, base: str) -> str:
+        if self._names is None:
+            self._names = set(self._values) | {n.name for n in self.nodes} | set(self._initializers)
+        name, i = base, 0
+        while name in self._names:
+            i += 1
+            name = f"{base}_{i}"
+        self._names.add(name)
+        return name
+
+    def insert_before(self, anchor: Node, protos: list[onnx.NodeProto]) -> list[Node]:
+        """Add nodes that will stand just before `anchor` in the written graph."""
+        nodes = [Node(self, p) for p in protos]
+        for node in nodes:
+            self._link(node)
+        self._before.setdefault(anchor, []).extend(nodes)
+        return nodes
+
+    def set_type(self, value: Value, like: Value) -> None:
+        """Declare `value` to have the type `like` has (written out as value_info)."""
+        if like.type is not None:
+            self._types()[value.name] = like.type
+
+    def replace_uses(self, old: Value, new: Value) -> None:
+        """Every reader of `old` reads `new`; a graph output named `old` now comes from `new`."""
+        for node in old.consumers():
+            for i, v in enumerate(node.inputs):
+                if v is old:
+                    node.inputs[i] = new
+                    node.proto.input[i] = new.name
+            new._consumers.append(node)
+        old._consumers = []
+        if old.is_graph_output():
+            # The output keeps its name: the new producer writes it, the old one an unused name.
+            out_name, spare = old.name, self.unique_name(f"{old.name}__unfused")
+            self._rename(old, spare)
+            self._rename(new, out_name)
+
+    def _rename(self, value: Value, name: str) -> None:
+        node = value.producer()
+        if node is not None:
+            for i, v in enumerate(node.outputs):
+                if v is value:
+                    node.proto.output[i] = name
+        for reader in value.consumers():
+            for i, v in enumerate(reader.inputs):
+                if v is value:
+                    reader.proto.input[i] = name
+        del self._values[value.name]
+        value.name = name
+        self._values[name] = value
+
+    def ordered_nodes(self) -> list[Node]:
+        order = []
+        for node in self.nodes:
+            order.extend(self._before.get(node, ()))
+            order.append(node)
+        return order
+
+    def remove_dead(self) -> int:
+        """Drop nodes no graph output depends on, and initializers nothing reads. Returns how many nodes."""
+        live = set(self._output_names)
+        kept = []
+        for node in reversed(self.ordered_nodes()):
+            if any(o is not None and o.name in live for o in node.outputs) or not node.outputs:
+                kept.append(node)
+                live.update(v.name for v in node.inputs if v is not None)
+                live.update(_names_used_by_subgraphs(node.proto))
+        removed = len(self.nodes) + sum(map(len, self._before.values())) - len(kept)
+        self.nodes = list(reversed(kept))
+        self._before = {}
+        live.update(self._input_names)
+        unused = [name for name in self._initializers if name not in live]
+        for name in unused:
+            del self._initializers[name]
+        if unused:
+            keep = [t for t in self.model.graph.initializer if t.name not in set(unused)]
+            del self.model.graph.initializer[:]
+            self.model.graph.initializer.extend(keep)
+        return removed
+
+    def to_model(self) -> onnx.ModelProto:
+        """The model with every edit written back (the view's own proto, updated in place)."""
+        order = self.ordered_nodes()
+        graph = self.model.graph
+        if [n.proto for n in order] != list(graph.node):
+            del graph.node[:]
+            graph.node.extend(n.proto for n in order)
+        declared = {vi.name for vi in graph.value_info}
+        inputs_outputs = self._input_names | self._output_names
+        live = {v.name for n in order for v in n.outputs if v is not None}
+        stale = [vi for vi in graph.value_info if vi.name not in live]
+        if stale:
+            keep = [vi for vi in graph.value_info if vi.name in live]
+            del graph.value_info[:]
+            graph.value_info.extend(keep)
+        if self._type_index is not None:
+            graph.value_info.extend(
+                helper.make_value_info(name, t) for name, t in self._type_index.items()
+                if name in live and name not in declared and name not in inputs_outputs
+            )
+        return self.model
+
+
+def _names_used_by_subgraphs(node: onnx.NodeProto) -> set[str]:
+    """Outer-scope names read inside If/Loop/Scan bodies (they keep their producers alive)."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        graphs = [attr.g] if attr.HasField("g") else list(attr.graphs)
+        for g in graphs:
+            for inner in g.node:
+                names.update(inner.input)
+                names |= _names_used_by_subgraphs(inner)
+    return names
