@@ -98,9 +98,7 @@ def check_model(zm: ZooModel, *, fused_dir: Path | None = None, manifest: dict[s
         row.problems.append(f"exported at opset {zm.meta.get('opset')}, manifest says {entry['opset']}")
 
     try:
-        import onnx_ir
-
-        from fuse_attn import fuse
+        from fuse_attn import fuse, save
     except ImportError as exc:
         row.problems.append(f"fuse_attn.fuse unavailable: {exc}")
         return row
@@ -127,7 +125,7 @@ def check_model(zm: ZooModel, *, fused_dir: Path | None = None, manifest: dict[s
     out_dir.mkdir(parents=True, exist_ok=True)
     fused_path = out_dir / f"{zm.name}.fused.onnx"
     try:
-        onnx_ir.save(fused_model, fused_path)
+        save(fused_model, fused_path, source_path=zm.path)
         inputs = make_inputs(entry["inputs"], entry["dtype"], seed=1)
         want = ort_session(zm.path).run(None, inputs)
         got = ort_session(fused_path).run(None, inputs)

@@ -740,7 +740,8 @@ def _build_block(g: _Graph, spec: AttnSpec, rng, x: str, kv_src: str, blk: int):
         if spec.dropout == "identity":
             p = g.op("Dropout", [p], "probs_drop")
         elif spec.dropout == "identity_ratio":
-            p = g.op("Dropout", [p, g.f(0.1, "ratio")], "probs_drop")
+            # Dropout's ratio has its own type T1 (float16/32/64, no bfloat16): torch exports float32.
+            p = g.op("Dropout", [p, g.init(np.asarray(0.1, dtype=np.float32), "ratio")], "probs_drop")
         if spec.probs_transpose:
             p = g.op("Transpose", [p], "probs_t", perm=[0, 1, 3, 2])
         o = g.op("MatMul", [p, vh], "attn_o")

@@ -1,0 +1,60 @@
+"""`fuse-attn compile --simulate` on every zoo model: fuse with the pass, lower with onnx2pytorch,
+run each FlashFwd through the flash_fwd simulator, compare with onnxruntime on the fused model.
+Marker `zoo`; no Neuron SDK involved (the simulator stands in for the kernel).
+
+Tolerances (measured on the zoo when written: fp32 models <= 6e-6 with mixed_precision off,
+<= 5e-3 of max |output| with it on; fp16 models <= 2.5e-3 of max |output| either way):
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import onnx
+import pytest
+import torch
+
+import models
+from fuse_attn.compile import constraints, shapes
+from fuse_attn.compile.cli import attention_fn, compare_with_onnxruntime
+from fuse_attn.compile.lower import lower
+
+FP32_OFF_ATOL = 1e-4  # mixed_precision off, fp32 model: max |error|
+MIXED_RTOL = 1e-2  # mixed_precision on (bf16 matmuls), or an fp16 model: max |error| / max |output|
+
+NAMES = [e["name"] for e in models.load_manifest()["models"]]
+_deps = [m for m in ("transformers", "onnxscript") if importlib.util.find_spec(m) is None]
+
+
+@pytest.fixture(scope="module")
+def built():
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield {m.name: m for m in models.build_all()}
+    torch.set_num_threads(torch_threads)
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("name", NAMES)
+def test_compile_simulate_zoo_model(name, built, tmp_path):
+    if _deps:
+        pytest.skip(f"the zoo extra is not installed ({', '.join(_deps)})")
+    from fuse_attn import fuse, save
+
+    zm = built[name]
+    if zm.skipped or not zm.ok:
+        pytest.skip(f"not built: {zm.error}")
+    fused, report = fuse(zm.path)
+    save(fused, tmp_path / "fused.onnx", source_path=zm.path)
+    model = shapes.fix_input_shapes(onnx.load(tmp_path / "fused.onnx"), {})  # zoo exports have static inputs
+    feeds = shapes.example_feeds(model, seed=1)
+    for mixed_precision in (False, True):
+        plans, problems = constraints.plan_model(model, mixed_precision, feeds)
+        assert problems == []
+        assert len(plans) == sum(1 for b in report.blocks if b.fused)
+        module = lower(model, plans, attention_fn(simulate=True)[0])
+        for output, abs_err, rel_err in compare_with_onnxruntime(model, module, feeds):
+            if mixed_precision or zm.entry["dtype"] != "float32":
+                assert rel_err <= MIXED_RTOL, (output, abs_err, rel_err)
+            else:
+                assert abs_err <= FP32_OFF_ATOL, (output, abs_err, rel_err)
