@@ -172,8 +172,8 @@ def chain_labels(chain: Chain, evaluator: Evaluator) -> list[np.ndarray]:
 def kv_heads_of(target: np.ndarray, what: str) -> tuple[np.ndarray, list[int]]:
     """Split heads (axis 1) of a kernel-layout target into the distinct kv heads.
 
-    Returns the target reduced to one head per kv head and, for each q head, its kv head.
-    Only repeat_kv's order (q head i -> kv head i // G) is what the kernel's grid computes.
+    Returns the target reduced to one head per kv head (in order of first use) and, for each
+    q head, its kv head. Every kv head must serve the same number of q heads.
     """
     heads = target.shape[1]
     first_of: dict[bytes, int] = {}
@@ -186,15 +186,18 @@ def kv_heads_of(target: np.ndarray, what: str) -> tuple[np.ndarray, list[int]]:
             representatives.append(i)
         kv_of.append(first_of[key])
     kv = len(representatives)
-    if kv == heads:
-        return target, kv_of
-    group = heads // kv
-    if heads % kv or any(kv_of.count(j) != group for j in range(kv)):
+    if heads % kv or any(kv_of.count(j) != heads // kv for j in range(kv)):
         raise NotFused(f"the {what} heads are shared unevenly ({heads} q heads over {kv} kv heads)")
-    if kv_of != [i // group for i in range(heads)]:
-        order = "tiled (q head i uses kv head i % kv)" if kv_of == [i % kv for i in range(heads)] else "permuted"
-        raise NotFused(f"the {what} kv heads are repeated {order}, not in repeat_kv's order the kernel's grid uses")
     return target[:, representatives], kv_of
+
+
+def grid_order(kv_of: list[int]) -> tuple[int, ...] | None:
+    """The q-head order the kernel's grid needs (kv head j serves q heads j*G .. j*G+G-1), as a
+    permutation of the graph's q heads; None when the graph already uses it (repeat_kv's order)."""
+    group = len(kv_of) // (max(kv_of) + 1)
+    if kv_of == [i // group for i in range(len(kv_of))]:
+        return None
+    return tuple(sorted(range(len(kv_of)), key=lambda i: (kv_of[i], i)))
 
 
 # --- choosing the source ---------------------------------------------------------------------

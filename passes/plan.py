@@ -16,7 +16,7 @@ from fuse_attn import contract
 from fuse_attn.evaluator import Evaluator, Unprovable
 from fuse_attn.graph import Node, Value
 from passes._graph import NotFused, dtype_name
-from passes.layout import Chain, Source, chain_labels, chain_signature, choose_source, kv_heads_of
+from passes.layout import Chain, Source, chain_labels, chain_signature, choose_source, grid_order, kv_heads_of
 from passes.masks import ScoreReading
 
 
@@ -34,6 +34,9 @@ class FusionPlan:
     head_dim: int
     notes: list[str] = dataclasses.field(default_factory=list)
     seed: int = 0
+    # When the graph shares kv heads in another order than repeat_kv's: the q heads, reordered
+    # so that kv head j serves q heads j*G .. j*G+G-1 (the output is put back in graph order).
+    q_head_order: tuple[int, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +72,7 @@ class LayoutProof:
     seq_k: int
     picks: tuple  # (q, k, v) layout.Pick
     batched_heads: bool  # operands were (b·h, s, d)
+    q_head_order: tuple[int, ...] | None
 
 
 def _prove_layout(q: Operand, k: Operand, v: Operand, evaluator: Evaluator) -> LayoutProof:
@@ -88,7 +92,8 @@ def _prove_layout(q: Operand, k: Operand, v: Operand, evaluator: Evaluator) -> L
         raise NotFused(f"head dim {head_dim} > {contract.MAX_HEAD_DIM}, the kernel's limit")
     picks = (choose_source(labels["q"], q_target), choose_source(labels["k"], k_target),
              choose_source(labels["v"], v_target))
-    return LayoutProof(batch, heads, kv_heads, head_dim, seq_q, seq_k, picks, labels["q"][-1].ndim == 3)
+    return LayoutProof(batch, heads, kv_heads, head_dim, seq_q, seq_k, picks, labels["q"][-1].ndim == 3,
+                       grid_order(k_heads))
 
 
 def _memoized(evaluator: Evaluator, key: tuple, prove):
@@ -140,6 +145,8 @@ def plan_block(
     query = q.chain.values[-1]
     seq = _size(query, -2, proof.seq_q, evaluator)
     notes = []
+    if proof.q_head_order is not None:
+        notes.append("kv heads are shared in another order than repeat_kv's: q heads reordered for the grid")
     tile = None
     if isinstance(seq, int):
         tile = contract.seq_tile_size_for(seq)
@@ -163,6 +170,7 @@ def plan_block(
         squeeze_heads=proof.batched_heads,
         insert_before=insert_before,
         batch=_size(query, 0, proof.batch, evaluator), seq=seq, head_dim=proof.head_dim, notes=notes, seed=seed,
+        q_head_order=proof.q_head_order,
     )
 
 

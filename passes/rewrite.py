@@ -22,6 +22,16 @@ def _axis_one(graph: Graph, name: str, protos: list) -> str:
     return out
 
 
+def _gather_heads(graph: Graph, value: str, order, name: str, protos: list) -> str:
+    """Heads (axis 1) of `value` taken in `order`."""
+    indices, out = graph.unique_name(f"{name}_order"), graph.unique_name(name)
+    protos.append(helper.make_node("Constant", [], [indices], name=indices,
+                                   value=numpy_helper.from_array(np.array(order, dtype=np.int64), indices)))
+    protos.append(helper.make_node("Gather", [value, indices], [out], name=graph.unique_name(f"{name}_gather"),
+                                   axis=1))
+    return out
+
+
 def _kernel_input(graph: Graph, source: Source, name: str, protos: list) -> str:
     """The name of the kernel input made from `source`: the graph's own value when it already is."""
     value = source.value.name
@@ -47,6 +57,8 @@ def emit_flash_fwd(graph: Graph, plan: FusionPlan, name: str) -> tuple[Node, Val
         _kernel_input(graph, plan.k, f"{name}_k", protos),
         _kernel_input(graph, plan.v, f"{name}_v", protos),
     ]
+    if plan.q_head_order is not None:
+        inputs[0] = _gather_heads(graph, inputs[0], plan.q_head_order, f"{name}_q_grouped", protos)
     if plan.attrs.dropout_p > 0:
         seed = graph.unique_name(f"{name}_seed")
         protos.append(helper.make_node("Constant", [], [seed], name=seed,
@@ -55,6 +67,9 @@ def emit_flash_fwd(graph: Graph, plan: FusionPlan, name: str) -> tuple[Node, Val
     result = graph.unique_name(f"{name}_o")
     protos.append(helper.make_node(contract.OP_TYPE, inputs, [result], name=name, domain=contract.DOMAIN,
                                    **plan.attrs.as_onnx_attributes()))
+    if plan.q_head_order is not None:  # back to the graph's head order
+        inverse = np.argsort(plan.q_head_order).tolist()
+        result = _gather_heads(graph, result, inverse, f"{name}_o_ungrouped", protos)
     if plan.squeeze_heads:  # batched heads ran as h = 1: (b·h, 1, s, d) -> (b·h, s, d)
         squeezed = graph.unique_name(f"{name}_o_batched")
         protos.append(helper.make_node("Squeeze", [result, _axis_one(graph, f"{name}_o", protos)], [squeezed],
