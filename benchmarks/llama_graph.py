@@ -4,8 +4,10 @@ Mirrors `torch.onnx.export(..., dynamo=True)` (torch 2.13, transformers 5.24) of
 `LlamaForCausalLM` run as `model(input_ids=ids, use_cache=False).logits`, node for node:
 
 * constants folded by the exporter stay initializers: the causal mask (`le`, `eq` bool
-  (1, 1, s, s), combined with `And` and turned additive with `Where`), the rotary angle table
-  `mul` (1, s, d/2), projection weights pre-transposed to (in, out);
+  (1, 1, s, s), combined with `And` and turned additive with `Where`; above seq 512 the exporter
+  stops folding and computes them with LessOrEqual / Equal from (1, 1, s, 1) and (1, 1, 1, s)
+  index tensors), the rotary angle table `mul` (1, s, d/2), projection weights pre-transposed
+  to (in, out);
 * RMSNorm as Pow / ReduceMean / Add(eps) / Sqrt / Reciprocal / Mul / Mul(weight) (the exporter
   writes rsqrt as Sqrt + Reciprocal, not Div);
 * q/k/v MatMul -> Reshape (1, s, -1, d) -> Transpose (b, h, s, d); rotary embedding as
@@ -42,6 +44,10 @@ from onnx import TensorProto, helper
 
 OPSET = 20  # what torch 2.13's dynamo exporter writes
 EXTERNAL_THRESHOLD = 256  # bytes; onnx_ir.save's default, used by the exporter
+# The exporter's constant folding (onnxscript optimizer) folds outputs up to 512 * 512 elements:
+# at seq <= 512 the causal mask pieces are bool constants, above it LessOrEqual/Equal over
+# position-index initializers.
+FOLD_LIMIT = 512 * 512
 ALIGN = 4096
 BIG_ALIGN = 65536  # onnxruntime can mmap tensors aligned to the allocation granularity
 
@@ -190,8 +196,16 @@ class _Builder:
         }
         # Constants the exporter folded: causal mask pieces and the rotary angle table.
         c["new_ones"] = self.const("new_ones", np.array(True))
-        c["le"] = self.const("le", np.tril(np.ones((s, s), dtype=bool))[None, None])
-        c["eq"] = self.const("eq", np.ones((1, 1, s, s), dtype=bool))
+        folded = s * s <= FOLD_LIMIT
+        if folded:
+            c["le"] = self.const("le", np.tril(np.ones((s, s), dtype=bool))[None, None])
+            c["eq"] = self.const("eq", np.ones((1, 1, s, s), dtype=bool))
+        else:
+            pos = np.arange(s, dtype=np.int64)
+            c["index"] = self.const("index", pos.reshape(1, 1, s, 1))
+            c["index_1"] = self.const("index_1", pos.reshape(1, 1, 1, s))
+            c["index_2"] = self.const("index_2", np.zeros((1, 1, s, 1), dtype=np.int64))
+            c["index_3"] = self.const("index_3", np.zeros((1, 1, 1, s), dtype=np.int64))
         inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))
         angles = np.arange(s, dtype=np.float32)[None, :, None] * inv_freq[None, None, :]
         c["angles"] = self.const("mul", angles.astype(np.float32))
@@ -199,7 +213,11 @@ class _Builder:
         ids = "input_ids"
         embed = self.weight("model.embed_tokens.weight", (cfg.vocab, h), "embed")
         x = self.node("Gather", [embed, ids], "embedding", axis=0)
+        if not folded:
+            c["le"] = self.node("LessOrEqual", [c["index_1"], c["index"]], "le")
         m = self.node("And", [c["new_ones"], c["le"]], "bitwise_and")
+        if not folded:
+            c["eq"] = self.node("Equal", [c["index_2"], c["index_3"]], "eq")
         m = self.node("And", [m, c["eq"]], "bitwise_and_1")
         if self.attn == "eager":
             zero = self.scalar("zeros", 0.0)
