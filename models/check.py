@@ -201,6 +201,31 @@ def render_markdown(rows: list[Row], *, details: bool = True) -> str:
     return "\n".join(lines)
 
 
+def coverage_document(rows: list[Row]) -> str:
+    """The public coverage record: a heading, the versions it was measured with, the table."""
+    from importlib import metadata
+
+    versions = []
+    for pkg in ("torch", "transformers", "onnx", "onnxruntime", "onnxscript", "timm"):
+        try:
+            versions.append(f"{pkg} {metadata.version(pkg)}")
+        except metadata.PackageNotFoundError:
+            pass
+    return "\n".join([
+        "# Model zoo coverage",
+        "",
+        "Every recipe in `models/manifest.json`, exported and run through the pass: blocks found, fused, "
+        "and expected fused (of expected found); max abs error of the fused model against the original in "
+        "onnxruntime on the same inputs; the pass's own time. Regenerate with "
+        "`fuse-attn zoo --markdown models/COVERAGE.md`.",
+        "",
+        f"Measured with {', '.join(versions)}.",
+        "",
+        render_markdown(rows),
+        "",
+    ])
+
+
 def default_fused_dir(out_dir: Path | str | None = None) -> Path:
     return cache_dir(out_dir) / "fused"
 
@@ -231,5 +256,5 @@ def zoo_main(argv: list[str] | None = None) -> int:
     table = render_markdown(rows)
     print(table)
     if args.markdown:
-        Path(args.markdown).write_text(table + "\n")
+        Path(args.markdown).write_text(coverage_document(rows))
     return 0 if all(r.ok or r.skipped or r.known_issue for r in rows) else 1

@@ -30,8 +30,10 @@ def builder(name: str) -> Callable[[Builder], Builder]:
 def make_inputs(spec: dict[str, dict[str, Any]], dtype: str, seed: int = 0) -> dict[str, Any]:
     """numpy inputs from a manifest `inputs` spec, in spec order (the export's input order).
 
-    kind "ids": int64 in [0, high); "mask": int64 ones (a `pad` count of trailing zeros marks
-    right padding); "float": standard normal in the model's dtype.
+    kind "ids": int64 in [0, high); "text": real token ids, English prose through the tokenizer
+    of the package named by `tokenizer` ([CLS] ... [SEP], the prose repeated to fill the shape);
+    "mask": int64 ones (a `pad` count of trailing zeros marks right padding); "float": standard
+    normal in the model's dtype.
     """
     import numpy as np
 
@@ -42,6 +44,8 @@ def make_inputs(spec: dict[str, dict[str, Any]], dtype: str, seed: int = 0) -> d
         kind = s["kind"]
         if kind == "ids":
             out[name] = rng.integers(0, s["high"], size=shape, dtype=np.int64)
+        elif kind == "text":
+            out[name] = np.asarray(_text_ids(s["tokenizer"], shape[-1], seed), dtype=np.int64).reshape(shape)
         elif kind == "mask":
             mask = np.ones(shape, dtype=np.int64)
             if s.get("pad"):
@@ -52,6 +56,34 @@ def make_inputs(spec: dict[str, dict[str, Any]], dtype: str, seed: int = 0) -> d
         else:
             raise ValueError(f"unknown input kind {kind!r} for {name}")
     return out
+
+
+_PROSE = (
+    "Fusion passes die by exporter drift. A new release of the exporter or of the model library "
+    "changes the subgraph that an attention block becomes, and the pass that matched it yesterday "
+    "silently stops matching today. The model zoo is how the project notices first: small models "
+    "with realistic attention shapes, exported every way people export them, each checked against "
+    "a manifest that says which blocks must fuse and which must not, and why. Sentence encoders like "
+    "this one turn a paragraph into a single vector; the attention inside them mixes every token with "
+    "every other, so a mistake in the mask or the scale shows up at once in the output. "
+)
+
+
+def _text_ids(package: str, length: int, seed: int) -> list[int]:
+    """`length` token ids of English prose through the tokenizer.json that `package` ships."""
+    import importlib
+
+    from tokenizers import Tokenizer
+
+    model_dir = importlib.import_module(package).get_model_path()
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    tok.no_truncation()
+    tok.no_padding()
+    words = _PROSE.split()
+    words = words[seed % len(words):] + words[: seed % len(words)]  # another seed, another passage
+    body = tok.encode(" ".join(words * 8), add_special_tokens=False).ids
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    return [cls, *body[: length - 2], sep]
 
 
 class _Positional(nn.Module):

@@ -51,10 +51,10 @@ def rows(built):
     collected = {}
     yield collected
     if collected:
-        from models.check import render_markdown
+        from models.check import coverage_document
 
-        table = render_markdown([collected[n] for n in NAMES if n in collected])
-        (models.cache_dir() / "coverage.md").write_text(table + "\n")
+        doc = coverage_document([collected[n] for n in NAMES if n in collected])
+        (models.cache_dir() / "coverage.md").write_text(doc)
 
 
 @pytest.mark.parametrize("name", NAMES)
