@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import math
 import operator
+import warnings
 
 import numpy as np
 import onnx
@@ -252,8 +253,10 @@ class Evaluator:
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self._opset)])
         from onnx.reference import ReferenceEvaluator  # heavy import, only when a cone is run
 
-        try:
-            results = ReferenceEvaluator(model).run(None, feeds)
+        try:  # masks compute log(0), cast -inf...: the values are the point, not the warnings
+            with np.errstate(all="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                results = ReferenceEvaluator(model).run(None, feeds)
         except Exception as exc:  # the reference runtime's own message is the best we have
             raise Unprovable(f"evaluating '{target.name}' failed: {type(exc).__name__}: {exc}") from None
         self._cache.update(leaves)

@@ -78,11 +78,41 @@ def _reaches_matmul(value: Value, budget: int = 12) -> bool:
     return any(v is not None and _reaches_matmul(v, budget - 1) for v in inputs)
 
 
+def _blocking_op(value: Value, budget: int = 8) -> Node | None:
+    """The first op that is not a score op on a path from a MatMul to `value`, if there is one
+    within a few steps (say Tanh, for logit soft-capping): it is why the block does not match."""
+    node = value.producer()
+    while budget and node is not None:
+        if is_op(node, "MatMul"):
+            return None
+        if not is_op(node, *_SCORE_OPS):
+            upstream = next((v for v in node.inputs if v is not None and v.producer() is not None), None)
+            return node if upstream is not None and _reaches_matmul_anyhow(upstream, budget) else None
+        node = next((v.producer() for v in node.inputs if v is not None and v.producer() is not None), None)
+        budget -= 1
+    return None
+
+
+def _reaches_matmul_anyhow(value: Value, budget: int) -> bool:
+    node = value.producer()
+    while budget and node is not None:
+        if is_op(node, "MatMul"):
+            return True
+        node = next((v.producer() for v in node.inputs if v is not None and v.producer() is not None), None)
+        budget -= 1
+    return False
+
+
 def _pick_scores(node: Node, candidates: list[int]) -> int:
     for index in candidates:
         value = node.inputs[index]
         if value is not None and _reaches_matmul(value):
             return index
+    for index in candidates:
+        blocker = None if node.inputs[index] is None else _blocking_op(node.inputs[index])
+        if blocker is not None:
+            raise NotFused(f"{describe(blocker)} between the QK MatMul and the softmax is not a scale or mask"
+                           + (" (logit soft-capping)" if blocker.op_type == "Tanh" else ""), blocker)
     raise NotFused(f"{describe(node)} before the softmax does not carry the QK scores", node)
 
 

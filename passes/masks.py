@@ -57,8 +57,8 @@ def _square(array: np.ndarray, seq_q: int, seq_k: int, what: str) -> np.ndarray:
         raise NotFused(f"the {what} of shape {array.shape} does not broadcast to the scores")
     slices = full.reshape(-1, seq_q, seq_k)
     if len(slices) > 1 and not (slices == slices[:1]).all():
-        raise NotFused(f"the {what} differs between batch entries or heads (a per-head bias such as "
-                       "ALiBi, or a per-example padding mask); the kernel applies one mask to all")
+        raise NotFused(f"the {what} differs between batch entries or heads (a per-head position bias "
+                       "such as ALiBi or T5's, or a per-example padding mask); the kernel applies one mask to all")
     return np.array(slices[0])
 
 
