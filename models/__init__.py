@@ -115,7 +115,9 @@ def build_all(
 
     cache = cache_dir(out_dir)
     cache.mkdir(parents=True, exist_ok=True)
+    manifest = load_manifest()
     result = []
-    for entry in entries(only):
-        result.append(export.build_one(entry, cache, recipe_hash(entry), force=force, log=log))
+    for entry in entries(only, manifest):
+        tol = float(entry.get("tolerance") or manifest["tolerance"][entry["dtype"]])
+        result.append(export.build_one(entry, cache, recipe_hash(entry), force=force, log=log, tolerance=tol))
     return result

@@ -64,7 +64,10 @@ def _export(model, args: tuple, names: list[str], outputs: list[str], entry: dic
         raise ValueError(f"unknown exporter {exporter!r}")
 
 
-def build_one(entry: dict[str, Any], cache: Path, key: str, *, force: bool = False, log=None) -> ZooModel:
+def build_one(entry: dict[str, Any], cache: Path, key: str, *, force: bool = False, log=None,
+              tolerance: float | None = None) -> ZooModel:
+    """Export `entry` to `<cache>/<name>.onnx` unless an export with recipe hash `key` is there.
+    The export must reproduce torch's outputs in onnxruntime within `tolerance`."""
     name = entry["name"]
     path = cache / f"{name}.onnx"
     meta_path = cache / f"{name}.json"
@@ -90,6 +93,11 @@ def build_one(entry: dict[str, Any], cache: Path, key: str, *, force: bool = Fal
         msg = err[-1] if err else repr(exc)
         _log(log, f"{name}: FAILED: {msg}")
         return ZooModel(name, None, entry, {}, error=msg[:500])
+    if tolerance is not None and not meta["ort_vs_torch"] <= tolerance:
+        tmp.unlink(missing_ok=True)
+        msg = f"the export disagrees with torch: max error {meta['ort_vs_torch']:.3g} > {tolerance:g}"
+        _log(log, f"{name}: FAILED: {msg}")
+        return ZooModel(name, None, entry, meta, error=msg)
     meta["hash"] = key
     os.replace(tmp, path)
     meta_path.write_text(json.dumps(meta, indent=1, sort_keys=True))

@@ -35,10 +35,6 @@ def test_manifest_is_well_formed():
 
 
 _zoo_deps = [m for m in ("torch", "transformers", "onnxscript") if importlib.util.find_spec(m) is None]
-zoo = [
-    pytest.mark.zoo,
-    pytest.mark.skipif(bool(_zoo_deps), reason=f"the zoo extra is not installed ({', '.join(_zoo_deps)})"),
-]
 
 
 @pytest.fixture(scope="module")
