@@ -229,3 +229,24 @@ def test_flash_module_slices_padding():
     o = FlashFwdModule(plan, attention)(torch.ones(1, 4, 16, 300), torch.ones(1, 2, 16, 300), torch.ones(1, 2, 300, 16))
     assert calls == [((1, 4, 16, 512), (1, 2, 16, 512), (1, 2, 512, 16), 512)]
     assert o.shape == (1, 4, 300, 16)
+
+
+def test_gemm_whose_weights_are_activations():
+    """TorchScript exports feed deduplicated weights to Gemm through Identity nodes; onnx2pytorch
+    0.6.0 converts Gemm only from initializers, so the lowering supplies its own module."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((8, 6)).astype(np.float32), "w")
+    bias = numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "bias")
+    nodes = [helper.make_node("Identity", ["w"], ["w_shared"]), helper.make_node("Identity", ["bias"], ["b_shared"]),
+             helper.make_node("Gemm", ["x", "w_shared", "b_shared"], ["y"], alpha=0.5, beta=2.0, transB=1),
+             helper.make_node("Gemm", ["x", "w", "bias"], ["z"], transB=1)]  # onnx2pytorch's own Linear
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 8]),
+                               helper.make_tensor_value_info("z", TensorProto.FLOAT, [3, 8])], [w, bias])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    x = rng.standard_normal((3, 6)).astype(np.float32)
+    expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    with torch.no_grad():
+        got = lower(model, [], attention_fn(simulate=True)[0])(torch.from_numpy(x))
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(g.numpy(), e, atol=1e-5)

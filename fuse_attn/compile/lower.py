@@ -3,7 +3,8 @@
 onnx2pytorch converts the default-domain graph. FlashFwd nodes are first swapped for
 placeholder nodes (same inputs and outputs), and after conversion each placeholder's module is
 replaced by a FlashFwdModule: pad seq when the plan says so, call `attention` (the NKI binding
-on Inf2, the CPU simulator with --simulate), slice the output.
+on Inf2, the CPU simulator with --simulate), slice the output. Gemm nodes whose weights are
+activations, which onnx2pytorch 0.6.0 cannot convert, go the same way with a Gemm module.
 """
 
 from __future__ import annotations
@@ -85,16 +86,42 @@ class FlashFwdModule(torch.nn.Module):
         return o[:, :, : plan.seq, :] if plan.pad else o
 
 
-def _without_flash_nodes(model: onnx.ModelProto, flash_outputs: set[str]) -> onnx.ModelProto:
-    """A copy with every FlashFwd node replaced by an Identity placeholder of the same inputs and
-    outputs, and without the fuse_attn domain (onnx2pytorch knows only the default one)."""
+class Gemm(torch.nn.Module):
+    """ONNX Gemm on activations: onnx2pytorch 0.6.0 converts Gemm only when B and C are
+    initializers, and TorchScript exports feed deduplicated weights through Identity nodes."""
+
+    def __init__(self, alpha: float, beta: float, trans_a: int, trans_b: int):
+        super().__init__()
+        self.alpha, self.beta, self.trans_a, self.trans_b = alpha, beta, trans_a, trans_b
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        y = (a.t() if self.trans_a else a) @ (b.t() if self.trans_b else b)
+        y = y * self.alpha if self.alpha != 1.0 else y
+        if c is not None:
+            y = y + (c * self.beta if self.beta != 1.0 else c)
+        return y
+
+
+def _gemm_on_activations(node: onnx.NodeProto, initializers: set[str]) -> torch.nn.Module | None:
+    if node.op_type != "Gemm" or node.domain not in ("", "ai.onnx"):
+        return None
+    if all(name in initializers for name in node.input[1:] if name):
+        return None  # onnx2pytorch's own conversion (an nn.Linear) applies
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    return Gemm(float(attrs.get("alpha", 1.0)), float(attrs.get("beta", 1.0)), attrs.get("transA", 0), attrs.get("transB", 0))
+
+
+def _with_placeholders(model: onnx.ModelProto, modules: dict[str, torch.nn.Module]) -> onnx.ModelProto:
+    """A copy in which every node whose first output is a key of `modules` is an Identity
+    placeholder of the same inputs and outputs (its module is swapped in after conversion), and
+    without the fuse_attn domain (onnx2pytorch knows only the default one)."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
     for node in model.graph.node:
-        if node.domain == contract.DOMAIN and node.op_type == contract.OP_TYPE:
-            if node.output[0] not in flash_outputs:
-                raise ValueError(f"FlashFwd node {node.name or node.output[0]} has no launch plan")
+        if node.output[0] in modules:
             node.op_type, node.domain = "Identity", ""
             del node.attribute[:]
+        elif node.domain == contract.DOMAIN:
+            raise ValueError(f"{node.op_type} node {node.name or node.output[0]} has no launch plan")
     del model.functions[:]
     kept = [o for o in model.opset_import if o.domain != contract.DOMAIN]
     del model.opset_import[:]
@@ -105,10 +132,15 @@ def _without_flash_nodes(model: onnx.ModelProto, flash_outputs: set[str]) -> onn
 def lower(model: onnx.ModelProto, plans: list[FlashPlan], attention: Attention) -> torch.nn.Module:
     """The shape-fixed fused `model` as a torch module, FlashFwd nodes launched through `attention`."""
     convert_model = import_onnx2pytorch()
-    by_output = {p.output: p for p in plans}
+    initializers = {t.name for t in model.graph.initializer}
+    modules: dict[str, torch.nn.Module] = {p.output: FlashFwdModule(p, attention) for p in plans}
+    for node in model.graph.node:
+        gemm = _gemm_on_activations(node, initializers)
+        if gemm is not None:
+            modules[node.output[0]] = gemm
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        module = convert_model(_without_flash_nodes(model, set(by_output)))
-    for output, plan in by_output.items():
-        setattr(module, module.mapping[output], FlashFwdModule(plan, attention))
+        module = convert_model(_with_placeholders(model, modules))
+    for output, replacement in modules.items():
+        setattr(module, module.mapping[output], replacement)
     return module.eval()
