@@ -10,11 +10,10 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import onnx
 
 from fuse_attn import contract
-import numpy as np
-
 from fuse_attn.compile.shapes import ValueType, evaluated_types, value_types
 
 PAD_MULTIPLE = 512  # a causal block's seq is padded to a multiple of this (the smallest tile)

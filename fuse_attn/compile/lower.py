@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from fuse_attn import contract
 from fuse_attn.compile.constraints import FlashPlan
+from fuse_attn.compile.shapes import copy_model
 
 # attention(q, k, v, attrs, seq_tile_size) -> o (b, h, s, d), all in kernel layouts.
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, contract.FlashFwdAttrs, int], torch.Tensor]
@@ -115,7 +116,7 @@ def _with_placeholders(model: onnx.ModelProto, modules: dict[str, torch.nn.Modul
     """A copy in which every node whose first output is a key of `modules` is an Identity
     placeholder of the same inputs and outputs (its module is swapped in after conversion), and
     without the fuse_attn domain (onnx2pytorch knows only the default one)."""
-    model = onnx.ModelProto.FromString(model.SerializeToString())
+    model = copy_model(model)
     for node in model.graph.node:
         if node.output[0] in modules:
             node.op_type, node.domain = "Identity", ""

@@ -27,6 +27,12 @@ class ValueType:
         return TensorProto.DataType.Name(self.elem_type).lower()
 
 
+def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
 def parse_shape_args(args: list[str]) -> dict[str, tuple[int, ...]]:
     """`["input_ids=1x2048", ...]` -> {"input_ids": (1, 2048)}."""
     shapes: dict[str, tuple[int, ...]] = {}
@@ -52,7 +58,7 @@ def real_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
 
 def fix_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
     """A copy of `model` whose run-time inputs all have static dims; raises ShapeError naming the input."""
-    model = onnx.ModelProto.FromString(model.SerializeToString())
+    model = copy_model(model)
     inputs = real_inputs(model.graph)
     by_name = {i.name: i for i in inputs}
     unknown = sorted(set(shapes) - set(by_name))
@@ -113,7 +119,7 @@ def evaluated_types(model: onnx.ModelProto, names: list[str], feeds: dict[str, n
     whose shape static inference cannot reach (e.g. an Expand whose target shape is computed)."""
     import onnxruntime as ort
 
-    probe = onnx.ModelProto.FromString(model.SerializeToString())
+    probe = copy_model(model)
     probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)
     session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
     arrays = session.run(list(names), feeds)
