@@ -2,10 +2,10 @@
 run each FlashFwd through the flash_fwd simulator, compare with onnxruntime on the fused model.
 Marker `zoo`; no Neuron SDK involved (the simulator stands in for the kernel).
 
-Tolerances (measured on the 50 zoo models when written: fp32 models <= 6e-6 with
-mixed_precision off, <= 5e-3 of max |output| with it on; fp16 models <= 2.5e-3 of max |output|
-either way; every model lowers, the two TorchScript nn.MultiheadAttention exports thanks to the
-lowering's own Gemm module):
+Tolerances. Measured on the 50 zoo models when written (the default seed-0 inputs): fp32 models at most
+6.1e-6 max |error| with mixed_precision off, at most 6.6e-3 of max |output| with it on (qwen3);
+fp16 models at most 3.2e-3 of max |output| either way. Every model lowers, the two TorchScript
+nn.MultiheadAttention exports thanks to the lowering's own Gemm module. Asserted:
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 
 import models
 from fuse_attn.compile import constraints, shapes
-from fuse_attn.compile.cli import attention_fn, compare_with_onnxruntime
+from fuse_attn.compile.cli import attention_fn, compare_with_onnxruntime, run_onnxruntime
 from fuse_attn.compile.lower import lower
 
 FP32_OFF_ATOL = 1e-4  # mixed_precision off, fp32 model: max |error|
@@ -49,13 +49,14 @@ def test_compile_simulate_zoo_model(name, built, tmp_path):
     fused, report = fuse(zm.path)
     save(fused, tmp_path / "fused.onnx", source_path=zm.path)
     model = shapes.fix_input_shapes(onnx.load(tmp_path / "fused.onnx"), {})  # zoo exports have static inputs
-    feeds = shapes.example_feeds(model, seed=1)
+    feeds = shapes.example_feeds(model, seed=0)  # what `compile --simulate` uses by default
+    reference = run_onnxruntime(model, feeds)
     for mixed_precision in (False, True):
         plans, problems = constraints.plan_model(model, mixed_precision, feeds)
         assert problems == []
         assert len(plans) == sum(1 for b in report.blocks if b.fused)
         module = lower(model, plans, attention_fn(simulate=True)[0])
-        for output, abs_err, rel_err in compare_with_onnxruntime(model, module, feeds):
+        for output, abs_err, rel_err in compare_with_onnxruntime(model, module, feeds, reference):
             if mixed_precision or zm.entry["dtype"] != "float32":
                 assert rel_err <= MIXED_RTOL, (output, abs_err, rel_err)
             else:

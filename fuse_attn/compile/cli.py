@@ -50,12 +50,19 @@ def attention_fn(simulate: bool):
     return (lambda q, k, v, attrs, tile: launch_flash_fwd(api, q, k, v, attrs, tile)), f"NKI flash_fwd, SDK call style {api.style}"
 
 
-def compare_with_onnxruntime(model: onnx.ModelProto, module, feeds: dict[str, np.ndarray]) -> list[tuple[str, float, float]]:
-    """(output, max |lowered - onnxruntime|, that over max |onnxruntime|) per graph output."""
+def run_onnxruntime(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     import onnxruntime as ort
+
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def compare_with_onnxruntime(model: onnx.ModelProto, module, feeds: dict[str, np.ndarray],
+                             reference: list[np.ndarray] | None = None) -> list[tuple[str, float, float]]:
+    """(output, max |lowered - onnxruntime|, that over max |onnxruntime|) per graph output."""
     import torch
 
-    reference = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    if reference is None:
+        reference = run_onnxruntime(model, feeds)
     with torch.no_grad():
         got = module(*[torch.from_numpy(feeds[name]) for name in module.input_names])
     if not isinstance(got, (list, tuple)):
