@@ -209,7 +209,7 @@ def test_compile_without_sdk_says_so_in_one_line_and_exits_2(fused_path, tmp_pat
 
 
 def test_compile_errors(fused_path, capsys):
-    assert compile_main([fused_path, "--simulate"]) == 1
+    assert compile_main([fused_path, "--simulate"]) == 2
     assert "input 'x' has unknown dims ['batch', 'seq']" in capsys.readouterr().err
     assert compile_main([fused_path, "--shape", "x=1x512x64"]) == 2  # no -o
     nc = fused_path.replace("fused", "nc")

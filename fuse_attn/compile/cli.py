@@ -1,7 +1,7 @@
 """`fuse-attn compile fused.onnx --target inf2 [--shape input_ids=1x2048] -o model.neuron.pt [--simulate]`.
 
-Exit codes: 0 done; 1 the model cannot be compiled (every reason listed); 2 usage error or the
-Neuron SDK is missing.
+Exit codes: 0 done; 1 a FlashFwd node cannot be launched (every reason listed with its fix);
+2 bad input or usage (a --shape that does not fit, no -o) or the Neuron SDK is missing.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def compile_main(argv: list[str]) -> int:
         model = shapes.fix_input_shapes(onnx.load(args.model), shapes.parse_shape_args(args.shape))
     except shapes.ShapeError as e:
         print(f"fuse-attn compile: {e}", file=sys.stderr)
-        return 1
+        return 2
     feeds = shapes.example_feeds(model, args.seed)
     plans, problems = constraints.plan_model(model, False if args.no_mixed_precision else None, feeds)
     if problems:
@@ -114,8 +114,9 @@ def compile_main(argv: list[str]) -> int:
     if args.simulate:
         for name, abs_err, rel_err in compare_with_onnxruntime(model, module, feeds):
             print(f"output {name}: max |simulated - onnxruntime| = {abs_err:.3g} ({rel_err:.3g} of max |output|)")
-        print("simulated: this is the error to expect on Inf2 from flash_fwd's arithmetic; "
-              "no Neuron trace was run" + (f", {args.output} not written" if args.output else ""))
+        print("simulated: this is the error flash_fwd's arithmetic adds on Inf2 (the rest of the graph as "
+              "neuronx-cc compiles it, --auto-cast included, is not simulated); no Neuron trace was run"
+              + (f", {args.output} not written" if args.output else ""))
         return 0
 
     import torch
