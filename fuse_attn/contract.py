@@ -97,7 +97,9 @@ def kernel_violations(
     if kv_heads <= 0 or heads % kv_heads:
         problems.append(f"{heads} q heads are not a multiple of {kv_heads} kv heads")
     if not allow_seq_padding:
-        if seq_tile_size is None or seq_tile_size < 512 or seq_tile_size % 512:
+        if seq_tile_size is None:
+            problems.append(f"no supported tile ({', '.join(map(str, TILE_CANDIDATES))}) divides seq {seq}")
+        elif seq_tile_size < 512 or seq_tile_size % 512:
             problems.append(f"seq_tile_size {seq_tile_size} is not a multiple of 512")
         elif seq % seq_tile_size:
             problems.append(f"seq {seq} is not divisible by seq_tile_size {seq_tile_size}")

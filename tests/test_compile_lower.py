@@ -142,7 +142,7 @@ def problems_of(seq=512, batch=1, **kwargs):
     "kwargs,expected",
     [
         (dict(seq=300, causal=False), "seq 300 is not a multiple of the 128-query tile"),
-        (dict(seq=640, causal=False), "seq_tile_size None is not a multiple of 512"),
+        (dict(seq=640, causal=False), "no supported tile (2048, 1024, 512) divides seq 640"),
         (dict(dropout_p=0.5), "dropout_p 0.5 != 0"),
         (dict(scale=0.0), "softmax_scale 0.0"),
     ],
@@ -215,7 +215,7 @@ def test_compile_errors(fused_path, capsys):
     nc = fused_path.replace("fused", "nc")
     onnx.save(fused_model(causal=False), nc)
     assert compile_main([nc, "--simulate", "--shape", "x=1x640x64"]) == 1
-    assert "l0_flash: seq_tile_size None is not a multiple of 512; fix: pass a --shape" in capsys.readouterr().err
+    assert "l0_flash: no supported tile (2048, 1024, 512) divides seq 640; fix: pass a --shape" in capsys.readouterr().err
 
 
 def test_flash_module_slices_padding():

@@ -127,24 +127,8 @@ def evaluated_types(model: onnx.ModelProto, names: list[str], feeds: dict[str, n
 
 
 def example_feeds(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
-    """Inputs for a shape-fixed model: normal floats; integer inputs that index a Gather table
-    (token ids) uniform over its rows; other integers and booleans all ones (an all-visible mask)."""
-    tables = {t.name: list(t.dims) for t in model.graph.initializer}
-    rows: dict[str, int] = {}
-    for node in model.graph.node:
-        if node.op_type == "Gather" and node.domain in ("", "ai.onnx") and len(node.input) > 1 and node.input[0] in tables:
-            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-            rows[node.input[1]] = min(rows.get(node.input[1], tables[node.input[0]][axis]), tables[node.input[0]][axis])
-    rng = np.random.default_rng(seed)
-    types = value_types(model)
-    feeds = {}
-    for inp in real_inputs(model.graph):
-        vt = types[inp.name]
-        dtype = helper.tensor_dtype_to_np_dtype(vt.elem_type)
-        if np.issubdtype(dtype, np.floating):
-            feeds[inp.name] = rng.standard_normal(vt.shape).astype(dtype)
-        elif inp.name in rows:
-            feeds[inp.name] = rng.integers(0, rows[inp.name], size=vt.shape).astype(dtype)
-        else:
-            feeds[inp.name] = np.ones(vt.shape, dtype=dtype)
-    return feeds
+    """Inputs for a shape-fixed model, as `fuse-attn --verify` makes them: normal floats, token
+    ids within the vocabulary, all-ones integer masks."""
+    from fuse_attn.verify import random_inputs
+
+    return random_inputs(model, seed)
