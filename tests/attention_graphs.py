@@ -491,7 +491,7 @@ def _block_reference(spec: AttnSpec, p: BlockParams, x, mem, pad, *, scale_facto
 
 def build(spec: AttnSpec) -> Built:
     g = _Graph(spec)
-    b, s, sk, h, hid = spec.batch, spec.seq, spec.skv, spec.heads, spec.hidden
+    b, s, sk, h, kv, d, hid = spec.batch, spec.seq, spec.skv, spec.heads, spec.kv, spec.head_dim, spec.hidden
     rng = np.random.default_rng(spec.seed)
     seq_dim: int | str = "seq" if spec.symbolic_seq else s
     inputs = [helper.make_tensor_value_info("x", g.onnx_dtype, [b, seq_dim, hid])]
@@ -620,7 +620,7 @@ def _apply_mask(g: _Graph, spec: AttnSpec, scores: str, x: str, bias_const: np.n
 
 
 def _build_block(g: _Graph, spec: AttnSpec, rng, x: str, kv_src: str, blk: int):
-    b, s, sk, h, hid = spec.batch, spec.seq, spec.skv, spec.heads, spec.hidden
+    b, s, sk, h, kv, d, hid = spec.batch, spec.seq, spec.skv, spec.heads, spec.kv, spec.head_dim, spec.hidden
     npd = g.np_dtype
     nominal = spec.nominal_scale
     # peaked attention: q.k has std gain^2 * sqrt(d); times the scale it should be target_score_std
