@@ -28,6 +28,7 @@ MAX_CONE_NODES = 400
 # needs more than this is computing with weights, and reading them is what the pass avoids.
 MAX_CONE_CONSTANT_ELEMENTS = 16 << 20
 MAX_SHAPE_WALK = 200_000
+_CACHE_AT_MOST = 1 << 16  # elements: intermediate values larger than this are not kept
 
 
 # Ops whose first output has exactly the type and shape of their first input.
@@ -259,8 +260,11 @@ class Evaluator:
                 results = ReferenceEvaluator(model).run(None, feeds)
         except Exception as exc:  # the reference runtime's own message is the best we have
             raise Unprovable(f"evaluating '{target.name}' failed: {type(exc).__name__}: {exc}") from None
-        self._cache.update(leaves)
-        self._cache.update({v: np.asarray(r) for v, r in zip(wanted, results)})
+        # Keep what later proofs reuse (the target, shape-sized values), not seq² intermediates.
+        computed = {v: np.asarray(r) for v, r in zip(wanted, results)}
+        for v, array in (*leaves.items(), *computed.items()):
+            if v is target or array.size <= _CACHE_AT_MOST:
+                self._cache[v] = array
 
 
 def _topological(target: Value, nodes: set[Node]) -> list[Node]:

@@ -83,11 +83,17 @@ def read_scores(steps: tuple[ScoreStep, ...], evaluator: Evaluator, seq_q: int, 
     return result
 
 
+def _float(array: np.ndarray) -> np.ndarray:
+    """Mask arithmetic in float32 (seq² arrays are large), float64 only where the graph has it."""
+    return array.astype(np.float64 if array.dtype == np.float64 else np.float32, copy=False)
+
+
 def _read_scores(steps: tuple[ScoreStep, ...], evaluator: Evaluator, seq_q: int, seq_k: int) -> ScoreReading:
     scale = 1.0
-    bias = np.zeros((seq_q, seq_k))  # additive term on kept positions
-    replaced = np.zeros((seq_q, seq_k), dtype=bool)  # positions a Where replaced by a constant
-    fill = np.zeros((seq_q, seq_k))  # their value
+    square = (seq_q, seq_k)
+    bias = None  # additive term on positions the scores still reach (None: zero everywhere)
+    replaced = None  # positions a Where replaced by a constant (None: none)
+    fill = None  # the constant at replaced positions (meaningless elsewhere)
     for step in steps:
         if step.kind == "cast":
             continue
@@ -95,32 +101,40 @@ def _read_scores(steps: tuple[ScoreStep, ...], evaluator: Evaluator, seq_q: int,
             if not (np.isfinite(step.factor) and step.factor > 0):
                 raise NotFused(f"the scale factor {step.factor} is not positive and finite", step.node)
             scale *= step.factor
-            with np.errstate(invalid="ignore"):
-                bias, fill = bias * step.factor, fill * step.factor
+            with np.errstate(invalid="ignore", over="ignore"):
+                bias = None if bias is None else bias * step.factor
+                fill = None if fill is None else fill * step.factor
         elif step.kind in ("add", "sub"):
-            term = _square(_operand(evaluator, step, step.operand, "additive term").astype(np.float64),
+            term = _square(_float(_operand(evaluator, step, step.operand, "additive term")),
                            seq_q, seq_k, "additive term")
             if step.kind == "sub":
                 term = -term
-            with np.errstate(invalid="ignore"):
-                bias, fill = bias + term, fill + term
+            with np.errstate(invalid="ignore", over="ignore"):
+                bias = term if bias is None else bias + term
+                fill = None if fill is None else fill + term
         else:  # where
             cond = _square(_operand(evaluator, step, step.condition, "condition").astype(bool),
                            seq_q, seq_k, "mask condition")
-            keep = cond if step.scores_when_true else ~cond
-            value = _square(_operand(evaluator, step, step.operand, "fill value").astype(np.float64),
+            dropped = ~cond if step.scores_when_true else cond
+            value = _square(_float(_operand(evaluator, step, step.operand, "fill value")),
                             seq_q, seq_k, "fill value")
-            fill = np.where(keep, fill, value)
-            replaced = replaced | ~keep
-    if np.isnan(bias).any() or np.isnan(fill[replaced]).any():
-        raise NotFused("the mask produces NaN scores")
-    masked = np.where(replaced, fill, bias) <= MASKED_AT_MOST
-    if (replaced & ~masked).any():
-        raise NotFused("scores are replaced by a constant that is not a mask value")
-    if (bias[~masked] != 0).any():
-        raise NotFused("the unmasked scores get an additive bias (ALiBi, relative position or another "
-                       "bias), which the kernel cannot add")
-    causal = np.triu(np.ones((seq_q, seq_k), dtype=bool), 1)
+            fill = value if fill is None else np.where(dropped, value, fill)
+            replaced = dropped if replaced is None else replaced | dropped
+    with np.errstate(invalid="ignore"):
+        masked = np.zeros(square, dtype=bool) if bias is None else bias <= MASKED_AT_MOST
+        if replaced is not None:
+            if np.isnan(fill[replaced]).any():
+                raise NotFused("the mask produces NaN scores")
+            if (fill[replaced] > MASKED_AT_MOST).any():
+                raise NotFused("scores are replaced by a constant that is not a mask value")
+            masked |= replaced
+        if bias is not None:
+            if np.isnan(bias[~masked]).any():
+                raise NotFused("the mask produces NaN scores")
+            if (bias[~masked] != 0).any():
+                raise NotFused("the unmasked scores get an additive bias (ALiBi, relative position or another "
+                               "bias), which the kernel cannot add")
+    causal = np.triu(np.ones(square, dtype=bool), 1)
     if not masked.any():
         return ScoreReading(scale, causal=False)
     if np.array_equal(masked, causal):
