@@ -7,6 +7,7 @@ stderr (set FUSE_ATTN_DEBUG=1 for a traceback); the output file is written atomi
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 
@@ -68,6 +69,8 @@ def _fuse_main(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # A short-lived process that builds one object per node: collection passes are pure cost.
+    gc.disable()
     from fuse_attn.modelio import InputError
 
     try:

@@ -7,7 +7,6 @@ import time
 
 import numpy as np
 import onnx
-from tqdm import tqdm
 
 from fuse_attn import contract, modelio
 from fuse_attn.evaluator import Evaluator
@@ -73,7 +72,11 @@ def fuse_graph(graph: Graph, *, name: str = "model", assume_no_padding: bool = F
     report.already_fused = sum(n.domain == contract.DOMAIN and n.op_type == contract.OP_TYPE for n in graph)
     transposes_before = sum(is_op(n, "Transpose") for n in graph)
     anchors = [n for n in graph if is_op(n, "Softmax", "Attention")]
-    for anchor in tqdm(anchors, desc="attention blocks", disable=not progress, leave=False):
+    if progress:  # a bar only for a person watching a terminal
+        from tqdm import tqdm
+
+        anchors = tqdm(anchors, desc="attention blocks", leave=False)
+    for anchor in anchors:
         try:
             if anchor.op_type == "Softmax":
                 plan = plan_decomposed(anchor, evaluator, graph.opset)
