@@ -71,6 +71,13 @@ def entries(only: str | list[str] | None = None, manifest: dict[str, Any] | None
     return [m for m in models if m["name"] in wanted]
 
 
+def names_matching(patterns: list[str] | None) -> list[str] | None:
+    """Recipe names for --only patterns (exact names or substrings); None for no filter."""
+    if not patterns:
+        return None
+    return [e["name"] for pattern in patterns for e in entries(pattern)]
+
+
 def cache_dir(out_dir: Path | str | None = None) -> Path:
     return Path(out_dir or os.environ.get(CACHE_ENV) or DEFAULT_CACHE)
 

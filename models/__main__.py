@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from . import build_all, cache_dir, entries
+from . import build_all, cache_dir, entries, names_matching
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,12 +32,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"{e['dtype']:<8} {e.get('attn_impl') or '-'}")
         return 0
 
-    only = None
-    if args.only:
-        only = [n for o in args.only for n in (e["name"] for e in entries(o))]
-        if not only:
-            print(f"no recipe matches {args.only}", file=sys.stderr)
-            return 2
+    only = names_matching(args.only)
+    if only == []:
+        print(f"no recipe matches {args.only}", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
     models = build_all(args.out, only, force=getattr(args, "force", False), log=lambda m: print(m, flush=True))
     failed = [m for m in models if not m.ok and not m.skipped]

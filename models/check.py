@@ -236,7 +236,7 @@ def zoo_main(argv: list[str] | None = None) -> int:
     import argparse
     import sys
 
-    from . import build_all, entries
+    from . import build_all, names_matching
 
     ap = argparse.ArgumentParser(prog="fuse-attn zoo", description="the regression suite over the model zoo")
     ap.add_argument("--only", action="append", help="a model name (exact, or a substring); repeatable")
@@ -244,12 +244,10 @@ def zoo_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--markdown", help="also write the table to this Markdown file")
     ap.add_argument("-q", "--quiet", action="store_true", help="no per-model progress lines")
     args = ap.parse_args(argv)
-    only = None
-    if args.only:
-        only = [n for o in args.only for n in (e["name"] for e in entries(o))]
-        if not only:
-            print(f"no recipe matches {args.only}", file=sys.stderr)
-            return 2
+    only = names_matching(args.only)
+    if only == []:
+        print(f"no recipe matches {args.only}", file=sys.stderr)
+        return 2
     log = None if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     models = build_all(args.out, only, log=log)
     rows = check_zoo(models, fused_dir=default_fused_dir(args.out), log=log)

@@ -27,12 +27,8 @@ from fuse_attn.contract import FlashFwdAttrs
 from test_compile_lower import fused_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# The simulator's tensor ops run on one thread: on a shared 2-core machine two are slower.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @dataclasses.dataclass(frozen=True)

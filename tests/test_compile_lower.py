@@ -18,12 +18,8 @@ from fuse_attn.compile.lower import FlashFwdModule, lower
 BF16_ATOL = 3e-2  # relative to outputs of magnitude ~5 here; see the simulator tests for the kernel alone
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# The simulator's tensor ops run on one thread: on a shared 2-core machine two are slower.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def fused_model(hidden=64, heads=4, kv_heads=2, causal=True, layers=1, opset=18, scale=None, dropout_p=0.0,

@@ -18,13 +18,8 @@ BF16_ATOL = 3e-2
 FP32_ATOL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Small tensors on a shared 2-core machine: one thread is several times faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# The simulator's tensor ops run on one thread: on a shared 2-core machine two are slower.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def reference(q, k, v, scale=None, causal=True, mask_value=-np.inf):
