@@ -158,8 +158,11 @@ def chain_labels(chain: Chain, evaluator: Evaluator) -> list[np.ndarray]:
         root_shape = evaluator.shape_of(chain.values[0])
         size = math.prod(root_shape)
         labels = [np.arange(size, dtype=np.int32 if size < 2**31 else np.int64).reshape(root_shape)]
-        for node in chain.nodes:
+        for node, value in zip(chain.nodes, chain.values[1:]):
             labels.append(_move(node, labels[-1], evaluator))
+            if labels[-1].shape != evaluator.shape_of(value):  # a scalar Mul that broadcasts, say
+                raise NotFused(f"{describe(node)} changes the shape to {evaluator.shape_of(value)}, "
+                               f"not {labels[-1].shape} as moving the data would")
     except Unprovable as exc:
         raise NotFused(f"cannot prove the attention layout: {exc}") from None
     except (ValueError, TypeError) as exc:

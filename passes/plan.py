@@ -133,7 +133,21 @@ def plan_block(
 
     key = ("layout",) + tuple((op.to_kernel_layout, chain_signature(op.chain, evaluator)) for op in (q, k, v))
     proof: LayoutProof = _memoized(evaluator, key, lambda: _prove_layout(q, k, v, evaluator))
-    reading: ScoreReading = read_scores(proof.seq_q, proof.seq_k)
+    # What replaces the block must have the block's shape: a mask or scale that broadcasts the
+    # scores to more batch entries or dims would make the original output larger than the kernel's.
+    kernel_output = ((proof.batch * proof.heads, proof.seq_q, proof.head_dim) if proof.batched_heads
+                     else (proof.batch, proof.heads, proof.seq_q, proof.head_dim))
+    try:
+        output_shape = evaluator.shape_of(output)
+    except Unprovable as exc:
+        raise NotFused(f"cannot prove the attention output's shape: {exc}") from None
+    if output_shape != kernel_output:
+        raise NotFused(f"the attention output has shape {output_shape}, the kernel's would be {kernel_output} "
+                       "(the mask or scale broadcasts the scores)")
+    try:
+        reading: ScoreReading = read_scores(proof.seq_q, proof.seq_k)
+    except Unprovable as exc:
+        raise NotFused(f"cannot prove what the mask is: {exc}") from None
     q_src, k_src, v_src = (
         Source(op.chain.values[pick.index], pick.perm, pick.unsqueeze, op.chain.factor_after(pick.index))
         for op, pick in zip((q, k, v), proof.picks)
