@@ -50,12 +50,50 @@ def _is_shape_op(node: Node) -> bool:
     return node.domain in DEFAULT_DOMAINS and node.op_type in ("Shape", "Size")
 
 
+BATCH_SAMPLE = 2
+# Symbolic seq lengths are proven at this size (one distinct size per symbol, so that two
+# symbols never look equal by accident), and masks again past their constants (see plan).
+FIRST_SEQ_SAMPLE, SEQ_SAMPLE_STEP = 96, 8
+
+
+def sample_binding(graph: Graph, seq: int = FIRST_SEQ_SAMPLE) -> dict[str, int]:
+    """A concrete size for every free symbolic dim: those of the graph inputs (axis 0 is batch).
+
+    Symbols that only intermediate values carry (shape inference's `unk__N`) are not free:
+    the evaluator infers them from the inputs instead of inventing a size.
+    """
+    binding: dict[str, int] = {}
+    others = 0
+    for value in graph.inputs:
+        for axis, dim in enumerate(value.shape or ()):
+            if not isinstance(dim, str) or dim in binding:
+                continue
+            if axis == 0:
+                binding[dim] = BATCH_SAMPLE
+            else:
+                binding[dim] = seq + SEQ_SAMPLE_STEP * others
+                others += 1
+    return binding
+
+
 class Evaluator:
     """Evaluates values of one graph under one binding of symbolic dims to integers.
 
     `declared_inputs` maps graph-input names to contents the user vouched for; they are
     built at the input's concrete shape with `declared_inputs[name](shape, numpy_dtype)`.
     """
+
+    @classmethod
+    def for_graph(cls, graph: Graph, declared_inputs=None, seq: int = FIRST_SEQ_SAMPLE) -> "Evaluator":
+        return cls(graph, sample_binding(graph, seq), declared_inputs)
+
+    def at_seq(self, seq: int) -> "Evaluator":
+        """The same graph with its symbolic seq lengths bound to `seq` (and up); one per seq."""
+        if seq not in self._rebound:
+            other = Evaluator.for_graph(self.graph, self.declared_inputs, seq)
+            other.declared_used = self.declared_used
+            self._rebound[seq] = other
+        return self._rebound[seq]
 
     def __init__(self, graph: Graph, binding: dict[str, int], declared_inputs=None):
         self.graph = graph
@@ -67,6 +105,7 @@ class Evaluator:
         self.declared_used: set[str] = set()
         # Proofs keyed by what they depend on: layers that repeat a structure are proven once.
         self.memo: dict[object, object] = {}
+        self._rebound: dict[int, Evaluator] = {}
 
     # --- shapes and dtypes ----------------------------------------------------------------
     def dim(self, d) -> int:
@@ -167,6 +206,26 @@ class Evaluator:
             dims = t.tensor_type.shape.dim
             if t.tensor_type.elem_type and all(d.HasField("dim_value") for d in dims):
                 self._types[out] = (t.tensor_type.elem_type, tuple(d.dim_value for d in dims))
+
+    def cone_index_constants(self, value: Value) -> list[int]:
+        """The single-number integer constants `value` is computed from: the numbers position
+        arithmetic uses (a window size would be one; mask fill values are floats)."""
+        found, seen, stack = [], set(), [value]
+        while stack and len(seen) < MAX_CONE_NODES:
+            v = stack.pop()
+            if v in seen:
+                continue
+            seen.add(v)
+            if v.is_constant():
+                if v.constant_size() == 1:
+                    array = np.asarray(v.constant())
+                    if array.dtype.kind in "iu":
+                        found.append(int(array.reshape(())))
+                continue
+            node = v.producer()
+            if node is not None and not _is_shape_op(node):
+                stack.extend(i for i in node.inputs if i is not None)
+        return found
 
     # --- values ---------------------------------------------------------------------------
     def value_of(self, value: Value) -> np.ndarray:

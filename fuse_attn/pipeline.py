@@ -19,32 +19,6 @@ from passes.onnx_attention import plan_onnx_attention
 from passes.plan import FusionPlan
 from passes.rewrite import emit_flash_fwd
 
-BATCH_SAMPLE = 2
-# Symbolic seq lengths are proven at these sizes (one per distinct symbol, so that two symbols
-# never look equal by accident); the compile step checks again at the real, fixed shapes.
-FIRST_SEQ_SAMPLE, SEQ_SAMPLE_STEP = 96, 8
-
-
-def sample_binding(graph: Graph) -> dict[str, int]:
-    """A concrete size for every free symbolic dim: those of the graph inputs.
-
-    Symbols that only intermediate values carry (shape inference's `unk__N`) are not free:
-    the evaluator infers them from the inputs instead of inventing a size.
-    """
-    binding: dict[str, int] = {}
-    others = 0
-    for value in graph.inputs:
-        for axis, dim in enumerate(value.shape or ()):
-            if not isinstance(dim, str) or dim in binding:
-                continue
-            if axis == 0:
-                binding[dim] = BATCH_SAMPLE
-            else:
-                binding[dim] = FIRST_SEQ_SAMPLE + SEQ_SAMPLE_STEP * others
-                others += 1
-    return binding
-
-
 def _ones(shape, dtype):
     return np.ones(shape, dtype=dtype)
 
@@ -67,7 +41,7 @@ def fuse_graph(graph: Graph, *, name: str = "model", assume_no_padding: bool = F
     and, for every block left alone, why."""
     start = time.perf_counter()
     declared = {v.name: _ones for v in graph.inputs} if assume_no_padding else {}
-    evaluator = Evaluator(graph, sample_binding(graph), declared)
+    evaluator = Evaluator.for_graph(graph, declared)
     report = FuseReport(model=name)
     report.already_fused = sum(n.domain == contract.DOMAIN and n.op_type == contract.OP_TYPE for n in graph)
     transposes_before = sum(is_op(n, "Transpose") for n in graph)

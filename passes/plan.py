@@ -17,7 +17,11 @@ from fuse_attn.evaluator import Evaluator, Unprovable
 from fuse_attn.graph import Node, Value
 from passes._graph import NotFused, dtype_name
 from passes.layout import Chain, Source, chain_labels, chain_signature, choose_source, grid_order, kv_heads_of
-from passes.masks import ScoreReading
+from passes.masks import ScoreReading, read_scores
+
+
+# Masks of symbolic-seq graphs are proven at two lengths; the longer is at most this (seq² arrays).
+MAX_MASK_PROOF_SEQ = 8192
 
 
 @dataclasses.dataclass
@@ -96,6 +100,27 @@ def _prove_layout(q: Operand, k: Operand, v: Operand, evaluator: Evaluator) -> L
                        grid_order(k_heads))
 
 
+def _check_mask_at_longer_seq(score_steps, query: Value, reading: ScoreReading, evaluator: Evaluator) -> None:
+    """A symbolic seq was proven at a small sample size; a mask computed from shapes may change
+    with the length (a sliding window is causal up to its window). Prove it again at a length
+    past every constant its computation uses."""
+    steps = score_steps(evaluator.shape_of(query)[-2], evaluator.shape_of(query)[-2])
+    operands = [v for st in steps for v in (st.operand, st.condition) if isinstance(v, Value)]
+    reach = max((abs(c) for v in operands for c in evaluator.cone_index_constants(v)), default=0)
+    longer = max(reach + 2, 2 * evaluator.shape_of(query)[-2])
+    if longer > MAX_MASK_PROOF_SEQ:
+        raise NotFused(f"the mask is computed with the constant {reach} (a window?) and cannot be proven "
+                       f"for symbolic seq lengths beyond {MAX_MASK_PROOF_SEQ}; export with a fixed seq")
+    at_longer = evaluator.at_seq(longer)
+    seq = at_longer.shape_of(query)[-2]
+    try:
+        again = read_scores(score_steps(seq, seq), at_longer, seq, seq)
+    except NotFused as exc:
+        raise NotFused(f"at seq {seq}: {exc.reason}") from None
+    if again != reading:
+        raise NotFused(f"the mask reads as {reading} at seq {evaluator.shape_of(query)[-2]} but {again} at seq {seq}")
+
+
 def _memoized(evaluator: Evaluator, key: tuple, prove):
     """`prove()` once per key; a NotFused is remembered and raised again like a result."""
     if key not in evaluator.memo:
@@ -115,7 +140,7 @@ def plan_block(
     v: Operand,
     *,
     evaluator: Evaluator,
-    read_scores,  # (seq_q, seq_k) -> ScoreReading; called once the seq lengths are proven
+    score_steps,  # (seq_q, seq_k) -> the score steps; called once the seq lengths are proven
     output: Value,
     insert_before: Node,
     dropout_p: float = 0.0,
@@ -144,8 +169,12 @@ def plan_block(
     if output_shape != kernel_output:
         raise NotFused(f"the attention output has shape {output_shape}, the kernel's would be {kernel_output} "
                        "(the mask or scale broadcasts the scores)")
+    query = q.chain.values[-1]
+    seq = _size(query, -2, proof.seq_q, evaluator)
     try:
-        reading: ScoreReading = read_scores(proof.seq_q, proof.seq_k)
+        reading = read_scores(score_steps(proof.seq_q, proof.seq_k), evaluator, proof.seq_q, proof.seq_k)
+        if isinstance(seq, str):
+            _check_mask_at_longer_seq(score_steps, query, reading, evaluator)
     except Unprovable as exc:
         raise NotFused(f"cannot prove what the mask is: {exc}") from None
     q_src, k_src, v_src = (
@@ -156,8 +185,6 @@ def plan_block(
         raise NotFused("values are scaled before the output MatMul")
     scale = reading.scale * q_src.factor * k_src.factor
 
-    query = q.chain.values[-1]
-    seq = _size(query, -2, proof.seq_q, evaluator)
     notes = []
     if proof.q_head_order is not None:
         notes.append("kv heads are shared in another order than repeat_kv's: q heads reordered for the grid")

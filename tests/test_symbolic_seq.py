@@ -1,0 +1,78 @@
+"""Masks of graphs with a symbolic seq length, computed in the graph from shapes.
+
+Such a mask is evaluated at sample lengths. A sliding window looks causal at every length up
+to its window, so the proof is repeated at a length past every constant the mask uses.
+"""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from fuse_attn import fuse
+
+D = 16
+
+
+def _block(window: int | None) -> onnx.ModelProto:
+    """q, k, v (2, seq, D) -> softmax(q kᵀ / 4, masked causal [within `window`]) v; the mask
+    is built from Shape(q) as exporters do."""
+    c = lambda name, value: numpy_helper.from_array(np.asarray(value), name)  # noqa: E731
+    inits = [c("zero", np.int64(0)), c("one", np.int64(1)), c("ax0", np.array([0])), c("ax1", np.array([1])),
+             c("quarter", np.float32(0.25)), c("neg_inf", np.float32(-np.inf))]
+    nodes = [
+        helper.make_node("Shape", ["q"], ["seq_1d"], start=1, end=2),
+        helper.make_node("Squeeze", ["seq_1d"], ["seq"]),
+        helper.make_node("Range", ["zero", "seq", "one"], ["pos"]),
+        helper.make_node("Unsqueeze", ["pos", "ax1"], ["rows"]),
+        helper.make_node("Unsqueeze", ["pos", "ax0"], ["cols"]),
+        helper.make_node("LessOrEqual", ["cols", "rows"], ["keep"]),
+    ]
+    if window is not None:  # also key > query - window
+        inits.append(c("window", np.int64(window)))
+        nodes += [helper.make_node("Sub", ["rows", "window"], ["lowest"]),
+                  helper.make_node("Greater", ["cols", "lowest"], ["inside"]),
+                  helper.make_node("And", ["keep", "inside"], ["keep_w"])]
+    keep = "keep_w" if window is not None else "keep"
+    nodes += [
+        helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["q", "kt"], ["scores"]),
+        helper.make_node("Mul", ["scores", "quarter"], ["scaled"]),
+        helper.make_node("Where", [keep, "scaled", "neg_inf"], ["masked"]),
+        helper.make_node("Softmax", ["masked"], ["p"], axis=-1),
+        helper.make_node("MatMul", ["p", "v"], ["o"]),
+    ]
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, "seq", D]) for n in ("q", "k", "v")]
+    graph = helper.make_graph(nodes, "g", io, [helper.make_tensor_value_info("o", TensorProto.FLOAT, [2, "seq", D])],
+                              inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def _run(model: onnx.ModelProto, seq: int) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    feeds = {n: (3 * rng.standard_normal((2, seq, D))).astype(np.float32) for n in ("q", "k", "v")}
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+
+@pytest.mark.parametrize("seq", [7, 96, 300])
+def test_causal_mask_from_shapes_fuses_and_matches_at_any_length(seq):
+    model = _block(window=None)
+    fused, report = fuse(model)
+    (block,) = report.blocks
+    assert block.fused and block.causal and block.seq == "seq", block
+    np.testing.assert_allclose(_run(fused, seq), _run(model, seq), atol=1e-5)
+
+
+def test_sliding_window_longer_than_the_first_sample_is_left_alone():
+    model = _block(window=200)  # causal at every seq <= 200, the first sample is 96
+    assert not np.allclose(_run(model, 300), _run(_block(window=None), 300), atol=1e-3)
+    _, report = fuse(model)
+    (block,) = report.blocks
+    assert not block.fused and "sliding window of 200" in block.reason, block.reason
+
+
+def test_window_beyond_the_provable_length_is_left_alone():
+    _, report = fuse(_block(window=100_000))
+    (block,) = report.blocks
+    assert not block.fused and "100000" in block.reason and "fixed seq" in block.reason, block.reason
