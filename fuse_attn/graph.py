@@ -303,9 +303,8 @@ class Graph:
         """The model with every edit written back (the view's own proto, updated in place)."""
         order = self.ordered_nodes()
         graph = self.model.graph
-        if [n.proto for n in order] != list(graph.node):
-            del graph.node[:]
-            graph.node.extend(n.proto for n in order)
+        del graph.node[:]
+        graph.node.extend(n.proto for n in order)
         declared = {vi.name for vi in graph.value_info}
         inputs_outputs = self._input_names | self._output_names
         live = {v.name for n in order for v in n.outputs if v is not None}
