@@ -5,7 +5,6 @@ from __future__ import annotations
 from fuse_attn.evaluator import Evaluator, Unprovable
 from passes.find_attention import match_attention
 from passes.layout import walk_chain
-from passes.masks import read_scores
 from passes.plan import FusionPlan, Operand, plan_block, q_layout, same_layout
 
 
@@ -20,7 +19,7 @@ def plan_decomposed(softmax, evaluator: Evaluator, opset: int) -> FusionPlan:
         Operand(walk_chain(match.key_t, allow_scale=True), same_layout),
         Operand(walk_chain(match.value, allow_scale=False), same_layout),
         evaluator=evaluator,
-        read_scores=lambda seq_q, seq_k: read_scores(match.score_steps, evaluator, seq_q, seq_k),
+        score_steps=lambda seq_q, seq_k: match.score_steps,
         output=match.output,
         insert_before=match.pv,
         dropout_p=match.dropout_p,

@@ -19,7 +19,6 @@ from fuse_attn.graph import Node, Value
 from passes._graph import NotFused, describe
 from passes.find_attention import ScoreStep
 from passes.layout import walk_chain
-from passes.masks import read_scores
 from passes.plan import FusionPlan, Operand, plan_block, same_layout
 
 
@@ -63,7 +62,7 @@ def plan_onnx_attention(node: Node, evaluator: Evaluator) -> FusionPlan:
     query, key, value = node.inputs[:3]
     mask = _input(node, 3)
 
-    def read(seq_q: int, seq_k: int):
+    def score_steps(seq_q: int, seq_k: int) -> tuple[ScoreStep, ...]:
         head_dim = evaluator.shape_of(query)[-1]
         scale = node.attr("scale", None) or 1.0 / math.sqrt(head_dim)
         steps = [ScoreStep("scale", node, factor=scale)]
@@ -75,14 +74,14 @@ def plan_onnx_attention(node: Node, evaluator: Evaluator) -> FusionPlan:
         if node.attr("is_causal", 0):
             below = np.tril(np.ones((seq_q, seq_k), dtype=bool))
             steps.append(ScoreStep("where", node, operand=np.array(-np.inf), condition=below))
-        return read_scores(tuple(steps), evaluator, seq_q, seq_k)
+        return tuple(steps)
 
     return plan_block(
         Operand(walk_chain(query, allow_scale=True), _to_kernel_qk),
         Operand(walk_chain(key, allow_scale=True), _to_kernel_qk),
         Operand(walk_chain(value, allow_scale=False), _to_kernel_v),
         evaluator=evaluator,
-        read_scores=read,
+        score_steps=score_steps,
         output=node.outputs[0],
         insert_before=node,
     )
