@@ -43,6 +43,8 @@ def _fuse_main(argv: list[str]) -> int:
     source, target = os.path.abspath(args.model), os.path.abspath(args.output)
     if source == target and not args.in_place:
         raise modelio.InputError("the output would overwrite the input; pass --in-place to allow it")
+    if os.path.isdir(target):
+        raise modelio.InputError(f"output '{args.output}' is a folder; give the fused model's file name")
     if not os.path.isdir(os.path.dirname(target)):
         raise modelio.InputError(f"output folder '{os.path.dirname(target)}' does not exist")
     proto = modelio.load_proto(args.model)

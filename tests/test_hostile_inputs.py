@@ -209,6 +209,12 @@ def test_output_in_read_only_directory(real_model, tmp_path):
         ro.chmod(0o755)
 
 
+def test_output_that_is_a_folder(real_model, tmp_path):
+    before = sorted(os.listdir(tmp_path))
+    assert_bad_input(run_cli(real_model, "-o", tmp_path), mentions=("folder",))
+    assert sorted(os.listdir(tmp_path)) == before
+
+
 def test_output_equal_to_input_needs_in_place(real_model, tmp_path):
     src = tmp_path / "m.onnx"
     src.write_bytes(open(real_model, "rb").read())
