@@ -41,8 +41,11 @@ NEAR_MISS_MASKS = (
     "alibi",  # causal plus -slope_h * (i - j)
     "bias",  # an arbitrary additive (1, h, s, s) bias, no causal
     "bias_shared",  # an arbitrary additive (1, 1, s, s) bias, the same for every head
+    "boost",  # causal plus a *positive* +2 on the diagonal (a bias on kept scores, not a mask)
+    "strict",  # causal with the diagonal masked too (j < i): query 0 sees no key at all
+    "anti_causal",  # the causal mask flipped (j >= i), as a swapped Where or transposed mask makes it
 )
-BIAS_MASKS = ("alibi", "bias", "bias_shared")
+BIAS_MASKS = ("alibi", "bias", "bias_shared", "boost")
 MASKS = POSITIVE_MASKS + NEAR_MISS_MASKS
 
 # How the mask reaches the scores.
@@ -52,6 +55,8 @@ DECOMPOSED_MASK_FORMS = (
     "range",  # computed from shapes: Shape->Gather->Range->Unsqueeze->LessOrEqual|GreaterOrEqual->Where
     "range_add",  # the same condition -> Where(cond, 0, mask_value) -> Add
     "trilu",  # ConstantOfShape(s, s, mask_value) -> Trilu(upper, k) -> Add
+    "where_not",  # Where(bool constant of the *masked* positions, mask_value, scores): branches swapped
+    "range_offset",  # computed with the kv length: k_pos <= q_pos + (len(k) - len(q)) (bottom-right form)
 )
 ATTENTION_OP_MASK_FORMS = (
     "attr",  # is_causal=1 (mask causal) or no mask at all (mask none)
@@ -60,7 +65,8 @@ ATTENTION_OP_MASK_FORMS = (
     "all_true",  # a computed all-true boolean attn_mask (encoders)
     "float",  # a constant additive attn_mask
 )
-COMPUTABLE_MASKS = ("causal", "shift")  # masks the computed forms can express
+COMPUTABLE_MASKS = ("causal", "shift", "strict", "sliding_window")  # masks the computed forms can express
+CONSTANT_FORMS = ("add", "where", "where_not")  # decomposed forms that store the mask as a constant
 MASK_VALUES = ("-inf", "min", "-1e4", "-1e9")
 K_TRANSPOSES = (
     "perm0132",  # (b, s, kv, d) -Transpose[0,2,1,3]-> (b, kv, s, d) -Transpose[0,1,3,2]-> (b, kv, d, s)
@@ -74,11 +80,14 @@ V_TRANSPOSES = (
 )
 SCALE_FORMS = ("div", "mul", "sqrt_both", "none", "tensor")  # "tensor": near miss, per-head scale
 KV_REPEATS = ("repeat_kv", "tile", "concat")  # tile/concat: near misses (head i uses kv head i % kv)
-DROPOUTS = ("none", "identity", "identity_ratio")
+# training_zero: training=True with ratio 0 (still the identity); training: ratio 0.1 in training mode
+# (random, seeded): a near miss, the kernel runs in inference mode.
+DROPOUTS = ("none", "identity", "identity_ratio", "training_zero", "training")
 # probs/scores: near misses (an intermediate of the block has a second consumer);
 # q/present: the block's *inputs* are also graph outputs (Q, or K and V as a KV-cache "present"): fusable,
 # but a pass that folds its q transpose into the graph's own Transpose must not break the other consumer.
-EXTRA_CONSUMERS = ("none", "probs", "scores", "q", "present")
+# out: the PV MatMul's own output is also a graph output (fusable; the rewrite must keep its shape).
+EXTRA_CONSUMERS = ("none", "probs", "scores", "q", "present", "out")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +122,13 @@ class AttnSpec:
     opset: int | None = None  # None: 17 for decomposed, 23 for the Attention op
     seed: int = 0
     target_score_std: float = 4.0
+    # -- added dimensions (defaults keep every earlier spec's graph) --
+    mask_batch: int = 1  # leading dim of a constant mask: (mask_batch, 1, s, s); > batch broadcasts the scores
+    batched_heads: bool = False  # Q, Kᵀ, V reshaped to (b·h, ., .): rank-3 scores, as older exporters do
+    scale_rank: int = 0  # the div/mul scale constant has shape (1,) * scale_rank (0: a true scalar)
+    window: int = 0  # sliding window size (0: max(2, seq // 4)); computed forms need it set
+    v_scale: float | None = None  # Mul(V, v_scale) before MatMul(P, V): the output is scaled
+    mask_src: str = "x"  # computed masks read their length from Shape(x) or Shape(input_ids) (int64 input)
 
     def __post_init__(self):
         problems = self.invalid()
@@ -153,6 +169,22 @@ class AttnSpec:
     def causal(self) -> bool:
         return self.mask == "causal"
 
+    @property
+    def score_rank(self) -> int:
+        return 3 if self.batched_heads else 4
+
+    @property
+    def out_batch(self) -> int:
+        """The batch of the block's output: a mask with more batch entries broadcasts it."""
+        return max(self.batch, self.mask_batch)
+
+    @property
+    def computed_mask(self) -> bool:
+        if self.form == "attention_op":
+            return self.mask_form in ("range", "all_true")
+        return self.mask not in ("none", "padding", "causal_padding") + BIAS_MASKS and \
+            self.mask_form in ("range", "range_add", "trilu", "range_offset")
+
     def invalid(self) -> list[str]:
         p = []
         if self.dtype not in DTYPES:
@@ -192,11 +224,11 @@ class AttnSpec:
                 p.append("untransposed K / transposed V need seq == head_dim")
         if self.softmax_axis not in (-1, 3, 2, -2):
             p.append(f"softmax_axis {self.softmax_axis}")
-        if self.symbolic_seq and (self.seq_kv is not None or self.mask_form in ("add", "where")
-                                  and self.mask not in ("none", "padding")):
+        if self.symbolic_seq and (self.seq_kv is not None and self.mask_form != "range_offset"
+                                  or self.mask_form in CONSTANT_FORMS and self.mask not in ("none", "padding")):
             p.append("a symbolic seq takes only computed or no masks (constants fix the seq)")
-        if self.symbolic_seq and self.mask in ("alibi", "bias", "bias_shared", "causal_padding", "off_by_one",
-                                               "sliding_window", "bottom_right"):
+        if self.symbolic_seq and (self.mask in BIAS_MASKS + ("causal_padding", "off_by_one", "anti_causal")
+                                  or self.mask in ("sliding_window", "bottom_right") and not self.computed_mask):
             p.append(f"mask {self.mask} is a constant: no symbolic seq")
         if self.symbolic_seq and self.k_transpose == "untransposed":
             p.append("untransposed K needs a static seq")
@@ -229,6 +261,64 @@ class AttnSpec:
                 pass
         if self.softmax_cast and self.form != "decomposed":
             p.append("softmax_cast only for decomposed")
+        p += self._invalid_added()
+        return p
+
+    def _invalid_added(self) -> list[str]:
+        """Rules for the dimensions added after the first catalog (mask_batch, batched_heads, ...)."""
+        p = []
+        dec = self.form == "decomposed"
+        const_mask = dec and self.mask not in ("none", "padding", "causal_padding") + BIAS_MASKS and \
+            self.mask_form in CONSTANT_FORMS
+        if self.mask_batch < 1 or not (self.mask_batch in (1, self.batch) or self.batch == 1):
+            p.append(f"mask_batch {self.mask_batch} with batch {self.batch}")
+        if self.mask_batch != 1:
+            if not const_mask:
+                p.append("mask_batch needs a constant decomposed mask (add, where, where_not)")
+            if self.batched_heads:
+                p.append("mask_batch with batched heads")
+            if self.mask_batch > self.batch and (self.blocks != 1 or self.extra_consumer in ("probs", "scores")):
+                p.append("a broadcasting mask_batch takes one block and no probs/scores outputs")
+        if self.batched_heads:
+            if not dec:
+                p.append("batched_heads is decomposed only")
+            if self.softmax_axis != -1 or self.probs_transpose or self.extra_consumer in ("probs", "scores"):
+                p.append("batched_heads takes softmax_axis -1, no probs_transpose, no probs/scores outputs")
+            if self.mask in ("padding", "causal_padding") + BIAS_MASKS or self.scale_form == "tensor":
+                p.append("batched_heads takes no padding, bias or per-head scale")
+            if self.k_transpose == "untransposed" or self.v_transpose != "perm0213":
+                p.append("batched_heads takes the transposed K and untransposed V layouts")
+        if not 0 <= self.scale_rank <= 5:
+            p.append(f"scale_rank {self.scale_rank}")
+        if self.scale_rank and (not dec or self.scale_form not in ("div", "mul")):
+            p.append("scale_rank is for the decomposed div/mul scale")
+        if self.scale_rank > self.score_rank and self.extra_consumer == "probs":
+            p.append("a scale broadcasting the scores takes no probs output")
+        if self.window < 0 or (self.window and self.mask != "sliding_window"):
+            p.append("window is for the sliding_window mask")
+        if self.mask == "sliding_window" and self.computed_mask and not self.window:
+            p.append("a computed sliding window needs its window set")
+        if dec and self.mask_form == "trilu" and self.mask not in ("causal", "shift", "strict"):
+            p.append("trilu expresses causal, shift, strict")
+        if dec and self.mask_form == "range_offset":
+            if self.mask not in ("causal", "bottom_right"):
+                p.append("range_offset expresses causal (self) or bottom_right (cross)")
+        elif self.seq_kv is not None and self.symbolic_seq:
+            pass  # already refused above
+        if self.mask == "strict":
+            if not dec or self.mask_value != "-inf" or not self.nan_guard:
+                p.append("strict (query 0 sees nothing) is built decomposed with -inf and the NaN guard")
+        if self.mask == "anti_causal" and not (dec and self.mask_form in CONSTANT_FORMS
+                                               or not dec and self.mask_form == "bool"):
+            p.append("anti_causal is a constant mask")
+        if self.v_scale is not None and not dec:
+            p.append("v_scale is decomposed only")
+        if self.mask_src not in ("x", "input_ids"):
+            p.append(f"mask_src {self.mask_src}")
+        if self.mask_src != "x" and not self.computed_mask:
+            p.append("mask_src input_ids is for computed masks")
+        if self.dropout in ("training_zero", "training") and not dec:
+            p.append("dropout is decomposed only")
         return p
 
     # -- what the pass must do -------------------------------------------------------------------
@@ -256,6 +346,12 @@ class AttnSpec:
         if not self.causal and not self.symbolic_seq and self.seq_kv is None and (
                 self.seq % 128 or not any(self.seq % t == 0 for t in (2048, 1024, 512))):
             c.append("tile")
+        if self.mask_batch > self.batch or self.scale_rank > self.score_rank:
+            c.append("broadcast")
+        if self.v_scale is not None and self.v_scale != 1.0:
+            c.append("v scale")
+        if self.dropout == "training":
+            c.append("dropout")
         return c
 
     @property
@@ -275,6 +371,14 @@ class AttnSpec:
             exact.add("repeat")
         if (self.k_transpose == "untransposed" or self.v_transpose == "perm0231") and not self.probs_transpose:
             exact.add("transpose")
+        # - a size-1 scale of higher rank only prepends 1s to the output, which the builder's own
+        #   Reshape removes again (unless the PV output itself is returned, shape and all).
+        if self.mask_batch <= self.batch and self.extra_consumer != "out":
+            exact.add("broadcast")
+        # - V scaled before MatMul(P, V): exact when the kernel reads the scaled V;
+        # - dropout in training mode: FlashFwd carries it as dropout_p (its function runs the same
+        #   Dropout); onnxruntime ignores training mode, so the check is that dropout_p is the ratio.
+        exact |= {"v scale", "dropout"}
         return bool(causes) and causes <= exact
 
     def short_id(self) -> str:
@@ -298,6 +402,9 @@ REASON_WORDS = {
     "consumer": ("consumer", "output"),
     "head dim": ("head dim", "head_dim"),
     "tile": ("seq", "tile"),
+    "broadcast": ("broadcast", "shape"),
+    "dropout": ("dropout", "training"),
+    "v scale": ("scale", "value"),
 }
 
 
@@ -341,15 +448,19 @@ def _mask_value(spec: AttnSpec) -> float:
     return {"-inf": -math.inf, "-1e4": -1e4, "-1e9": -1e9}[spec.mask_value]
 
 
-def allowed_keys(mask: str, sq: int, sk: int) -> np.ndarray:
+def allowed_keys(mask: str, sq: int, sk: int, window: int = 0) -> np.ndarray:
     """(sq, sk) bool: which keys each query may see under `mask` (padding excluded)."""
     i = np.arange(sq)[:, None]
     j = np.arange(sk)[None, :]
     m = mask
     if m in ("none", "padding", "bias", "bias_shared"):
         return np.ones((sq, sk), bool)
-    if m in ("causal", "causal_padding", "alibi"):
+    if m in ("causal", "causal_padding", "alibi", "boost"):
         return j <= i
+    if m == "strict":
+        return j < i
+    if m == "anti_causal":
+        return j >= i
     if m == "off_by_one":
         a = j <= i
         a[0, 1] = True
@@ -359,7 +470,7 @@ def allowed_keys(mask: str, sq: int, sk: int) -> np.ndarray:
     if m == "bottom_right":
         return j <= i + (sk - sq)
     if m == "sliding_window":
-        return (j <= i) & (j > i - max(2, sq // 4))
+        return (j <= i) & (j > i - (window or max(2, sq // 4)))
     raise AssertionError(m)
 
 
@@ -370,6 +481,8 @@ def additive_bias(spec: AttnSpec, sq: int, sk: int) -> np.ndarray | None:
         i = np.arange(sq)[:, None]
         j = np.arange(sk)[None, :]
         return (-slopes[:, None, None] * np.maximum(i - j, 0)[None])[None] * 4.0
+    if spec.mask == "boost":  # +2 on the diagonal: a positive additive term on kept scores
+        return 2.0 * np.eye(sq, sk)[None, None]
     if spec.mask in ("bias", "bias_shared"):
         rng = np.random.default_rng(spec.seed + 991)
         return rng.normal(0, 2.0, size=(1, spec.heads if spec.mask == "bias" else 1, sq, sk))
@@ -398,20 +511,27 @@ class Built:
     def effective_scale(self) -> float:
         return self.params[0].effective_scale
 
-    def inputs(self, seed: int = 1, padding: bool = False) -> dict[str, np.ndarray]:
-        """Random inputs; with `padding` the attention mask ends in zeros (else all ones)."""
+    def inputs(self, seed: int = 1, padding: bool = False, seq: int | None = None) -> dict[str, np.ndarray]:
+        """Random inputs; with `padding` the attention mask ends in zeros (else all ones).
+        `seq`: another length for a symbolic-seq model (the kv length moves by as much)."""
         s = self.spec
+        if seq is not None and not s.symbolic_seq and seq != s.seq:
+            raise ValueError("only a symbolic-seq model runs at another seq")
+        sq = s.seq if seq is None else seq
+        skv = s.skv + (sq - s.seq)
         rng = np.random.default_rng(seed)
         np_dtype = DTYPES[s.dtype][1]
-        feeds = {"x": rng.normal(size=(s.batch, s.seq, s.hidden)).astype(np_dtype)}
+        feeds = {"x": rng.normal(size=(s.batch, sq, s.hidden)).astype(np_dtype)}
         if s.seq_kv is not None:
-            feeds["memory"] = rng.normal(size=(s.batch, s.skv, s.hidden)).astype(np_dtype)
+            feeds["memory"] = rng.normal(size=(s.batch, skv, s.hidden)).astype(np_dtype)
         if s.mask in ("padding", "causal_padding"):
-            m = np.ones((s.batch, s.skv), np.int64)
+            m = np.ones((s.batch, skv), np.int64)
             if padding:
                 for b in range(s.batch):
-                    m[b, s.skv - 1 - b % max(1, s.skv // 4):] = 0
+                    m[b, skv - 1 - b % max(1, skv // 4):] = 0
             feeds["attention_mask"] = m
+        if s.mask_src == "input_ids":
+            feeds["input_ids"] = rng.integers(0, 32000, size=(s.batch, sq), dtype=np.int64)
         return feeds
 
     def reference(self, feeds: dict[str, np.ndarray], *, scale_factor: float = 1.0,
@@ -425,6 +545,8 @@ class Built:
         mem = feeds.get("memory")
         mem = None if mem is None else mem.astype(np.float64)
         pad = feeds.get("attention_mask")
+        if self.spec.mask_batch > x.shape[0]:  # the mask broadcasts the block to its batch entries
+            x = np.repeat(x, self.spec.mask_batch // x.shape[0], axis=0)
         extras: list[np.ndarray] = []
         for p in self.params:  # blocks chain on x; K/V come from x itself or from `memory`
             x, ex = _block_reference(self.spec, p, x, mem, pad, scale_factor=scale_factor,
@@ -437,7 +559,8 @@ def _softmax(a: np.ndarray, axis: int) -> np.ndarray:
     m = np.max(a, axis=axis, keepdims=True)
     m = np.where(np.isfinite(m), m, 0.0)
     e = np.exp(a - m)
-    return e / e.sum(axis=axis, keepdims=True)
+    with np.errstate(invalid="ignore"):  # a row with every key masked is 0/0 = NaN, as in the graph
+        return e / e.sum(axis=axis, keepdims=True)
 
 
 def _block_reference(spec: AttnSpec, p: BlockParams, x, mem, pad, *, scale_factor=1.0,
@@ -450,6 +573,8 @@ def _block_reference(spec: AttnSpec, p: BlockParams, x, mem, pad, *, scale_facto
     k = (src @ p.wk).reshape(b, sk, kv, d).transpose(0, 2, 1, 3)
     v = (src @ p.wv).reshape(b, sk, kv, d).transpose(0, 2, 1, 3)
     k0, v0 = k, v
+    if spec.v_scale is not None:
+        v = v * float(np.asarray(spec.v_scale).astype(DTYPES[spec.dtype][1]))
     order = kv_order or ("repeat" if spec.kv_repeat == "repeat_kv" else "tile")
     if order == "repeat":
         k, v = np.repeat(k, spec.group, axis=1), np.repeat(v, spec.group, axis=1)
@@ -464,7 +589,7 @@ def _block_reference(spec: AttnSpec, p: BlockParams, x, mem, pad, *, scale_facto
     else:
         scores = (q @ kt) * p.effective_scale * scale_factor
     m = mask or spec.mask
-    allowed = allowed_keys(m, sq, sk)[None, None]
+    allowed = allowed_keys(m, sq, sk, spec.window if m == spec.mask else 0)[None, None]
     if m in ("padding", "causal_padding"):
         allowed = allowed & (pad[:, None, None, :] != 0)
     if m in BIAS_MASKS:
@@ -476,6 +601,8 @@ def _block_reference(spec: AttnSpec, p: BlockParams, x, mem, pad, *, scale_facto
     probs = np.where(np.isnan(probs), 0.0, probs)
     pv = probs.transpose(0, 1, 3, 2) if spec.probs_transpose else probs
     o = pv @ (v.transpose(0, 1, 3, 2) if spec.v_transpose == "perm0231" else v)
+    o_pv = o.reshape(b * h, sq, d) if spec.batched_heads else o
+    o_pv = o_pv.reshape((1,) * max(0, spec.scale_rank - spec.score_rank) + o_pv.shape)
     o = o.transpose(0, 2, 1, 3).reshape(b, sq, h * d)
     extras = []
     if spec.extra_consumer == "probs":
@@ -486,6 +613,8 @@ def _block_reference(spec: AttnSpec, p: BlockParams, x, mem, pad, *, scale_facto
         extras.append(q)
     elif spec.extra_consumer == "present":
         extras.extend([k0, v0])
+    elif spec.extra_consumer == "out":
+        extras.append(o_pv)
     return o @ p.wo, extras
 
 
@@ -497,11 +626,14 @@ def build(spec: AttnSpec) -> Built:
     inputs = [helper.make_tensor_value_info("x", g.onnx_dtype, [b, seq_dim, hid])]
     kv_src = "x"
     if spec.seq_kv is not None:
-        inputs.append(helper.make_tensor_value_info("memory", g.onnx_dtype, [b, sk, hid]))
+        inputs.append(helper.make_tensor_value_info("memory", g.onnx_dtype,
+                                                    [b, "seq_kv" if spec.symbolic_seq else sk, hid]))
         kv_src = "memory"
     if spec.mask in ("padding", "causal_padding"):
         inputs.append(helper.make_tensor_value_info("attention_mask", TensorProto.INT64,
                                                     [b, "seq" if spec.symbolic_seq else sk]))
+    if spec.mask_src == "input_ids":
+        inputs.append(helper.make_tensor_value_info("input_ids", TensorProto.INT64, [b, seq_dim]))
     outputs: list[onnx.ValueInfoProto] = []
     extra_outputs: list[str] = []
     params: list[BlockParams] = []
@@ -511,10 +643,11 @@ def build(spec: AttnSpec) -> Built:
         params.append(p)
         extra_outputs.extend(extras)
     g.nodes.append(helper.make_node("Identity", [x], ["y"], name="n_output"))
-    outputs.append(helper.make_tensor_value_info("y", g.onnx_dtype, [b, seq_dim, hid]))
-    skd = seq_dim if spec.seq_kv is None else sk
+    outputs.append(helper.make_tensor_value_info("y", g.onnx_dtype, [spec.out_batch, seq_dim, hid]))
+    skd = seq_dim if spec.seq_kv is None else ("seq_kv" if spec.symbolic_seq else sk)
     extra_shape = {"probs": [b, h, seq_dim, skd], "scores": [b, h, seq_dim, skd],
-                   "q": [b, h, seq_dim, spec.head_dim], "present": [b, spec.kv, skd, spec.head_dim]}
+                   "q": [b, h, seq_dim, spec.head_dim], "present": [b, spec.kv, skd, spec.head_dim],
+                   "out": None}
     for e in extra_outputs:
         outputs.append(helper.make_tensor_value_info(e, g.onnx_dtype, extra_shape[spec.extra_consumer]))
     graph = helper.make_graph(g.nodes, "attention_model", inputs, outputs, initializer=g.inits)
@@ -558,17 +691,37 @@ def _seq_scalar(g: _Graph, src: str, axis: int = 1) -> str:
     return g.op("Gather", [shape, g.i64(axis, "idx")], "seq_len", axis=0)
 
 
-def _computed_allowed(g: _Graph, spec: AttnSpec, x: str) -> str:
-    """A bool (s, s) 'query i may see key j' computed from x's shape only."""
-    n = _seq_scalar(g, x)
+def _mask_len_src(spec: AttnSpec, x: str) -> str:
+    return "input_ids" if spec.mask_src == "input_ids" else x
+
+
+def _computed_allowed(g: _Graph, spec: AttnSpec, x: str, kv: str | None = None) -> str:
+    """A bool (s, s) 'query i may see key j' computed from shapes only (x's, or input_ids')."""
+    n = _seq_scalar(g, _mask_len_src(spec, x))
     r = g.op("Range", [g.i64(0, "zero"), n, g.i64(1, "one")], "positions")
     q_pos = g.op("Unsqueeze", [r, g.i64([1])], "q_pos")  # (s, 1)
-    k_pos = g.op("Unsqueeze", [r, g.i64([0])], "k_pos")  # (1, s)
+    if spec.form == "decomposed" and spec.mask_form == "range_offset":
+        # keys from their own length, queries shifted by len(k) - len(q): bottom-right aligned
+        nk = _seq_scalar(g, kv or x)
+        rk = g.op("Range", [g.i64(0, "zero"), nk, g.i64(1, "one")], "k_positions")
+        k_pos = g.op("Unsqueeze", [rk, g.i64([0])], "k_pos")
+        q_pos = g.op("Add", [q_pos, g.op("Sub", [nk, n], "kv_offset")], "q_pos_offset")
+    else:
+        k_pos = g.op("Unsqueeze", [r, g.i64([0])], "k_pos")  # (1, s)
+    upper = q_pos
     if spec.mask == "shift":
-        q_pos = g.op("Add", [q_pos, g.i64(1, "one")], "q_pos_shift")
+        upper = g.op("Add", [q_pos, g.i64(1, "one")], "q_pos_shift")
+    elif spec.mask == "strict":
+        upper = g.op("Sub", [q_pos, g.i64(1, "one")], "q_pos_strict")
     if spec.mask_cmp == "LessOrEqual":
-        return g.op("LessOrEqual", [k_pos, q_pos], "causal_cond")
-    return g.op("GreaterOrEqual", [q_pos, k_pos], "causal_cond")
+        cond = g.op("LessOrEqual", [k_pos, upper], "causal_cond")
+    else:
+        cond = g.op("GreaterOrEqual", [upper, k_pos], "causal_cond")
+    if spec.mask == "sliding_window":  # and key > query - window, the window an int64 constant
+        lowest = g.op("Sub", [q_pos, g.i64(spec.window, "window")], "window_start")
+        inside = g.op("Greater", [k_pos, lowest], "window_cond")
+        cond = g.op("And", [cond, inside], "window_keep")
+    return cond
 
 
 def _bias_constant(spec: AttnSpec, bias: np.ndarray) -> np.ndarray:
@@ -576,7 +729,8 @@ def _bias_constant(spec: AttnSpec, bias: np.ndarray) -> np.ndarray:
     return np.where(allowed_keys(spec.mask, spec.seq, spec.skv), bias, _mask_value(spec))
 
 
-def _apply_mask(g: _Graph, spec: AttnSpec, scores: str, x: str, bias_const: np.ndarray | None) -> str:
+def _apply_mask(g: _Graph, spec: AttnSpec, scores: str, x: str, bias_const: np.ndarray | None,
+                kv: str | None = None) -> str:
     s, sk = spec.seq, spec.skv
     value = _mask_value(spec)
     m = spec.mask
@@ -594,26 +748,32 @@ def _apply_mask(g: _Graph, spec: AttnSpec, scores: str, x: str, bias_const: np.n
     if m in BIAS_MASKS:
         return g.op("Add", [scores, g.f(_bias_constant(spec, bias_const), "attn_bias")], "masked")
     form = spec.mask_form
+    allowed = allowed_keys(spec.mask, s, sk, spec.window)
+    # constant masks: (1, 1, s, sk), (mask_batch, 1, s, sk), or (1, s, sk) on batched heads
+    lead = (spec.mask_batch, 1) if spec.mask_batch != 1 else (1,) * (spec.score_rank - 2)
     if form == "add":
-        c = np.where(allowed_keys(spec.mask, s, sk), 0.0, value)[None, None]
+        c = np.broadcast_to(np.where(allowed, 0.0, value), lead + allowed.shape)
         return g.op("Add", [scores, g.f(c, "causal_mask")], "masked")
     if form == "where":
-        c = g.init(allowed_keys(spec.mask, s, sk)[None, None], "causal_bool")
+        c = g.init(np.broadcast_to(allowed, lead + allowed.shape).copy(), "causal_bool")
         return g.op("Where", [c, scores, g.f(value, "mask_value")], "masked")
-    if form == "range":
-        cond = _computed_allowed(g, spec, x)
+    if form == "where_not":  # the condition marks the masked positions: scores in the false branch
+        c = g.init(np.broadcast_to(~allowed, lead + allowed.shape).copy(), "masked_bool")
+        return g.op("Where", [c, g.f(value, "mask_value"), scores], "masked")
+    if form in ("range", "range_offset"):
+        cond = _computed_allowed(g, spec, x, kv)
         return g.op("Where", [cond, scores, g.f(value, "mask_value")], "masked")
     if form == "range_add":
         cond = _computed_allowed(g, spec, x)
         add = g.op("Where", [cond, g.f(0.0, "zero_f"), g.f(value, "mask_value")], "causal_mask")
         return g.op("Add", [scores, add], "masked")
     if form == "trilu":
-        n = g.op("Reshape", [_seq_scalar(g, x), g.i64([1])], "seq_1d")
+        n = g.op("Reshape", [_seq_scalar(g, _mask_len_src(spec, x)), g.i64([1])], "seq_1d")
         shape = g.op("Concat", [n, n], "mask_shape", axis=0)
         with np.errstate(over="ignore"):  # -1e9 is -inf in float16, as in a real export
             fill = np.array([value], dtype=g.np_dtype)
         full = g.op("ConstantOfShape", [shape], "mask_full", value=numpy_helper.from_array(fill))
-        k = 2 if m == "shift" else 1
+        k = {"shift": 2, "strict": 0}.get(m, 1)
         tri = g.op("Trilu", [full, g.i64(k, "diag")], "causal_mask", upper=1)
         return g.op("Add", [scores, tri], "masked")
     raise AssertionError(form)
@@ -679,11 +839,11 @@ def _build_block(g: _Graph, spec: AttnSpec, rng, x: str, kv_src: str, blk: int):
             if spec.causal:
                 attrs["is_causal"] = 1
         elif mf == "bool":
-            ins.append(g.init(allowed_keys(spec.mask, s, sk), "attn_mask_bool"))
+            ins.append(g.init(allowed_keys(spec.mask, s, sk, spec.window), "attn_mask_bool"))
         elif mf == "range":
             ins.append(_computed_allowed(g, spec, x))
         elif mf == "all_true":
-            n = g.op("Reshape", [_seq_scalar(g, x), g.i64([1])], "seq_1d")
+            n = g.op("Reshape", [_seq_scalar(g, _mask_len_src(spec, x)), g.i64([1])], "seq_1d")
             shape = g.op("Concat", [n, n], "mask_shape", axis=0)
             ins.append(g.op("ConstantOfShape", [shape], "attn_mask_all",
                             value=numpy_helper.from_array(np.array([True]))))
@@ -712,6 +872,8 @@ def _build_block(g: _Graph, spec: AttnSpec, rng, x: str, kv_src: str, blk: int):
                 kt = kh
         vh = g.op("Transpose", [v], "v_bhsd", perm=[0, 2, 1, 3])
         v_bhsd = vh
+        if spec.v_scale is not None:  # values scaled before the repeat and the PV MatMul
+            vh = g.op("Mul", [vh, g.f(spec.v_scale, "v_scale")], "v_scaled")
         vh = _repeat_kv(g, spec, vh, [None, d], "v")
         if spec.v_transpose == "perm0231":
             vh = g.op("Transpose", [vh], "v_bhds", perm=[0, 1, 3, 2])
@@ -719,13 +881,18 @@ def _build_block(g: _Graph, spec: AttnSpec, rng, x: str, kv_src: str, blk: int):
             c = g.f(scale_array, "sqrt_scale")
             q = g.op("Mul", [q, c], "q_scaled")
             kt = g.op("Mul", [kt, c], "k_scaled")
+        if spec.batched_heads:  # (b, h, ., .) -> (b·h, ., .): rank-3 scores
+            q = _reshape(g, q, [b * h, -1, d], "q_3d")
+            kt = _reshape(g, kt, [b * h, d, -1], "kt_3d")
+            vh = _reshape(g, vh, [b * h, -1, d], "v_3d")
         scores = g.op("MatMul", [q, kt], "scores")
         raw_scores = scores
+        scale_const = scale_array.reshape((1,) * spec.scale_rank) if spec.scale_rank else scale_array
         if spec.scale_form == "div":
-            scores = g.op("Div", [scores, g.f(scale_array, "scale_div")], "scores_scaled")
+            scores = g.op("Div", [scores, g.f(scale_const, "scale_div")], "scores_scaled")
         elif spec.scale_form in ("mul", "tensor"):
-            scores = g.op("Mul", [scores, g.f(scale_array, "scale_mul")], "scores_scaled")
-        scores = _apply_mask(g, spec, scores, x, bias_stored)
+            scores = g.op("Mul", [scores, g.f(scale_const, "scale_mul")], "scores_scaled")
+        scores = _apply_mask(g, spec, scores, x, bias_stored, kv_src)
         p = scores
         if spec.softmax_cast:
             p = g.op("Cast", [p], "scores_f32", to=TensorProto.FLOAT)
@@ -741,19 +908,26 @@ def _build_block(g: _Graph, spec: AttnSpec, rng, x: str, kv_src: str, blk: int):
         elif spec.dropout == "identity_ratio":
             # Dropout's ratio has its own type T1 (float16/32/64, no bfloat16): torch exports float32.
             p = g.op("Dropout", [p, g.init(np.asarray(0.1, dtype=np.float32), "ratio")], "probs_drop")
+        elif spec.dropout in ("training_zero", "training"):  # training mode; seeded, so runs repeat
+            ratio = 0.0 if spec.dropout == "training_zero" else 0.1
+            p = g.op("Dropout", [p, g.init(np.asarray(ratio, dtype=np.float32), "ratio"),
+                                 g.init(np.asarray(True), "training")], "probs_drop", seed=1234)
         if spec.probs_transpose:
             p = g.op("Transpose", [p], "probs_t", perm=[0, 1, 3, 2])
         o = g.op("MatMul", [p, vh], "attn_o")
         params = BlockParams(wq, wk, wv, wo, scale_array, effective, bias_stored)
+    attn_out = o
+    if spec.batched_heads or spec.scale_rank > spec.score_rank:  # back to (b, h, s, d)
+        o = _reshape(g, o, [b, h, -1, d], "o_bhsd")
     o = g.op("Transpose", [o], "o_bshd", perm=[0, 2, 1, 3])
-    o = _reshape(g, o, [b, -1, h * d], "o_bsH")
+    o = _reshape(g, o, [spec.out_batch, -1, h * d], "o_bsH")
     out = g.op("MatMul", [o, g.f(wo, f"wo{blk}")], "block_out")
     extras = []
     if spec.extra_consumer != "none":
         if spec.extra_consumer == "present" and spec.k_transpose == "perm0231":
             raise ValueError("present outputs are built for the (b, kv, s, d) K transposes only")
         srcs = {"probs": lambda: [probs], "scores": lambda: [raw_scores], "q": lambda: [q_bhsd],
-                "present": lambda: [k_bhsd, v_bhsd]}[spec.extra_consumer]()
+                "present": lambda: [k_bhsd, v_bhsd], "out": lambda: [attn_out]}[spec.extra_consumer]()
         for i, src in enumerate(srcs):
             extras.append(f"extra_{spec.extra_consumer}{i}_{blk}")
             g.nodes.append(helper.make_node("Identity", [src], [extras[-1]], name=g.name("n_extra")))
@@ -986,6 +1160,29 @@ POSITIVE_VARIANTS: dict[str, AttnSpec] = {
     "present_kv_gqa_dynamo": _r(CAUSAL, extra_consumer="present", heads=8, kv_heads=2, head_dim=4,
                                 k_transpose="dynamo"),
     "op_present_kv": _r(CAUSAL, form="attention_op", mask_form="attr", extra_consumer="present"),
+    # added dimensions, each exact
+    "mask_where_swapped": _r(CAUSAL, mask_form="where_not"),  # Where(masked, value, scores)
+    "mask_where_swapped_fp16_min": _r(CAUSAL, mask_form="where_not", mask_value="min", dtype="float16"),
+    "mask_batch_equals_batch": _r(CAUSAL, batch=2, mask_batch=2),  # (2, 1, s, s) mask, batch 2
+    "mask_range_offset_self": _r(CAUSAL, mask_form="range_offset"),  # bottom-right form, len(k) == len(q)
+    "symbolic_seq_range_offset": _r(CAUSAL, mask_form="range_offset", symbolic_seq=True, mask_value="min"),
+    "mask_from_input_ids_shape": _r(CAUSAL, mask_form="range", mask_src="input_ids", symbolic_seq=True),
+    "mask_trilu_from_input_ids_shape": _r(CAUSAL, mask_form="trilu", mask_src="input_ids"),
+    "op_mask_from_input_ids_shape": _r(CAUSAL, form="attention_op", mask_form="range", mask_src="input_ids",
+                                       symbolic_seq=True),
+    "op_all_true_from_input_ids_512": _r(BIDIR, form="attention_op", mask_form="all_true", mask_src="input_ids"),
+    "batched_heads": _r(CAUSAL, batched_heads=True),
+    "batched_heads_gqa_where": _r(CAUSAL, batched_heads=True, batch=2, heads=8, kv_heads=2, head_dim=4,
+                                  mask_form="where"),
+    "batched_heads_symbolic_range": _r(CAUSAL, batched_heads=True, symbolic_seq=True, mask_form="range"),
+    "batched_heads_scale_rank3": _r(CAUSAL, batched_heads=True, scale_form="mul", scale_rank=3),
+    "scale_rank1": _r(CAUSAL, scale_form="mul", scale_rank=1),
+    "scale_rank4": _r(CAUSAL, scale_rank=4),
+    "v_times_one": _r(CAUSAL, v_scale=1.0),
+    "dropout_training_ratio0": _r(CAUSAL, dropout="training_zero"),
+    "attn_out_returned": _r(CAUSAL, extra_consumer="out"),
+    "batched_heads_attn_out_returned": _r(CAUSAL, batched_heads=True, extra_consumer="out"),
+    "op_attn_out_returned": _r(CAUSAL, form="attention_op", mask_form="attr", extra_consumer="out"),
 }
 
 # Near misses at seq 512 (masks) so that the mask, not the seq tile, is the one cause.
@@ -1022,6 +1219,35 @@ NEAR_MISSES: dict[str, AttnSpec] = {
     "head_dim_160": _r(CAUSAL, heads=1, head_dim=160),
     "seq_16_not_causal": _r(CAUSAL, mask="none"),
     "seq_640_not_causal": _r(BIDIR, seq=640, heads=1),
+    # added near misses (the first two classes found as wrong rewrites by hand, see
+    # test_fuse_broadcasts.py and test_symbolic_seq.py)
+    "mask_more_batch_than_qkv": _r(CAUSAL, mask_batch=2),  # (2, 1, s, s) mask, batch 1
+    "mask_more_batch_where_swapped_out": _r(CAUSAL, mask_batch=3, mask_form="where_not", extra_consumer="out"),
+    "batched_heads_scale_rank4_out": _r(CAUSAL, batched_heads=True, scale_form="mul", scale_rank=4,
+                                        extra_consumer="out"),
+    "batched_heads_scale_rank4": _r(CAUSAL, batched_heads=True, scale_form="mul", scale_rank=4),  # may fuse exactly
+    "scale_rank5_out": _r(CAUSAL, scale_rank=5, extra_consumer="out"),
+    "sliding_window_symbolic_120": _r(CAUSAL, symbolic_seq=True, mask="sliding_window", mask_form="range",
+                                      window=120),
+    "sliding_window_symbolic_200_add": _r(CAUSAL, symbolic_seq=True, mask="sliding_window", mask_form="range_add",
+                                          mask_cmp="GreaterOrEqual", mask_value="min", window=200),
+    "sliding_window_symbolic_5": _r(CAUSAL, symbolic_seq=True, mask="sliding_window", mask_form="range", window=5),
+    "op_sliding_window_symbolic_150": _r(CAUSAL, form="attention_op", symbolic_seq=True, mask="sliding_window",
+                                         mask_form="range", window=150),
+    "bottom_right_computed": _r(CAUSAL, mask="bottom_right", mask_form="range_offset", seq_kv=32),
+    "bottom_right_computed_symbolic": _r(CAUSAL, mask="bottom_right", mask_form="range_offset", seq_kv=32,
+                                         symbolic_seq=True),
+    "v_scaled": _r(CAUSAL, v_scale=0.5),  # may fuse exactly (the kernel reads the scaled V)
+    "gqa_v_scaled": _r(CAUSAL, heads=8, kv_heads=2, head_dim=4, v_scale=2.0),
+    "boost_diagonal": _r(MASKED, mask="boost"),  # a positive +2 on kept scores
+    "op_boost_float": _r(MASKED, form="attention_op", mask="boost", mask_form="float"),
+    "strict_causal": _r(MASKED, mask="strict", nan_guard=True),  # diagonal masked too: row 0 all -inf
+    "strict_causal_trilu": _r(MASKED, mask="strict", nan_guard=True, mask_form="trilu"),
+    "strict_causal_symbolic_range": _r(CAUSAL, mask="strict", nan_guard=True, mask_form="range", symbolic_seq=True),
+    "anti_causal": _r(MASKED, mask="anti_causal"),
+    "anti_causal_where_swapped": _r(MASKED, mask="anti_causal", mask_form="where_not"),
+    "op_anti_causal_bool": _r(MASKED, form="attention_op", mask="anti_causal", mask_form="bool"),
+    "dropout_training": _r(CAUSAL, dropout="training"),  # may fuse: FlashFwd carries dropout_p
 }
 
 

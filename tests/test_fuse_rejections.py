@@ -21,7 +21,9 @@ from attention_graphs import (
     flash_nodes,
     fuse_model,
     fused_vs_original,
+    max_abs_diff,
     node_attrs,
+    run_comparable,
 )
 
 # Near misses a pass may fuse exactly (see AttnSpec.may_fuse_exactly): then outputs must match.
@@ -87,6 +89,76 @@ def test_assume_no_padding_does_not_excuse_other_masks():
     """The flag declares the padding input all ones; it does not make an almost-causal mask causal."""
     for name in ("off_by_one", "sliding_window", "additive_bias"):
         _check_left_alone(name, NEAR_MISSES[name], assume_no_padding=True)
+
+
+@pytest.mark.parametrize("name", ["mask_more_batch_than_qkv", "mask_more_batch_where_swapped_out",
+                                  "batched_heads_scale_rank4_out", "scale_rank5_out"])
+def test_broadcasting_mask_or_scale_named(name):
+    """The mask's extra batch entries or the scale's extra rank broadcast the scores: the original
+    output is larger (or of higher rank) than the kernel's."""
+    spec = NEAR_MISSES[name]
+    built = build(spec)
+    (block,) = fuse_model(built.model)[1].blocks
+    assert not block.fused and "broadcast" in block.reason, block.reason
+    if spec.mask_batch > spec.batch:
+        y = run_comparable(built.model, built.inputs())[0]
+        assert y.shape[0] == spec.mask_batch > spec.batch, y.shape
+
+
+@pytest.mark.parametrize("name", ["sliding_window_symbolic_120", "sliding_window_symbolic_200_add",
+                                  "op_sliding_window_symbolic_150", "sliding_window_symbolic_5"])
+def test_symbolic_sliding_window_named_with_its_window(name):
+    """A window computed from shapes under a symbolic seq is causal at every length up to it."""
+    spec = NEAR_MISSES[name]
+    built = build(spec)
+    (block,) = fuse_model(built.model)[1].blocks
+    assert not block.fused and f"window of {spec.window}" in block.reason, block.reason
+    longer = built.inputs(seq=spec.window + 40)
+    causal = build(dataclasses.replace(spec, mask="causal", window=0))
+    assert max_abs_diff(run_comparable(built.model, longer), run_comparable(causal.model, longer)) > 1e-2
+    if spec.window > 16:  # at the seq the other tests run, it is indistinguishable from causal
+        short = built.inputs()
+        assert max_abs_diff(run_comparable(built.model, short), run_comparable(causal.model, short)) == 0.0
+
+
+@pytest.mark.parametrize("name, words", [
+    ("boost_diagonal", ("bias",)), ("op_boost_float", ("bias",)),
+    ("strict_causal", ("every key",)), ("strict_causal_trilu", ("every key",)),
+    ("strict_causal_symbolic_range", ("every key",)),
+    ("anti_causal", ("neither none nor top-left causal",)),
+    ("anti_causal_where_swapped", ("neither none nor top-left causal",)),
+    ("op_anti_causal_bool", ("neither none nor top-left causal",)),
+    ("bottom_right_computed", ("seq",)), ("bottom_right_computed_symbolic", ("seq",)),
+])
+def test_contract_near_misses_name_their_cause(name, words):
+    (block,) = fuse_model(build(NEAR_MISSES[name]).model)[1].blocks
+    assert not block.fused and any(w in block.reason for w in words), block.reason
+
+
+@pytest.mark.parametrize("name", ["v_scaled", "gqa_v_scaled"])
+def test_scaled_values_fused_only_exactly(name):
+    """V scaled before MatMul(P, V): the kernel may read the scaled V (exact) or leave the block."""
+    built = build(NEAR_MISSES[name])
+    fused, report = fuse_model(built.model)
+    for block in report.blocks:
+        if not block.fused:
+            assert "scale" in block.reason, block.reason
+    assert fused_vs_original(built, fused) <= FUSED_TOL
+    assert max_abs_diff(built.reference(built.inputs()),
+                        build(dataclasses.replace(built.spec, v_scale=None)).reference(built.inputs())) > 1e-2
+
+
+def test_training_mode_dropout_is_carried_as_dropout_p():
+    """onnxruntime ignores Dropout's training mode, so outputs cannot tell: a fused block must
+    carry the ratio as dropout_p (the compile step then refuses it: inference mode asserts 0)."""
+    built = build(NEAR_MISSES["dropout_training"])
+    fused, report = fuse_model(built.model)
+    assert len(flash_nodes(fused)) == sum(b.fused for b in report.blocks)
+    for node in flash_nodes(fused):
+        assert abs(node_attrs(node)["dropout_p"] - 0.1) < 1e-6, node_attrs(node)
+    for block in report.blocks:
+        if not block.fused:
+            assert "dropout" in block.reason.lower(), block.reason
 
 
 def test_two_blocks_one_near_miss_each_reported():

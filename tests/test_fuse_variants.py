@@ -62,10 +62,12 @@ def test_report_and_attributes(name, fused_cache):
     spec = built.spec
     why = f"{name}: {describe(spec)}; report: {report.blocks}"
     assert len(report.blocks) == spec.blocks, why
+    # batched heads (b·h, s, d) run as h = 1 (kv heads already repeated in the graph)
+    heads, kv_heads = (1, 1) if spec.batched_heads else (spec.heads, spec.kv)
     for block in report.blocks:
         assert block.fused, why
-        assert block.heads == spec.heads, why
-        assert block.kv_heads == spec.kv, why
+        assert block.heads == heads, why
+        assert block.kv_heads == kv_heads, why
         assert block.head_dim == spec.head_dim, why
         assert bool(block.causal) == spec.causal, why
         assert math.isclose(block.scale, built.effective_scale, rel_tol=1e-6), (block.scale, built.effective_scale, why)
@@ -73,7 +75,7 @@ def test_report_and_attributes(name, fused_cache):
         a = node_attrs(node)
         assert math.isclose(a["softmax_scale"], built.effective_scale, rel_tol=1e-6), (a, why)
         assert a["use_causal_mask"] == int(spec.causal), (a, why)
-        assert a["num_heads"] == spec.heads and a["num_kv_heads"] == spec.kv, (a, why)
+        assert a["num_heads"] == heads and a["num_kv_heads"] == kv_heads, (a, why)
         assert a.get("dropout_p", 0.0) == 0.0, (a, why)
         assert len(node.input) == 3 or (len(node.input) == 4 and node.input[3] == ""), (list(node.input), why)
         tile = seq_tile_size_for(spec.seq)
@@ -95,6 +97,32 @@ def test_fused_matches_original(name, fused_cache):
         feeds = built.inputs()
         diff = max_abs_diff(run_ort(built.model, feeds), run_ort(fused, feeds))
         assert diff <= FP16_NATIVE_TOL, f"{name}: native fp16 diff {diff:.3e}"
+
+
+SYMBOLIC = [name for name in VARIANTS if POSITIVE_VARIANTS[name].symbolic_seq]
+
+
+@pytest.mark.parametrize("name", SYMBOLIC)
+def test_symbolic_seq_matches_at_other_lengths(name, fused_cache):
+    """A symbolic-seq block is proven at sample lengths; it must match at others too."""
+    built, fused, _ = _fused(name, fused_cache)
+    for seq in (5, 40, 130):
+        feeds = built.inputs(seed=seq, seq=seq)
+        diff = fused_vs_original(built, fused, feeds)
+        assert diff <= FUSED_TOL, f"{name} at seq {seq}: max abs diff {diff:.3e}"
+
+
+@pytest.mark.parametrize("name", ["mask_from_input_ids_shape", "mask_trilu_from_input_ids_shape",
+                                  "op_mask_from_input_ids_shape", "op_all_true_from_input_ids_512"])
+def test_mask_from_the_shape_of_an_input_is_no_padding_mask(name, fused_cache):
+    """A mask built from Shape(input_ids) depends on the input's shape only, not its contents:
+    it fuses without --assume-no-padding, and the report assumes nothing."""
+    built, fused, report = _fused(name, fused_cache)
+    assert [b.fused for b in report.blocks] == [True] * built.spec.blocks, report.blocks
+    assert not getattr(report, "assumptions", None), report.assumptions
+    feeds = built.inputs()
+    other = dict(feeds, input_ids=feeds["input_ids"][:, ::-1] * 7 % 1000)  # other contents, same shape
+    assert fused_vs_original(built, fused, other) <= FUSED_TOL
 
 
 @pytest.mark.parametrize("name", VARIANTS)
