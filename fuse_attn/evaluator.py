@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from fuse_attn import contract
 from fuse_attn.graph import DEFAULT_DOMAINS, Graph, Node, Value
 
 # A cone this large is real computation, not mask or shape plumbing; refusing keeps proofs cheap.
@@ -156,13 +157,6 @@ class Evaluator:
             pending.pop()
         return self._types[value]
 
-    def same_type(self, new: Value, old: Value) -> None:
-        """`new` replaces `old` (a fused block's output): it has the type `old` has."""
-        try:
-            self._types[new] = self._resolve(old)
-        except Unprovable:
-            pass
-
     def _declared(self, value: Value) -> tuple[int, tuple[int, ...]] | None:
         shape, dtype = value.shape, value.dtype
         if shape is None or dtype is None:
@@ -175,6 +169,11 @@ class Evaluator:
     def _infer_outputs(self, node: Node) -> None:
         """Types of `node`'s outputs by ONNX's own per-op inference, on concrete inputs."""
         from onnx import defs, shape_inference
+
+        if node.domain == contract.DOMAIN and node.op_type == contract.OP_TYPE and node.outputs[0] is not None:
+            dtype, (b, h, d, s) = self._types[node.inputs[0]]  # q (b, h, d, s) -> o (b, h, s, d)
+            self._types[node.outputs[0]] = (dtype, (b, h, s, d))
+            return
 
         names = {v: f"i{i}" for i, v in enumerate(node.inputs) if v is not None}
         proto = helper.make_node(node.op_type, [names.get(v, "") for v in node.inputs],

@@ -59,8 +59,7 @@ def fuse_graph(graph: Graph, *, name: str = "model", assume_no_padding: bool = F
         except NotFused as exc:
             report.blocks.append(BlockReport(block=describe(anchor), fused=False, reason=exc.reason))
             continue
-        flash, output = emit_flash_fwd(graph, plan, graph.unique_name(f"FlashFwd_{report.fused}"))
-        evaluator.same_type(output, plan.output)
+        flash, _ = emit_flash_fwd(graph, plan, graph.unique_name(f"FlashFwd_{report.fused}"))
         report.blocks.append(_block_report(anchor, plan, flash))
     if report.fused:
         declare_flash_fwd(graph.model)

@@ -76,3 +76,14 @@ def test_window_beyond_the_provable_length_is_left_alone():
     _, report = fuse(_block(window=100_000))
     (block,) = report.blocks
     assert not block.fused and "100000" in block.reason and "fixed seq" in block.reason, block.reason
+
+
+@pytest.mark.parametrize("mask_form", ["range", "trilu"])
+def test_every_block_of_a_symbolic_seq_model_fuses(mask_form):
+    """Later blocks' proofs infer shapes through the FlashFwd nodes of earlier ones."""
+    from attention_graphs import AttnSpec, build, fused_vs_original
+
+    built = build(AttnSpec(blocks=3, symbolic_seq=True, mask_form=mask_form))
+    fused, report = fuse(built.model)
+    assert [b.fused for b in report.blocks] == [True, True, True], [b.reason for b in report.blocks]
+    assert fused_vs_original(built, fused) <= 1e-4
