@@ -54,3 +54,17 @@ def scalar_constant(value: Value | None) -> float | None:
 
 def cast_target(node: Node) -> int:
     return node.attr("to", 0)
+
+
+def memoized(memo: dict, key, prove):
+    """`prove()` once per key in `memo`; a NotFused is remembered and raised again like a result,
+    so a structure repeated in every layer is proven, or refused, once."""
+    if key not in memo:
+        try:
+            memo[key] = prove()
+        except NotFused as exc:
+            memo[key] = exc
+    result = memo[key]
+    if isinstance(result, NotFused):
+        raise NotFused(result.reason, result.node)
+    return result

@@ -17,7 +17,7 @@ import dataclasses
 import numpy as np
 
 from fuse_attn.evaluator import DependsOnInput, Evaluator, Unprovable
-from passes._graph import NotFused, describe
+from passes._graph import NotFused, describe, memoized
 from passes.find_attention import ScoreStep
 
 # An additive term at or below this removes a score: exp(-1000 + any realistic score spread)
@@ -72,15 +72,7 @@ def _step_key(step: ScoreStep) -> tuple:
 def read_scores(steps: tuple[ScoreStep, ...], evaluator: Evaluator, seq_q: int, seq_k: int) -> ScoreReading:
     """The scale and mask of the steps; blocks sharing the same mask values are read once."""
     key = ("scores", seq_q, seq_k, tuple(_step_key(s) for s in steps))
-    if key not in evaluator.memo:
-        try:
-            evaluator.memo[key] = _read_scores(steps, evaluator, seq_q, seq_k)
-        except NotFused as exc:
-            evaluator.memo[key] = exc
-    result = evaluator.memo[key]
-    if isinstance(result, NotFused):
-        raise NotFused(result.reason, result.node)
-    return result
+    return memoized(evaluator.memo, key, lambda: _read_scores(steps, evaluator, seq_q, seq_k))
 
 
 def _float(array: np.ndarray) -> np.ndarray:

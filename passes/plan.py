@@ -15,7 +15,7 @@ import numpy as np
 from fuse_attn import contract
 from fuse_attn.evaluator import Evaluator, Unprovable
 from fuse_attn.graph import Node, Value
-from passes._graph import NotFused, dtype_name
+from passes._graph import NotFused, dtype_name, memoized
 from passes.layout import Chain, Source, chain_labels, chain_signature, choose_source, grid_order, kv_heads_of
 from passes.masks import ScoreReading, read_scores
 
@@ -121,19 +121,6 @@ def _check_mask_at_longer_seq(score_steps, query: Value, reading: ScoreReading, 
         raise NotFused(f"the mask reads as {reading} at seq {evaluator.shape_of(query)[-2]} but {again} at seq {seq}")
 
 
-def _memoized(evaluator: Evaluator, key: tuple, prove):
-    """`prove()` once per key; a NotFused is remembered and raised again like a result."""
-    if key not in evaluator.memo:
-        try:
-            evaluator.memo[key] = prove()
-        except NotFused as exc:
-            evaluator.memo[key] = exc
-    result = evaluator.memo[key]
-    if isinstance(result, NotFused):
-        raise NotFused(result.reason)
-    return result
-
-
 def plan_block(
     q: Operand,
     k: Operand,
@@ -157,7 +144,7 @@ def plan_block(
         raise NotFused(f"the attention output is {dtype_name(out_dtype)}, not the inputs' {dtype_name(dtypes.pop())}")
 
     key = ("layout",) + tuple((op.to_kernel_layout, chain_signature(op.chain, evaluator)) for op in (q, k, v))
-    proof: LayoutProof = _memoized(evaluator, key, lambda: _prove_layout(q, k, v, evaluator))
+    proof: LayoutProof = memoized(evaluator.memo, key, lambda: _prove_layout(q, k, v, evaluator))
     # What replaces the block must have the block's shape: a mask or scale that broadcasts the
     # scores to more batch entries or dims would make the original output larger than the kernel's.
     kernel_output = ((proof.batch * proof.heads, proof.seq_q, proof.head_dim) if proof.batched_heads
@@ -181,8 +168,6 @@ def plan_block(
         Source(op.chain.values[pick.index], pick.perm, pick.unsqueeze, op.chain.factor_after(pick.index))
         for op, pick in zip((q, k, v), proof.picks)
     )
-    if v_src.factor != 1.0:
-        raise NotFused("values are scaled before the output MatMul")
     scale = reading.scale * q_src.factor * k_src.factor
 
     notes = []
