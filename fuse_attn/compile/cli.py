@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 import numpy as np
 import onnx
@@ -63,7 +64,9 @@ def compare_with_onnxruntime(model: onnx.ModelProto, module, feeds: dict[str, np
 
     if reference is None:
         reference = run_onnxruntime(model, feeds)
-    with torch.no_grad():
+    # onnx2pytorch's ops index with lists, which torch warns about on every call: not the user's concern.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module="onnx2pytorch")
         got = module(*[torch.from_numpy(feeds[name]) for name in module.input_names])
     if not isinstance(got, (list, tuple)):
         got = [got]
