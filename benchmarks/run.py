@@ -221,14 +221,7 @@ def bench_layers(args, work: str, fuse_cmd, have_onnxscript: bool, have_api: boo
         floor = measure([sys.executable, "-c", FLOOR, path, os.path.join(work, f"floor_{n}.onnx")], args.repeat, args.timeout)
         row["floor"] = dataclasses.asdict(floor)
 
-        if fuse_cmd:
-            out = os.path.join(work, f"fused_{n}.onnx")
-            fa = measure(fuse_cmd + [path, "-o", out], args.repeat, args.timeout)
-            row["fuse_attn"] = dataclasses.asdict(fa)
-            row["flashfwd_nodes"] = count_flashfwd(out) if fa.error is None else None
-        else:
-            row["fuse_attn"] = dataclasses.asdict(Run(error="fuse-attn CLI not installed"))
-            row["flashfwd_nodes"] = None
+        row.update(time_fuse_attn(fuse_cmd, path, os.path.join(work, f"fused_{n}.onnx"), args))
 
         if have_api:
             api = measure([sys.executable, "-c", FUSE_API, path], args.repeat, args.timeout)
@@ -275,14 +268,7 @@ def bench_seq(args, work: str, fuse_cmd) -> list[dict]:
         row = {"layers": args.seq_layers, "seq": seq, "nodes": info["nodes"], "graph_bytes": info["graph_bytes"]}
         row["floor"] = dataclasses.asdict(
             measure([sys.executable, "-c", FLOOR, path, os.path.join(work, "seq_floor.onnx")], args.repeat, args.timeout))
-        if fuse_cmd:
-            out = os.path.join(work, "seq_fused.onnx")
-            fa = measure(fuse_cmd + [path, "-o", out], args.repeat, args.timeout)
-            row["fuse_attn"] = dataclasses.asdict(fa)
-            row["flashfwd_nodes"] = count_flashfwd(out) if fa.error is None else None
-        else:
-            row["fuse_attn"] = dataclasses.asdict(Run(error="fuse-attn CLI not installed"))
-            row["flashfwd_nodes"] = None
+        row.update(time_fuse_attn(fuse_cmd, path, os.path.join(work, "seq_fused.onnx"), args))
         rows.append(row)
         for p in os.listdir(work):
             if p.startswith(("llama_seq", "seq_")):
@@ -416,6 +402,14 @@ def big_text(big: dict) -> str:
                 f"output {r['output_shape']}, finite={r['finite']}, peak RSS {fmt(o['rss_mb'], 0)} MB"
             )
     return "\n".join(lines)
+
+
+def time_fuse_attn(fuse_cmd: list[str] | None, path: str, out: str, args) -> dict:
+    """The fuse-attn columns of a row: its timing, and how many FlashFwd nodes it wrote."""
+    if not fuse_cmd:
+        return {"fuse_attn": dataclasses.asdict(Run(error="fuse-attn CLI not installed")), "flashfwd_nodes": None}
+    fa = measure(fuse_cmd + [path, "-o", out], args.repeat, args.timeout)
+    return {"fuse_attn": dataclasses.asdict(fa), "flashfwd_nodes": count_flashfwd(out) if fa.error is None else None}
 
 
 def main(argv=None) -> int:
