@@ -5,7 +5,8 @@ from __future__ import annotations
 from fuse_attn.evaluator import Evaluator, Unprovable
 from passes.find_attention import match_attention
 from passes.layout import walk_chain
-from passes.plan import FusionPlan, Operand, plan_block, q_layout, same_layout
+from passes.plan import FusionPlan, Operand, plan_block
+from passes.products import pv_layout, q_and_k_layouts
 
 
 def plan_decomposed(softmax, evaluator: Evaluator, opset: int) -> FusionPlan:
@@ -14,14 +15,23 @@ def plan_decomposed(softmax, evaluator: Evaluator, opset: int) -> FusionPlan:
     except Unprovable:
         rank = None
     match = match_attention(softmax, opset, rank)
+    q_layout, k_layout = q_and_k_layouts(match.qk)
+
+    def v_layout(labels):
+        return pv_layout(match.qk, match.pv, labels.ndim).v_layout(labels)
+
+    output_perm = None  # a MatMul writes (.., q, d) as the kernel does; an Einsum may not
+    if match.pv.equation is not None:
+        output_perm = pv_layout(match.qk, match.pv, len(match.pv.equation[0])).output_perm
     return plan_block(
         Operand(walk_chain(match.query, allow_scale=True), q_layout),
-        Operand(walk_chain(match.key_t, allow_scale=True), same_layout),
-        Operand(walk_chain(match.value, allow_scale=False), same_layout),
+        Operand(walk_chain(match.key_t, allow_scale=True), k_layout),
+        Operand(walk_chain(match.value, allow_scale=False), v_layout),
         evaluator=evaluator,
         score_steps=lambda seq_q, seq_k: match.score_steps,
         output=match.output,
-        insert_before=match.pv,
+        insert_before=match.pv.node,
+        output_perm=output_perm,
         dropout_p=match.dropout_p,
         seed=match.dropout_seed,
     )

@@ -1,5 +1,7 @@
 """Find decomposed attention: MatMul(Q, Kᵀ) → score ops → Softmax → prob ops → MatMul(P, V).
 
+The two products may also be Einsums (`passes.products`).
+
 Anchored on Softmax. Walking back to the QK MatMul collects the score steps (scale, mask,
 casts) as data for `passes.masks` to interpret; walking forward to the PV MatMul accepts only
 what is the identity at inference: casts, the SDPA NaN guard Where(IsNaN(p), 0, p), Identity
@@ -13,6 +15,7 @@ import dataclasses
 
 from fuse_attn.graph import Node, Value
 from passes._graph import FLOAT_TYPES, NotFused, cast_target, describe, is_op, scalar_constant, sole_consumer
+from passes.products import Product, product_of
 
 # Ops that may stand between the QK MatMul and the Softmax.
 _SCORE_OPS = ("Cast", "Mul", "Div", "Add", "Sub", "Where")
@@ -32,28 +35,28 @@ class ScoreStep:
 
 @dataclasses.dataclass(frozen=True)
 class AttentionMatch:
-    qk: Node
+    qk: Product
     softmax: Node
-    pv: Node
+    pv: Product
     score_steps: tuple[ScoreStep, ...]
     dropout_p: float
     dropout_seed: int
 
     @property
     def query(self) -> Value:
-        return self.qk.inputs[0]
+        return self.qk.node.inputs[0]
 
     @property
     def key_t(self) -> Value:
-        return self.qk.inputs[1]
+        return self.qk.node.inputs[1]
 
     @property
     def value(self) -> Value:
-        return self.pv.inputs[1]
+        return self.pv.node.inputs[1]
 
     @property
     def output(self) -> Value:
-        return self.pv.outputs[0]
+        return self.pv.node.outputs[0]
 
 
 def check_softmax_axis(softmax: Node, opset: int, rank: int | None) -> None:
@@ -70,7 +73,7 @@ def _reaches_matmul(value: Value, budget: int = 12) -> bool:
     node = value.producer()
     if budget == 0 or node is None:
         return False
-    if is_op(node, "MatMul"):
+    if product_of(node) is not None:
         return True
     if not is_op(node, *_SCORE_OPS):
         return False
@@ -83,7 +86,7 @@ def _blocking_op(value: Value, budget: int = 8) -> Node | None:
     within a few steps (say Tanh, for logit soft-capping): it is why the block does not match."""
     node = value.producer()
     while budget and node is not None:
-        if is_op(node, "MatMul"):
+        if product_of(node) is not None:
             return None
         if not is_op(node, *_SCORE_OPS):
             upstream = next((v for v in node.inputs if v is not None and v.producer() is not None), None)
@@ -96,7 +99,7 @@ def _blocking_op(value: Value, budget: int = 8) -> Node | None:
 def _reaches_matmul_anyhow(value: Value, budget: int) -> bool:
     node = value.producer()
     while budget and node is not None:
-        if is_op(node, "MatMul"):
+        if product_of(node) is not None:
             return True
         node = next((v.producer() for v in node.inputs if v is not None and v.producer() is not None), None)
         budget -= 1
@@ -147,7 +150,7 @@ def _score_step(node: Node) -> tuple[ScoreStep, Value]:
     raise NotFused(f"{describe(node)} between the QK MatMul and the softmax is not a scale or mask", node)
 
 
-def _walk_scores(softmax: Node) -> tuple[Node, tuple[ScoreStep, ...]]:
+def _walk_scores(softmax: Node) -> tuple[Product, tuple[ScoreStep, ...]]:
     steps: list[ScoreStep] = []
     value = softmax.inputs[0]
     reader = softmax
@@ -157,8 +160,9 @@ def _walk_scores(softmax: Node) -> tuple[Node, tuple[ScoreStep, ...]]:
         node = value.producer()
         if node is None or node.domain not in ("", "ai.onnx"):
             raise NotFused("the softmax input is not computed from a QK MatMul", softmax)
-        if node.op_type == "MatMul":
-            return node, tuple(reversed(steps))
+        product = product_of(node)
+        if product is not None:
+            return product, tuple(reversed(steps))
         step, value = _score_step(node)
         steps.append(step)
         reader = node
@@ -199,7 +203,7 @@ def _dropout_ratio(node: Node) -> tuple[float, int]:
     return ratio, node.attr("seed", 0)
 
 
-def _walk_probs(softmax: Node) -> tuple[Node, float, int]:
+def _walk_probs(softmax: Node) -> tuple[Product, float, int]:
     value = softmax.outputs[0]
     dropout_p, seed = 0.0, 0
     while True:
@@ -214,8 +218,8 @@ def _walk_probs(softmax: Node) -> tuple[Node, float, int]:
         elif is_op(node, "Dropout"):
             dropout_p, seed = _dropout_ratio(node)
             value = node.outputs[0]
-        elif is_op(node, "MatMul") and node.inputs[0] is value:
-            return node, dropout_p, seed
+        elif product_of(node) is not None and node.inputs[0] is value:
+            return product_of(node), dropout_p, seed
         else:
             raise NotFused(f"the probabilities feed {describe(node)}, not MatMul(P, V)", node)
 

@@ -19,7 +19,7 @@ from fuse_attn.graph import Node, Value
 from passes._graph import NotFused, describe
 from passes.find_attention import ScoreStep
 from passes.layout import walk_chain
-from passes.plan import FusionPlan, Operand, plan_block, same_layout
+from passes.plan import FusionPlan, Operand, plan_block
 
 
 def _input(node: Node, index: int) -> Value | None:
@@ -34,9 +34,10 @@ def _to_kernel_qk(labels: np.ndarray) -> np.ndarray:
 
 
 def _to_kernel_v(labels: np.ndarray) -> np.ndarray:
+    """V (b, kv, s, d) is already the kernel's v."""
     if labels.ndim != 4:
         raise NotFused(f"Attention inputs of rank {labels.ndim}; only 4D (b, heads, s, d) is fused")
-    return same_layout(labels)
+    return labels
 
 
 def _check_supported(node: Node) -> None:

@@ -41,6 +41,8 @@ class FusionPlan:
     # When the graph shares kv heads in another order than repeat_kv's: the q heads, reordered
     # so that kv head j serves q heads j*G .. j*G+G-1 (the output is put back in graph order).
     q_head_order: tuple[int, ...] | None = None
+    # The block's output axes as a permutation of the kernel's (b, h, s, d) (Einsum products).
+    output_perm: tuple[int, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +134,7 @@ def plan_block(
     insert_before: Node,
     dropout_p: float = 0.0,
     seed: int = 0,
+    output_perm: tuple[int, ...] | None = None,
 ) -> FusionPlan:
     try:
         dtypes = {evaluator.dtype_of(op.chain.values[-1]) for op in (q, k, v)}
@@ -149,6 +152,8 @@ def plan_block(
     # scores to more batch entries or dims would make the original output larger than the kernel's.
     kernel_output = ((proof.batch * proof.heads, proof.seq_q, proof.head_dim) if proof.batched_heads
                      else (proof.batch, proof.heads, proof.seq_q, proof.head_dim))
+    if output_perm is not None:
+        kernel_output = tuple(kernel_output[i] for i in output_perm)
     try:
         output_shape = evaluator.shape_of(output)
     except Unprovable as exc:
@@ -196,24 +201,5 @@ def plan_block(
         squeeze_heads=proof.batched_heads,
         insert_before=insert_before,
         batch=_size(query, 0, proof.batch, evaluator), seq=seq, head_dim=proof.head_dim, notes=notes, seed=seed,
-        q_head_order=proof.q_head_order,
+        q_head_order=proof.q_head_order, output_perm=output_perm,
     )
-
-
-# Kernel layouts from the MatMul operands of decomposed attention.
-def q_layout(labels: np.ndarray) -> np.ndarray:
-    """Q (b, h, s, d) -> q (b, h, d, s); batched heads (b·h, s, d) run as h = 1."""
-    return _four_d(labels).transpose(0, 1, 3, 2)
-
-
-def same_layout(labels: np.ndarray) -> np.ndarray:
-    """Kᵀ (b, h, d, s) is already k's layout; V (b, h, s, d) already v's."""
-    return _four_d(labels)
-
-
-def _four_d(labels: np.ndarray) -> np.ndarray:
-    if labels.ndim == 4:
-        return labels
-    if labels.ndim == 3:
-        return labels[:, None]
-    raise NotFused(f"attention operands of rank {labels.ndim}; the kernel takes (b, h, s, d)")

@@ -75,6 +75,11 @@ def emit_flash_fwd(graph: Graph, plan: FusionPlan, name: str) -> tuple[Node, Val
         protos.append(helper.make_node("Squeeze", [result, _axis_one(graph, f"{name}_o", protos)], [squeezed],
                                        name=graph.unique_name(f"{name}_o_squeeze")))
         result = squeezed
+    if plan.output_perm is not None:  # an Einsum wrote the output's axes in another order
+        ordered = graph.unique_name(f"{name}_o_ordered")
+        protos.append(helper.make_node("Transpose", [result], [ordered], name=graph.unique_name(f"{name}_o_transpose"),
+                                       perm=list(plan.output_perm)))
+        result = ordered
     nodes = graph.insert_before(plan.insert_before, protos)
     new_output = graph.value(result)
     graph.set_type(new_output, plan.output)
