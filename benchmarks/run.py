@@ -312,7 +312,7 @@ def bench_big(args, work: str, fuse_cmd, import_rss: float | None) -> dict:
     out_dir = os.path.join(work, "fused")
     os.makedirs(out_dir, exist_ok=True)
     out = os.path.join(out_dir, "llama_big_fused.onnx")  # another folder: the data file must follow it
-    fa = measure(fuse_cmd + [path, "-o", out], 1, args.timeout)
+    fa = measure(fuse_cmd + [path, "-o", out, "--link-external-data"], 1, args.timeout)
     res["fuse_attn"] = dataclasses.asdict(fa)
     if fa.error is None:
         res["flashfwd_nodes"] = count_flashfwd(out)

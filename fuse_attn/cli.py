@@ -28,8 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--assume-no-padding", action="store_true",
                         help="treat graph inputs a mask depends on (attention_mask) as all ones")
     parser.add_argument("--in-place", action="store_true", help="allow the output to overwrite the input")
-    parser.add_argument("--copy-external-data", action="store_true",
-                        help="copy external weight files next to the output instead of linking them")
+    parser.add_argument("--link-external-data", action="store_true",
+                        help="with the output in another folder, hard-link external weight files beside it "
+                             "instead of copying them (onnxruntime loads that; onnx.load refuses linked data)")
     parser.add_argument("-q", "--quiet", action="store_true", help="print only the summary line")
     return parser
 
@@ -55,7 +56,7 @@ def _fuse_main(argv: list[str]) -> int:
     for line in report.lines() if not args.quiet else [report.summary()]:
         print(line)
     # Nothing fused: the model goes through exactly as it came.
-    modelio.save(graph.model, target, source_path=source, copy_external_data=args.copy_external_data)
+    modelio.save(graph.model, target, source_path=source, link_external_data=args.link_external_data)
     if args.report:
         with open(args.report, "w") as f:
             f.write(report.to_json())

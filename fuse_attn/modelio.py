@@ -1,8 +1,10 @@
 """Loading and saving models: bad input becomes one `InputError` line; weights are never read.
 
-External data stays where it is: the fused model references the same data files. Saved next
-to the input, nothing moves; saved elsewhere, each data file is hard-linked (or symlinked,
-or copied on request) beside the output so its relative location still resolves.
+External data stays where it is: saved next to the input, the fused model references the same
+data files and nothing is copied. Saved elsewhere, each data file is copied beside the output
+(or hard-linked on request) so its relative location still resolves. Copying is the default
+because onnx's own loader refuses data files that are links (symlinks, or files with more than
+one hard link: "potential hardlink attack") — a link would make both models unloadable there.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ def validate(proto: onnx.ModelProto, where: str) -> None:
                          f"({contract.MIN_OPSET}+); upgrade it with onnx.version_converter")
 
 
-def _place_external_data(proto: onnx.ModelProto, source_dir: str, target_dir: str, copy: bool) -> None:
+def _place_external_data(proto: onnx.ModelProto, source_dir: str, target_dir: str, link: bool) -> None:
     for location in _external_locations(proto):
         source = os.path.join(source_dir, location)
         target = os.path.join(target_dir, location)
@@ -82,13 +84,10 @@ def _place_external_data(proto: onnx.ModelProto, source_dir: str, target_dir: st
                 continue
             raise InputError(f"'{target}' exists and is not the model's data file; choose another output folder")
         os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
-        if copy:
-            shutil.copyfile(source, target)
-            continue
-        try:
+        if link:
             os.link(source, target)
-        except OSError:
-            os.symlink(os.path.abspath(source), target)
+        else:
+            shutil.copyfile(source, target)
 
 
 def _umask() -> int:
@@ -98,11 +97,11 @@ def _umask() -> int:
 
 
 def save(model: onnx.ModelProto, out_path: str | os.PathLike, *, source_path: str | os.PathLike | None = None,
-         copy_external_data: bool = False) -> None:
+         link_external_data: bool = False) -> None:
     """Write `model` atomically: a temp file in the output folder, renamed into place.
 
     `source_path` is the model file its external data locations are relative to; when the
-    output goes to another folder the data files are linked (or copied) beside it."""
+    output goes to another folder the data files are copied (or hard-linked) beside it."""
     out_path = os.path.abspath(os.fspath(out_path))
     out_dir = os.path.dirname(out_path)
     if not os.path.isdir(out_dir):
@@ -113,7 +112,7 @@ def save(model: onnx.ModelProto, out_path: str | os.PathLike, *, source_path: st
     if source_path is not None:
         source_dir = os.path.dirname(os.path.abspath(os.fspath(source_path)))
         if not os.path.samefile(source_dir, out_dir):
-            _place_external_data(proto, source_dir, out_dir, copy_external_data)
+            _place_external_data(proto, source_dir, out_dir, link_external_data)
     fd, tmp = tempfile.mkstemp(prefix=".fuse-attn-", suffix=".onnx", dir=out_dir)
     try:
         with os.fdopen(fd, "wb") as f:
