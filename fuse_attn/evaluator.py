@@ -197,6 +197,13 @@ class Evaluator:
                 # A shape- and type-preserving op whose other inputs the schema objects to.
                 self._types[node.outputs[0]] = self._types[node.inputs[0]]
                 return
+            if node.op_type == "ConstantOfShape" and node.domain in DEFAULT_DOMAINS:
+                # Its type is its `value` attribute's, its shape its input's (a dtype the opset's schema may not list).
+                value = node.attr("value")
+                dtype = value.data_type if value is not None else onnx.TensorProto.FLOAT
+                shape = tuple(int(x) for x in np.asarray(self.value_of(node.inputs[0])).reshape(-1))
+                self._types[node.outputs[0]] = (dtype, shape)
+                return
             raise Unprovable(f"cannot infer the shapes of {node.op_type} '{node.name}': {exc}") from None
         for i, out in enumerate(node.outputs):
             t = inferred.get(f"o{i}")
