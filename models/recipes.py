@@ -199,9 +199,10 @@ def build_torch_nn(params: dict[str, Any], attn_impl: str | None) -> nn.Module:
 
 class _NanoGPTAttention(nn.Module):
     """nanoGPT's CausalSelfAttention, verbatim in structure: one c_attn, a registered tril buffer,
-    masked_fill(-inf), softmax, attention dropout (identity in eval); or the flash (SDPA) path."""
+    masked_fill(-inf), softmax, attention dropout (identity in eval); or the flash (SDPA) path; or
+    ("einsum") the products written with torch.einsum on (b, s, h, d), as hand-written code does."""
 
-    def __init__(self, n_embd: int, n_head: int, block_size: int, dropout: float, flash: bool):
+    def __init__(self, n_embd: int, n_head: int, block_size: int, dropout: float, impl: str):
         super().__init__()
         self.c_attn = nn.Linear(n_embd, 3 * n_embd)
         self.c_proj = nn.Linear(n_embd, n_embd)
@@ -210,17 +211,24 @@ class _NanoGPTAttention(nn.Module):
         self.n_head = n_head
         self.n_embd = n_embd
         self.dropout = dropout
-        self.flash = flash
-        if not flash:
+        self.impl = impl
+        if impl != "sdpa":
             self.register_buffer("bias", torch.tril(torch.ones(block_size, block_size)).view(1, 1, block_size, block_size))
 
     def forward(self, x):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        if self.impl == "einsum":
+            q, k, v = (t.view(B, T, self.n_head, C // self.n_head) for t in (q, k, v))
+            att = torch.einsum("bqhd,bkhd->bhqk", q, k) * (1.0 / math.sqrt(k.size(-1)))
+            att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
+            att = self.attn_dropout(F.softmax(att, dim=-1))
+            y = torch.einsum("bhqk,bkhd->bqhd", att, v).reshape(B, T, C)
+            return self.resid_dropout(self.c_proj(y))
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        if self.flash:
+        if self.impl == "sdpa":
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=None, dropout_p=self.dropout if self.training else 0, is_causal=True
             )
@@ -235,10 +243,10 @@ class _NanoGPTAttention(nn.Module):
 
 
 class _NanoGPTBlock(nn.Module):
-    def __init__(self, n_embd: int, n_head: int, block_size: int, dropout: float, flash: bool):
+    def __init__(self, n_embd: int, n_head: int, block_size: int, dropout: float, impl: str):
         super().__init__()
         self.ln_1 = nn.LayerNorm(n_embd)
-        self.attn = _NanoGPTAttention(n_embd, n_head, block_size, dropout, flash)
+        self.attn = _NanoGPTAttention(n_embd, n_head, block_size, dropout, impl)
         self.ln_2 = nn.LayerNorm(n_embd)
         self.mlp = nn.Sequential(
             nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd), nn.Dropout(dropout)
@@ -250,12 +258,12 @@ class _NanoGPTBlock(nn.Module):
 
 
 class _NanoGPT(nn.Module):
-    def __init__(self, vocab: int, n_embd: int, n_head: int, n_layer: int, block_size: int, dropout: float, flash: bool):
+    def __init__(self, vocab: int, n_embd: int, n_head: int, n_layer: int, block_size: int, dropout: float, impl: str):
         super().__init__()
         self.wte = nn.Embedding(vocab, n_embd)
         self.wpe = nn.Embedding(block_size, n_embd)
         self.drop = nn.Dropout(dropout)
-        self.h = nn.ModuleList(_NanoGPTBlock(n_embd, n_head, block_size, dropout, flash) for _ in range(n_layer))
+        self.h = nn.ModuleList(_NanoGPTBlock(n_embd, n_head, block_size, dropout, impl) for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(n_embd)
 
     def forward(self, idx):
@@ -270,10 +278,10 @@ class _NanoGPT(nn.Module):
 @builder("nanogpt")
 def build_nanogpt(params: dict[str, Any], attn_impl: str | None) -> nn.Module:
     """params: vocab, n_embd, n_head, n_layer, block_size, dropout; attn_impl "eager" (tril
-    buffer + masked_fill) or "sdpa" (nanoGPT's flash path)."""
+    buffer + masked_fill), "sdpa" (nanoGPT's flash path) or "einsum" (torch.einsum products)."""
     return _NanoGPT(
         params["vocab"], params["n_embd"], params["n_head"], params["n_layer"], params["block_size"],
-        params.get("dropout", 0.1), flash=attn_impl == "sdpa",
+        params.get("dropout", 0.1), impl=attn_impl or "eager",
     ).eval()
 
 
