@@ -48,6 +48,8 @@ def _fuse_main(argv: list[str]) -> int:
         raise modelio.InputError(f"output '{args.output}' is a folder; give the fused model's file name")
     if not os.path.isdir(os.path.dirname(target)):
         raise modelio.InputError(f"output folder '{os.path.dirname(target)}' does not exist")
+    if args.report and not os.path.isdir(os.path.dirname(os.path.abspath(args.report))):
+        raise modelio.InputError(f"the report's folder '{os.path.dirname(os.path.abspath(args.report))}' does not exist")
     proto = modelio.load_proto(args.model)
     modelio.validate(proto, args.model)
     graph = Graph(proto, os.path.dirname(source))
@@ -55,13 +57,17 @@ def _fuse_main(argv: list[str]) -> int:
                         progress=sys.stderr.isatty())
     for line in report.lines() if not args.quiet else [report.summary()]:
         print(line)
+    # Read before the output is written: with --in-place it replaces the original.
+    original = modelio.load_proto(args.model) if args.verify and report.fused else None
     # Nothing fused: the model goes through exactly as it came.
     modelio.save(graph.model, target, source_path=source, link_external_data=args.link_external_data)
     if args.report:
-        with open(args.report, "w") as f:
-            f.write(report.to_json())
-    if args.verify and report.fused:
-        original = modelio.load_proto(args.model)
+        try:
+            with open(args.report, "w") as f:
+                f.write(report.to_json())
+        except OSError as exc:
+            raise modelio.InputError(f"cannot write the report '{args.report}': {exc.strerror or exc}") from None
+    if original is not None:
         checks = verify.compare(original, graph.model, verify.random_inputs(original), os.path.dirname(source))
         for check in checks:
             print(check.line())

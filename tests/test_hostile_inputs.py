@@ -209,6 +209,12 @@ def test_output_in_read_only_directory(real_model, tmp_path):
         ro.chmod(0o755)
 
 
+def test_report_in_a_missing_folder(real_model, tmp_path):
+    out = tmp_path / "out.onnx"
+    assert_bad_input(run_cli(real_model, "-o", out, "--report", tmp_path / "nope" / "r.json"), out,
+                     mentions=("report",))
+
+
 def test_output_that_is_a_folder(real_model, tmp_path):
     before = sorted(os.listdir(tmp_path))
     assert_bad_input(run_cli(real_model, "-o", tmp_path), mentions=("folder",))
