@@ -14,7 +14,8 @@ from __future__ import annotations
 import dataclasses
 
 from fuse_attn.graph import Node, Value
-from passes._graph import FLOAT_TYPES, NotFused, cast_target, describe, is_op, scalar_constant, sole_consumer
+from passes._graph import (FLOAT_TYPES, NotFused, cast_target, describe, dtype_name, is_op, scalar_constant,
+                           sole_consumer)
 from passes.products import Product, product_of
 
 # Ops that may stand between the QK MatMul and the Softmax.
@@ -124,7 +125,7 @@ def _score_step(node: Node) -> tuple[ScoreStep, Value]:
     op = node.op_type
     if op == "Cast":
         if cast_target(node) not in FLOAT_TYPES:
-            raise NotFused(f"scores are cast to {cast_target(node).name} before the softmax", node)
+            raise NotFused(f"scores are cast to {dtype_name(cast_target(node))} before the softmax", node)
         return ScoreStep("cast", node), node.inputs[0]
     if op in ("Mul", "Div"):
         index = 0 if op == "Div" else _pick_scores(node, [0, 1])

@@ -164,3 +164,25 @@ def test_training_mode_dropout_is_carried_as_dropout_p():
 def test_two_blocks_one_near_miss_each_reported():
     spec = dataclasses.replace(NEAR_MISSES["probs_returned"], blocks=2)
     _check_left_alone("probs_returned x2", spec)
+
+
+def test_scores_cast_to_an_integer_type_are_left_alone():
+    """Cast(int32) truncates the scores: not the kernel's softmax. The reason names the type."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from fuse_attn import fuse
+
+    nodes = [helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["q", "kt"], ["scores"]),
+             helper.make_node("Cast", ["scores"], ["truncated"], to=TensorProto.INT32),
+             helper.make_node("Cast", ["truncated"], ["back"], to=TensorProto.FLOAT),
+             helper.make_node("Softmax", ["back"], ["p"], axis=-1),
+             helper.make_node("MatMul", ["p", "v"], ["o"])]
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 512, 16]) for n in "qkv"]
+    out = helper.make_tensor_value_info("o", TensorProto.FLOAT, [2, 512, 16])
+    model = helper.make_model(helper.make_graph(nodes, "g", io, [out]), opset_imports=[helper.make_opsetid("", 18)])
+    onnx.checker.check_model(model)
+    _, report = fuse(model)
+    (block,) = report.blocks
+    assert not block.fused and "cast to int32" in block.reason, block.reason
