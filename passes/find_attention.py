@@ -82,29 +82,19 @@ def _reaches_matmul(value: Value, budget: int = 12) -> bool:
     return any(v is not None and _reaches_matmul(v, budget - 1) for v in inputs)
 
 
-def _blocking_op(value: Value, budget: int = 8) -> Node | None:
-    """The first op that is not a score op on a path from a MatMul to `value`, if there is one
+def _blocking_op(value: Value, budget: int = 16) -> Node | None:
+    """The first op that is not a score op on a path from a product to `value`, if a product is
     within a few steps (say Tanh, for logit soft-capping): it is why the block does not match."""
+    blocker = None
     node = value.producer()
     while budget and node is not None:
         if product_of(node) is not None:
-            return None
-        if not is_op(node, *_SCORE_OPS):
-            upstream = next((v for v in node.inputs if v is not None and v.producer() is not None), None)
-            return node if upstream is not None and _reaches_matmul_anyhow(upstream, budget) else None
+            return blocker
+        if blocker is None and not is_op(node, *_SCORE_OPS):
+            blocker = node
         node = next((v.producer() for v in node.inputs if v is not None and v.producer() is not None), None)
         budget -= 1
     return None
-
-
-def _reaches_matmul_anyhow(value: Value, budget: int) -> bool:
-    node = value.producer()
-    while budget and node is not None:
-        if product_of(node) is not None:
-            return True
-        node = next((v.producer() for v in node.inputs if v is not None and v.producer() is not None), None)
-        budget -= 1
-    return False
 
 
 def _pick_scores(node: Node, candidates: list[int]) -> int:
