@@ -45,9 +45,6 @@ class Value:
     def is_graph_output(self) -> bool:
         return self.name in self.graph._output_names
 
-    def is_initializer(self) -> bool:
-        return self.name in self.graph._initializers
-
     @property
     def type(self) -> onnx.TypeProto | None:
         return self.graph._types().get(self.name)
@@ -199,9 +196,6 @@ class Graph:
 
     def __iter__(self):
         return iter(self.nodes)
-
-    def __len__(self) -> int:
-        return len(self.nodes)
 
     def value(self, name: str) -> Value:
         value = self._values.get(name)
