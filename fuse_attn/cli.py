@@ -38,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
 def _fuse_main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     from fuse_attn import modelio, verify
-    from fuse_attn.graph import Graph
+    from fuse_attn.ir.graph import Graph
     from fuse_attn.pipeline import fuse_graph
 
     source, target = os.path.abspath(args.model), os.path.abspath(args.output)
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return compile_main(argv[1:])
         if argv[:1] == ["zoo"]:
-            from models.check import zoo_main
+            from fuse_attn.models.check import zoo_main
 
             return zoo_main(argv[1:])
         return _fuse_main(argv)

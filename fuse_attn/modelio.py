@@ -16,7 +16,7 @@ import tempfile
 import onnx
 from google.protobuf.message import DecodeError
 
-from fuse_attn import contract
+from fuse_attn.ir import contract
 
 
 class InputError(Exception):

@@ -8,16 +8,17 @@ import time
 import numpy as np
 import onnx
 
-from fuse_attn import contract, modelio
-from fuse_attn.evaluator import Evaluator
-from fuse_attn.graph import Graph, Node
+from fuse_attn import modelio
+from fuse_attn.ir import contract
+from fuse_attn.ir.evaluator import Evaluator
+from fuse_attn.ir.graph import Graph, Node
 from fuse_attn.report import BlockReport, FuseReport
-from passes._graph import NotFused, describe, is_op
-from passes.cleanup import declare_flash_fwd, remove_dead_nodes
-from passes.decomposed import plan_decomposed
-from passes.onnx_attention import plan_onnx_attention
-from passes.plan import FusionPlan
-from passes.rewrite import emit_flash_fwd
+from fuse_attn.passes._graph import NotFused, describe, is_op
+from fuse_attn.passes.cleanup import declare_flash_fwd, remove_dead_nodes
+from fuse_attn.passes.decomposed import plan_decomposed
+from fuse_attn.passes.onnx_attention import plan_onnx_attention
+from fuse_attn.passes.plan import FusionPlan
+from fuse_attn.passes.rewrite import emit_flash_fwd
 
 def _ones(shape, dtype):
     return np.ones(shape, dtype=dtype)

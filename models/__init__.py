@@ -1,10 +1,10 @@
 """The model zoo: recipes that export small, realistically shaped transformer models to ONNX.
 
 `manifest.json` is the hand-reviewed source of truth: each entry names a builder in
-`models.recipes`, its parameters, the exporter, opset, dtype and attention implementation, and
+`fuse_attn.models.recipes`, its parameters, the exporter, opset, dtype and attention implementation, and
 the attention blocks the pass is expected to fuse or to leave (with a reason keyword).
 
-    import models
+    from fuse_attn import models
     for zm in models.build_all():          # cached under .zoo-cache/ by recipe hash
         print(zm.name, zm.path, zm.entry["expected"])
 """

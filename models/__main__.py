@@ -1,4 +1,4 @@
-"""python -m models build [--only NAME] [--out DIR] [--force] | list | check"""
+"""python -m fuse_attn.models build [--only NAME] [--out DIR] [--force] | list | check"""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from . import build_all, cache_dir, entries, names_matching
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m models", description="the fuse-attn model zoo")
+    ap = argparse.ArgumentParser(prog="python -m fuse_attn.models", description="the fuse-attn model zoo")
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="export every recipe (cached by recipe hash)")
     b.add_argument("--only", action="append", help="a model name (exact, or a substring); repeatable")

@@ -1,7 +1,7 @@
 """Run the fusion pass over the zoo and hold every model to its manifest entry.
 
-    from models import build_all
-    from models.check import check_zoo, render_markdown
+    from fuse_attn.models import build_all
+    from fuse_attn.models.check import check_zoo, render_markdown
     rows = check_zoo(build_all())
     print(render_markdown(rows))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto
 
-from fuse_attn.graph import DEFAULT_DOMAINS, Node, Value
+from fuse_attn.ir.graph import DEFAULT_DOMAINS, Node, Value
 
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
 

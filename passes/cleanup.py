@@ -5,8 +5,8 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-from fuse_attn import contract
-from fuse_attn.graph import Graph
+from fuse_attn.ir import contract
+from fuse_attn.ir.graph import Graph
 
 
 def remove_dead_nodes(graph: Graph) -> int:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from fuse_attn.evaluator import Evaluator, Unprovable
-from passes.find_attention import match_attention
-from passes.layout import walk_chain
-from passes.plan import FusionPlan, Operand, plan_block
-from passes.products import pv_layout, q_and_k_layouts
+from fuse_attn.ir.evaluator import Evaluator, Unprovable
+from fuse_attn.passes.find_attention import match_attention
+from fuse_attn.passes.layout import walk_chain
+from fuse_attn.passes.plan import FusionPlan, Operand, plan_block
+from fuse_attn.passes.products import pv_layout, q_and_k_layouts
 
 
 def plan_decomposed(softmax, evaluator: Evaluator, opset: int) -> FusionPlan:

@@ -1,9 +1,9 @@
 """Find decomposed attention: MatMul(Q, Kᵀ) → score ops → Softmax → prob ops → MatMul(P, V).
 
-The two products may also be Einsums (`passes.products`).
+The two products may also be Einsums (`fuse_attn.passes.products`).
 
 Anchored on Softmax. Walking back to the QK MatMul collects the score steps (scale, mask,
-casts) as data for `passes.masks` to interpret; walking forward to the PV MatMul accepts only
+casts) as data for `fuse_attn.passes.masks` to interpret; walking forward to the PV MatMul accepts only
 what is the identity at inference: casts, the SDPA NaN guard Where(IsNaN(p), 0, p), Identity
 and Dropout (whose training-mode ratio becomes dropout_p). Every intermediate must have this
 block as its only reader, or removing it would change what the graph computes elsewhere.
@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from fuse_attn.graph import Node, Value
-from passes._graph import (FLOAT_TYPES, NotFused, cast_target, describe, dtype_name, is_op, scalar_constant,
+from fuse_attn.ir.graph import Node, Value
+from fuse_attn.passes._graph import (FLOAT_TYPES, NotFused, cast_target, describe, dtype_name, is_op, scalar_constant,
                            sole_consumer)
-from passes.products import Product, product_of
+from fuse_attn.passes.products import Product, product_of
 
 # Ops that may stand between the QK MatMul and the Softmax.
 _SCORE_OPS = ("Cast", "Mul", "Div", "Add", "Sub", "Where")

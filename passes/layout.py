@@ -20,9 +20,9 @@ import math
 
 import numpy as np
 
-from fuse_attn.evaluator import Evaluator, Unprovable
-from fuse_attn.graph import Node, Value
-from passes._graph import NotFused, describe, is_op, scalar_constant
+from fuse_attn.ir.evaluator import Evaluator, Unprovable
+from fuse_attn.ir.graph import Node, Value
+from fuse_attn.passes._graph import NotFused, describe, is_op, scalar_constant
 
 _MOVEMENT_OPS = ("Transpose", "Reshape", "Unsqueeze", "Squeeze", "Expand", "Tile", "Flatten", "Identity")
 _MAX_CHAIN = 24

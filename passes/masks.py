@@ -16,9 +16,9 @@ import dataclasses
 
 import numpy as np
 
-from fuse_attn.evaluator import DependsOnInput, Evaluator, Unprovable
-from passes._graph import NotFused, describe, memoized
-from passes.find_attention import ScoreStep
+from fuse_attn.ir.evaluator import DependsOnInput, Evaluator, Unprovable
+from fuse_attn.passes._graph import NotFused, describe, memoized
+from fuse_attn.passes.find_attention import ScoreStep
 
 # An additive term at or below this removes a score: exp(-1000 + any realistic score spread)
 # is exactly 0 in float32 and float16, as the kernel's -9984 is.

@@ -14,12 +14,12 @@ import math
 import numpy as np
 from onnx import TensorProto
 
-from fuse_attn.evaluator import Evaluator
-from fuse_attn.graph import Node, Value
-from passes._graph import NotFused, describe
-from passes.find_attention import ScoreStep
-from passes.layout import walk_chain
-from passes.plan import FusionPlan, Operand, plan_block
+from fuse_attn.ir.evaluator import Evaluator
+from fuse_attn.ir.graph import Node, Value
+from fuse_attn.passes._graph import NotFused, describe
+from fuse_attn.passes.find_attention import ScoreStep
+from fuse_attn.passes.layout import walk_chain
+from fuse_attn.passes.plan import FusionPlan, Operand, plan_block
 
 
 def _input(node: Node, index: int) -> Value | None:

@@ -12,12 +12,12 @@ import math
 
 import numpy as np
 
-from fuse_attn import contract
-from fuse_attn.evaluator import Evaluator, Unprovable
-from fuse_attn.graph import Node, Value
-from passes._graph import NotFused, dtype_name, memoized
-from passes.layout import Chain, Source, chain_labels, chain_signature, choose_source, grid_order, kv_heads_of
-from passes.masks import ScoreReading, read_scores
+from fuse_attn.ir import contract
+from fuse_attn.ir.evaluator import Evaluator, Unprovable
+from fuse_attn.ir.graph import Node, Value
+from fuse_attn.passes._graph import NotFused, dtype_name, memoized
+from fuse_attn.passes.layout import Chain, Source, chain_labels, chain_signature, choose_source, grid_order, kv_heads_of
+from fuse_attn.passes.masks import ScoreReading, read_scores
 
 
 # Masks of symbolic-seq graphs are proven at two lengths; the longer is at most this (seq² arrays).

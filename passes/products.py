@@ -15,8 +15,8 @@ import string
 
 import numpy as np
 
-from fuse_attn.graph import Node
-from passes._graph import NotFused, describe, is_op
+from fuse_attn.ir.graph import Node
+from fuse_attn.passes._graph import NotFused, describe, is_op
 
 
 @dataclasses.dataclass(frozen=True)

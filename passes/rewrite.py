@@ -1,7 +1,7 @@
 """Replace a planned attention block with one FlashFwd node.
 
 Only new nodes are added and the block's output is rewired; the old nodes become dead and
-`passes.cleanup` removes them in one sweep at the end (rewire first, clean up once).
+`fuse_attn.passes.cleanup` removes them in one sweep at the end (rewire first, clean up once).
 """
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from __future__ import annotations
 import numpy as np
 from onnx import helper, numpy_helper
 
-from fuse_attn import contract
-from fuse_attn.graph import Graph, Node, Value
-from passes.layout import Source
-from passes.plan import FusionPlan
+from fuse_attn.ir import contract
+from fuse_attn.ir.graph import Graph, Node, Value
+from fuse_attn.passes.layout import Source
+from fuse_attn.passes.plan import FusionPlan
 
 
 def _axis_one(graph: Graph, name: str, protos: list) -> str:

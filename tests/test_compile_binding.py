@@ -23,7 +23,7 @@ import torch
 
 from fuse_attn.compile import binding, compile_main
 from fuse_attn.compile.simulator import simulate_flash_fwd
-from fuse_attn.contract import FlashFwdAttrs
+from fuse_attn.ir.contract import FlashFwdAttrs
 from test_compile_lower import fused_model
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from fuse_attn import contract
+from fuse_attn.ir import contract
 from fuse_attn.compile import compile_main, constraints, shapes
 from fuse_attn.compile.cli import attention_fn
 from fuse_attn.compile.lower import FlashFwdModule, lower

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from fuse_attn.contract import KERNEL_MASK_VALUE
+from fuse_attn.ir.contract import KERNEL_MASK_VALUE
 from fuse_attn.compile.constraints import FlashPlan
 from fuse_attn.compile.lower import FlashFwdModule
 from fuse_attn.compile.simulator import simulate_flash_fwd, simulate_node
-from fuse_attn.contract import FlashFwdAttrs
+from fuse_attn.ir.contract import FlashFwdAttrs
 
 # Measured bf16 error (mixed_precision=True) against float64 for unit-normal q, k, v and the
 # default scale: max |error| 0.012-0.021 over the cases below. The bound asserted:

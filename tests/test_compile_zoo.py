@@ -16,7 +16,7 @@ import onnx
 import pytest
 import torch
 
-import models
+from fuse_attn import models
 from fuse_attn.compile import constraints, shapes
 from fuse_attn.compile.cli import attention_fn, compare_with_onnxruntime, run_onnxruntime
 from fuse_attn.compile.lower import lower

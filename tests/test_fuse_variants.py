@@ -28,7 +28,7 @@ from attention_graphs import (
     node_attrs,
     run_ort,
 )
-from fuse_attn.contract import seq_tile_size_for
+from fuse_attn.ir.contract import seq_tile_size_for
 
 VARIANTS = list(POSITIVE_VARIANTS)
 

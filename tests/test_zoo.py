@@ -11,7 +11,7 @@ import importlib.util
 
 import pytest
 
-import models
+from fuse_attn import models
 
 MANIFEST = models.load_manifest()
 NAMES = [e["name"] for e in MANIFEST["models"]]
@@ -47,7 +47,7 @@ def rows(built):
     collected = {}
     yield collected
     if collected:
-        from models.check import coverage_document
+        from fuse_attn.models.check import coverage_document
 
         doc = coverage_document([collected[n] for n in NAMES if n in collected])
         (models.cache_dir() / "coverage.md").write_text(doc)
@@ -58,7 +58,7 @@ def rows(built):
 def test_zoo_model(name, built, rows):
     if _zoo_deps:
         pytest.skip(f"the zoo extra is not installed ({', '.join(_zoo_deps)})")
-    from models.check import check_model
+    from fuse_attn.models.check import check_model
 
     zm = built[name]
     if zm.skipped:

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from fuse_attn.contract import FlashFwdAttrs
+from fuse_attn.ir.contract import FlashFwdAttrs
 
 STYLE_2_20 = "2.20 (nki_jit()(flash_fwd), caller-allocated o)"
 STYLE_2_21 = "2.21+ (@nki.jit flash_fwd returns o)"

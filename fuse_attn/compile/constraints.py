@@ -13,7 +13,7 @@ import math
 import numpy as np
 import onnx
 
-from fuse_attn import contract
+from fuse_attn.ir import contract
 from fuse_attn.compile.shapes import ValueType, evaluated_types, value_types
 
 PAD_MULTIPLE = 512  # a causal block's seq is padded to a multiple of this (the smallest tile)

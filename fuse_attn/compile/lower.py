@@ -19,7 +19,7 @@ import onnx
 import torch
 import torch.nn.functional as F
 
-from fuse_attn import contract
+from fuse_attn.ir import contract
 from fuse_attn.compile.constraints import FlashPlan
 from fuse_attn.compile.shapes import copy_model
 

@@ -25,7 +25,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fuse_attn.contract import KERNEL_MASK_VALUE, MAX_HEAD_DIM, QUERY_TILE, FlashFwdAttrs
+from fuse_attn.ir.contract import KERNEL_MASK_VALUE, MAX_HEAD_DIM, QUERY_TILE, FlashFwdAttrs
 
 SUB_TILE = 512  # B_F_SIZE: keys per QK^T matmul
 

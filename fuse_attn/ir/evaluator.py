@@ -20,8 +20,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from fuse_attn import contract
-from fuse_attn.graph import DEFAULT_DOMAINS, Graph, Node, Value
+from fuse_attn.ir import contract
+from fuse_attn.ir.graph import DEFAULT_DOMAINS, Graph, Node, Value
 
 # A cone this large is real computation, not mask or shape plumbing; refusing keeps proofs cheap.
 MAX_CONE_NODES = 400
