@@ -22,7 +22,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("model", help="the ONNX model to fuse")
     parser.add_argument("-o", "--output", required=True, help="where to write the fused model")
-    parser.add_argument("--report", metavar="JSON", help="also write the report as JSON")
+    parser.add_argument("--report", metavar="JSON",
+                        help="also write the report as JSON to this file ('-': stdout, the other lines go to "
+                             "stderr); an existing file is replaced only if it is an earlier fuse-attn report")
     parser.add_argument("--verify", action="store_true",
                         help="run original and fused model in onnxruntime on the same random inputs")
     parser.add_argument("--assume-no-padding", action="store_true",
@@ -41,36 +43,31 @@ def _fuse_main(argv: list[str]) -> int:
     from fuse_attn.ir.graph import Graph
     from fuse_attn.pipeline import fuse_graph
 
-    source, target = os.path.abspath(args.model), os.path.abspath(args.output)
-    if source == target and not args.in_place:
-        raise modelio.InputError("the output would overwrite the input; pass --in-place to allow it")
-    if os.path.isdir(target):
-        raise modelio.InputError(f"output '{args.output}' is a folder; give the fused model's file name")
-    if not os.path.isdir(os.path.dirname(target)):
-        raise modelio.InputError(f"output folder '{os.path.dirname(target)}' does not exist")
-    if args.report and not os.path.isdir(os.path.dirname(os.path.abspath(args.report))):
-        raise modelio.InputError(f"the report's folder '{os.path.dirname(os.path.abspath(args.report))}' does not exist")
+    # Every path is checked before the pass runs, and nothing is written until all are good.
     proto = modelio.load_proto(args.model)
     modelio.validate(proto, args.model)
+    outputs = modelio.plan_outputs(proto, args.model, args.output, report=args.report, in_place=args.in_place,
+                                   link_external_data=args.link_external_data)
+    source = os.path.abspath(args.model)
+    # With the JSON on stdout, the lines a person reads go to stderr.
+    human = sys.stderr if outputs.report == "-" else sys.stdout
     graph = Graph(proto, os.path.dirname(source))
     report = fuse_graph(graph, name=args.model, assume_no_padding=args.assume_no_padding,
                         progress=sys.stderr.isatty())
     for line in report.lines() if not args.quiet else [report.summary()]:
-        print(line)
+        print(line, file=human)
     # Read before the output is written: with --in-place it replaces the original.
     original = modelio.load_proto(args.model) if args.verify and report.fused else None
     # Nothing fused: the model goes through exactly as it came.
-    modelio.save(graph.model, target, source_path=source, link_external_data=args.link_external_data)
-    if args.report:
-        try:
-            with open(args.report, "w") as f:
-                f.write(report.to_json())
-        except OSError as exc:
-            raise modelio.InputError(f"cannot write the report '{args.report}': {exc.strerror or exc}") from None
+    modelio.write_outputs(outputs, graph.model, report.to_json())
+    if outputs.report == "-":
+        sys.stdout.write(report.to_json())
+    if args.verify and original is None:
+        print("nothing fused; nothing to verify", file=human)
     if original is not None:
         checks = verify.compare(original, graph.model, verify.random_inputs(original), os.path.dirname(source))
         for check in checks:
-            print(check.line())
+            print(check.line(), file=human)
         if not all(c.ok for c in checks):
             return EXIT_VERIFY_FAILED
     return EXIT_OK

@@ -5,10 +5,16 @@ data files and nothing is copied. Saved elsewhere, each data file is copied besi
 (or hard-linked on request) so its relative location still resolves. Copying is the default
 because onnx's own loader refuses data files that are links (symlinks, or files with more than
 one hard link: "potential hardlink attack") — a link would make both models unloadable there.
+A data file already at the output's side is kept when it is the same file or a byte-identical
+copy (a rerun); any other file there is refused, never replaced.
+
+Every path is checked before anything is written (`plan_outputs`), then all files are written
+as one step (`write_outputs`): each to a temp file beside its target, then all renamed into place.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -17,6 +23,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from fuse_attn.ir import contract
+from fuse_attn.report import is_fuse_attn_report
 
 
 class InputError(Exception):
@@ -75,19 +82,101 @@ def validate(proto: onnx.ModelProto, where: str) -> None:
                          f"({contract.MIN_OPSET}+); upgrade it with onnx.version_converter")
 
 
-def _place_external_data(proto: onnx.ModelProto, source_dir: str, target_dir: str, link: bool) -> None:
-    for location in _external_locations(proto):
-        source = os.path.join(source_dir, location)
-        target = os.path.join(target_dir, location)
-        if os.path.exists(target):
-            if os.path.samefile(source, target):
-                continue
-            raise InputError(f"'{target}' exists and is not the model's data file; choose another output folder")
-        os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
-        if link:
-            os.link(source, target)
-        else:
-            shutil.copyfile(source, target)
+def _same_path(a: str, b: str) -> bool:
+    """The same file, also through links or different spellings of the path."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist
+        return False
+
+
+def _same_content(a: str, b: str, chunk: int = 1 << 20) -> bool:
+    """Byte-identical files: sizes first (free), then the contents streamed side by side."""
+    if os.path.getsize(a) != os.path.getsize(b):
+        return False
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            block = fa.read(chunk)
+            if block != fb.read(chunk):
+                return False
+            if not block:
+                return True
+
+
+def check_writable_file(path: str | os.PathLike, what: str, *, not_over: dict[str, str] | None = None) -> str:
+    """`path` (absolute, returned) can take a new file: it is not a folder, its folder exists and is
+    writable, and it is none of the files in `not_over` (description -> path) that must survive."""
+    shown = os.fspath(path)
+    path = os.path.abspath(shown)
+    if os.path.isdir(path):
+        raise InputError(f"{what} '{shown}' is a folder; give a file name")
+    folder = os.path.dirname(path)
+    if not os.path.isdir(folder):
+        raise InputError(f"{what}'s folder '{folder}' does not exist")
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"{what}'s folder '{folder}' is not writable")
+    for description, other in (not_over or {}).items():
+        if _same_path(path, other):
+            raise InputError(f"{what} '{shown}' is {description}; choose another path")
+    return path
+
+
+@dataclasses.dataclass
+class OutputPlan:
+    """Where one run writes, every path already checked: the model, the report (None, "-" for
+    stdout, or a file) and the data files to place beside the model (source, target)."""
+    model: str
+    report: str | None = None
+    data: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    link_external_data: bool = False
+
+
+def plan_outputs(proto: onnx.ModelProto, source_path: str | os.PathLike | None, output: str | os.PathLike, *,
+                 report: str | os.PathLike | None = None, in_place: bool = False,
+                 link_external_data: bool = False) -> OutputPlan:
+    """Check every path a run writes before anything is written.
+
+    The model may replace the input only with `in_place`; it never replaces a weights file. The
+    report is never the input, the model or a weights file, and replaces an existing file only when
+    that file is an earlier fuse-attn report (or empty). A weights file the output needs beside it
+    may already be there only as the same file or a byte-identical copy (an earlier run's)."""
+    source = os.path.abspath(os.fspath(source_path)) if source_path is not None else None
+    source_dir = os.path.dirname(source) if source else None
+    locations = list(_external_locations(proto)) if source_dir else []
+    weights = {f"the input's weights file '{loc}'": os.path.join(source_dir, loc) for loc in locations}
+    keep = dict(weights)
+    if source and not in_place:
+        keep["the input model (pass --in-place to replace it)"] = source
+    target = check_writable_file(output, "output", not_over=keep)
+    plan = OutputPlan(model=target, link_external_data=link_external_data)
+
+    if source_dir and not _same_path(source_dir, os.path.dirname(target)):
+        for location in locations:
+            src, dst = os.path.join(source_dir, location), os.path.join(os.path.dirname(target), location)
+            if _same_path(dst, target):
+                raise InputError(f"the output '{output}' is where its weights file '{location}' goes; "
+                                 "choose another name")
+            weights[f"the output's weights file '{location}'"] = dst
+            if os.path.lexists(dst):
+                if os.path.isfile(dst) and (_same_path(src, dst) or _same_content(src, dst)):
+                    continue  # an earlier run's copy or link: reused as it is
+                raise InputError(f"'{dst}' exists and is not a copy of the model's data file '{src}'; "
+                                 "remove it or choose another output folder")
+            plan.data.append((src, dst))
+
+    if report is not None and os.fspath(report) != "-":
+        shown = os.fspath(report)
+        models = {"the input model": source} if source else {}
+        models["the output model"] = target
+        plan.report = check_writable_file(report, "report", not_over={**models, **weights})
+        if os.path.exists(plan.report) and not is_fuse_attn_report(plan.report):
+            raise InputError(f"report '{shown}' exists and is not a fuse-attn report; remove it or choose "
+                             "another path")
+    elif report is not None:
+        plan.report = "-"
+    return plan
 
 
 def _umask() -> int:
@@ -96,30 +185,57 @@ def _umask() -> int:
     return mask
 
 
+def _temp_beside(target: str) -> str:
+    fd, tmp = tempfile.mkstemp(prefix=".fuse-attn-", suffix=".tmp", dir=os.path.dirname(target))
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual mode of a new file
+    return tmp
+
+
+def write_outputs(plan: OutputPlan, model: onnx.ModelProto, report_json: str | None = None) -> None:
+    """Write everything `plan` names as one step: all staged to temp files beside their targets,
+    then renamed into place. On an error nothing is left behind. A report of "-" is not a file
+    (the caller prints it)."""
+    staged: list[tuple[str, str]] = []  # (temp, target)
+    target = plan.model
+    try:
+        for src, target in plan.data:
+            os.makedirs(os.path.dirname(target), exist_ok=True)  # a location like 'weights/x.bin'
+            tmp = _temp_beside(target)
+            staged.append((tmp, target))
+            if plan.link_external_data:
+                os.unlink(tmp)
+                os.link(src, tmp)
+            else:
+                shutil.copyfile(src, tmp)
+        target = plan.model
+        tmp = _temp_beside(target)
+        staged.append((tmp, target))
+        with open(tmp, "wb") as f:
+            f.write(model.SerializeToString())
+        if plan.report not in (None, "-"):
+            target = plan.report
+            tmp = _temp_beside(target)
+            staged.append((tmp, target))
+            with open(tmp, "w") as f:
+                f.write(report_json or "")
+        while staged:
+            tmp, target = staged[0]
+            os.replace(tmp, target)
+            staged.pop(0)
+    except OSError as exc:
+        raise InputError(f"cannot write '{target}': {exc.strerror or exc}") from exc
+    finally:
+        for tmp, _ in staged:
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+
+
 def save(model: onnx.ModelProto, out_path: str | os.PathLike, *, source_path: str | os.PathLike | None = None,
          link_external_data: bool = False) -> None:
     """Write `model` atomically: a temp file in the output folder, renamed into place.
 
     `source_path` is the model file its external data locations are relative to; when the
     output goes to another folder the data files are copied (or hard-linked) beside it."""
-    out_path = os.path.abspath(os.fspath(out_path))
-    out_dir = os.path.dirname(out_path)
-    if not os.path.isdir(out_dir):
-        raise InputError(f"output folder '{out_dir}' does not exist")
-    if not os.access(out_dir, os.W_OK):
-        raise InputError(f"output folder '{out_dir}' is not writable")
-    proto = model
-    if source_path is not None:
-        source_dir = os.path.dirname(os.path.abspath(os.fspath(source_path)))
-        if not os.path.samefile(source_dir, out_dir):
-            _place_external_data(proto, source_dir, out_dir, link_external_data)
-    fd, tmp = tempfile.mkstemp(prefix=".fuse-attn-", suffix=".onnx", dir=out_dir)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(proto.SerializeToString())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual mode of a new file
-        os.replace(tmp, out_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    plan = plan_outputs(model, source_path, out_path, in_place=True, link_external_data=link_external_data)
+    write_outputs(plan, model)

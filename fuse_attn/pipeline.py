@@ -13,7 +13,7 @@ from fuse_attn.ir import contract
 from fuse_attn.ir.evaluator import Evaluator
 from fuse_attn.ir.graph import Graph, Node
 from fuse_attn.report import BlockReport, FuseReport
-from fuse_attn.passes._graph import NotFused, describe, is_op
+from fuse_attn.passes._graph import NotFused, is_op
 from fuse_attn.passes.cleanup import declare_flash_fwd, remove_dead_nodes
 from fuse_attn.passes.decomposed import plan_decomposed
 from fuse_attn.passes.onnx_attention import plan_onnx_attention
@@ -27,9 +27,9 @@ def _ones(shape, dtype):
 def _block_report(anchor: Node, plan: FusionPlan, node: Node) -> BlockReport:
     attrs = plan.attrs
     return BlockReport(
-        block=describe(anchor), fused=True, node=node.name,
+        op_type=anchor.op_type, name=anchor.name, fused=True, node=node.name,
         heads=attrs.num_heads, kv_heads=attrs.num_kv_heads, head_dim=plan.head_dim,
-        batch=plan.batch, seq=plan.seq, scale=attrs.softmax_scale, causal=attrs.use_causal_mask,
+        batch=plan.batch, seq=plan.seq, scale=node.attr("softmax_scale"), causal=attrs.use_causal_mask,
         grid=[plan.batch, attrs.num_kv_heads], seq_tile_size=attrs.seq_tile_size,
         dropout_p=attrs.dropout_p, notes=list(plan.notes),
         transposes_added=plan.q.nodes_needed + plan.k.nodes_needed + plan.v.nodes_needed,
@@ -58,7 +58,8 @@ def fuse_graph(graph: Graph, *, name: str = "model", assume_no_padding: bool = F
             else:
                 plan = plan_onnx_attention(anchor, evaluator)
         except NotFused as exc:
-            report.blocks.append(BlockReport(block=describe(anchor), fused=False, reason=exc.reason))
+            report.blocks.append(BlockReport(op_type=anchor.op_type, name=anchor.name, fused=False,
+                                             reason=exc.reason))
             continue
         flash, _ = emit_flash_fwd(graph, plan, graph.unique_name(f"FlashFwd_{report.fused}"))
         report.blocks.append(_block_report(anchor, plan, flash))
@@ -66,7 +67,8 @@ def fuse_graph(graph: Graph, *, name: str = "model", assume_no_padding: bool = F
         declare_flash_fwd(graph.model)
         remove_dead_nodes(graph)
         graph.to_model()
-    report.transposes_added = sum(is_op(n, "Transpose") for n in graph) - transposes_before
+    report.transposes_added = sum(b.transposes_added for b in report.blocks)
+    report.transposes_net = sum(is_op(n, "Transpose") for n in graph) - transposes_before
     report.assumptions = [f"graph input '{n}' is all ones (--assume-no-padding)"
                           for n in sorted(evaluator.declared_used)]
     report.seconds = time.perf_counter() - start

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+
+# Marks a JSON file as a fuse-attn report, so a rerun may replace it and nothing else.
+GENERATOR = "fuse-attn"
+# Reports written before the marker existed: recognised by these top-level keys.
+_UNMARKED_REPORT_KEYS = {"model", "blocks", "already_fused", "transposes_added", "fused"}
+_LARGEST_REPORT = 64 << 20  # bytes; a bigger file is not one of ours, whatever it holds
 
 
 @dataclasses.dataclass
 class BlockReport:
-    block: str  # where the block is: its Softmax or Attention node
+    op_type: str  # the block's anchor: its Softmax, or the ONNX Attention op
+    name: str  # that node's name ("" when the graph left it unnamed)
     fused: bool
     reason: str | None = None  # why not, when not fused
     node: str | None = None  # the FlashFwd node that replaced it
@@ -17,13 +25,18 @@ class BlockReport:
     head_dim: int | None = None
     batch: int | str | None = None
     seq: int | str | None = None
-    scale: float | None = None
+    scale: float | None = None  # the FlashFwd node's softmax_scale, exactly (a float32 value)
     causal: bool | None = None
     grid: list | None = None  # [b, kv]: the kernel launch grid
     seq_tile_size: int | None = None
     dropout_p: float | None = None
-    transposes_added: int = 0
+    transposes_added: int = 0  # Transpose nodes this block's rewrite added for q, k and v
     notes: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def block(self) -> str:
+        """Where the block is, as the lines print it: `Softmax 'name'`."""
+        return f"{self.op_type} '{self.name}'" if self.name else self.op_type
 
     def line(self) -> str:
         if not self.fused:
@@ -41,7 +54,10 @@ class FuseReport:
     model: str
     blocks: list[BlockReport] = dataclasses.field(default_factory=list)
     already_fused: int = 0  # FlashFwd nodes the input had
-    transposes_added: int = 0  # net change in Transpose nodes
+    # Transpose nodes: the blocks' own additions summed, and the graph's net change (additions
+    # minus the Transposes the rewrite made dead, e.g. a Kᵀ or q transpose only the block read).
+    transposes_added: int = 0
+    transposes_net: int = 0
     assumptions: list[str] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
 
@@ -54,7 +70,7 @@ class FuseReport:
             extra = f" ({self.already_fused} FlashFwd already present)" if self.already_fused else ""
             return f"no attention blocks found in {self.model}{extra}; the model is unchanged"
         text = (f"{self.fused} of {len(self.blocks)} attention blocks fused, "
-                f"{self.transposes_added:+d} Transpose nodes, {self.seconds:.2f} s")
+                f"{self.transposes_net:+d} Transpose nodes, {self.seconds:.2f} s")
         if self.already_fused:
             text += f"; {self.already_fused} FlashFwd already present"
         return text
@@ -65,6 +81,24 @@ class FuseReport:
         return out + [self.summary()]
 
     def to_json(self) -> str:
-        data = dataclasses.asdict(self)
-        data["fused"] = self.fused
-        return json.dumps(data, indent=2)
+        """The report as JSON text, ending with a newline."""
+        data = {"generator": GENERATOR, **dataclasses.asdict(self), "fused": self.fused}
+        return json.dumps(data, indent=2) + "\n"
+
+
+def is_fuse_attn_report(path: str | os.PathLike) -> bool:
+    """Whether `path` holds a report an earlier run wrote (or nothing at all): the only kind of
+    existing file the CLI replaces with a report."""
+    try:
+        size = os.path.getsize(path)
+        if size == 0:
+            return True
+        if not os.path.isfile(path) or size > _LARGEST_REPORT:
+            return False
+        with open(path, "rb") as f:
+            data = json.loads(f.read())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(data, dict):
+        return False
+    return data.get("generator") == GENERATOR or _UNMARKED_REPORT_KEYS <= data.keys()

@@ -242,3 +242,59 @@ def test_python_api_keeps_weights_external_and_saves_elsewhere(built, model, tmp
     fuse_attn.save(fused, out_dir / "fused.onnx", source_path=model)
     assert flash_count(out_dir / "fused.onnx") == LAYERS
     np.testing.assert_allclose(run_ort(out_dir / "fused.onnx", built["ids"]), built["ref"], rtol=1e-4, atol=1e-4)
+
+
+def test_rerun_into_the_same_folder_reuses_its_own_copy(built, model, tmp_path):
+    """`fuse-attn model.onnx -o out/fused.onnx` twice (a Makefile, a CI rerun): the second run
+    recognises the first run's copy of the data file (same bytes) and succeeds, leaving it alone."""
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = out_dir / "fused.onnx"
+    first = run_cli(str(model), "-o", str(out), cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    copy = out_dir / "model.onnx.data"
+    before = os.stat(copy)
+    second = run_cli(str(model), "-o", str(out), cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert second.stderr == ""
+    after = os.stat(copy)
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # not rewritten
+    assert sorted(os.listdir(out_dir)) == ["fused.onnx", "model.onnx.data"]
+    np.testing.assert_allclose(run_ort(out, built["ids"]), built["ref"], rtol=1e-4, atol=1e-4)
+
+
+def test_same_size_different_bytes_is_foreign(built, model, tmp_path):
+    """Same size is not enough: a data file whose bytes differ is somebody else's, left untouched,
+    and the refusal comes before anything is written."""
+    out_dir = tmp_path / "taken"
+    out_dir.mkdir()
+    size = os.path.getsize(model.parent / "model.onnx.data")
+    foreign = bytearray((model.parent / "model.onnx.data").read_bytes())
+    foreign[size // 2] ^= 0xFF
+    (out_dir / "model.onnx.data").write_bytes(bytes(foreign))
+    out = out_dir / "fused.onnx"
+    r = run_cli(str(model), "-o", str(out), "--report", str(out_dir / "report.json"), cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stdout == ""  # refused before the pass ran: no summary printed first
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "model.onnx.data" in lines[0], r.stderr
+    assert sorted(os.listdir(out_dir)) == ["model.onnx.data"]
+    assert (out_dir / "model.onnx.data").read_bytes() == bytes(foreign)
+
+
+def test_output_named_like_its_own_weights_file_is_refused(model, tmp_path):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    r = run_cli(str(model), "-o", str(out_dir / "model.onnx.data"), cwd=tmp_path)
+    assert r.returncode == 2 and "weights" in r.stderr, r.stderr
+    assert os.listdir(out_dir) == []
+
+
+@pytest.mark.parametrize("what", ["-o", "--report"])
+def test_the_inputs_weights_file_is_never_written(built, model, what):
+    data = model.parent / "model.onnx.data"
+    args = ["-o", str(data)] if what == "-o" else ["-o", str(model.parent / "f.onnx"), "--report", str(data)]
+    r = run_cli(str(model), *args, cwd=model.parent)
+    assert r.returncode == 2 and "weights file" in r.stderr, r.stderr
+    assert sha(data) == built["data_sha"]
+    assert sorted(os.listdir(model.parent)) == ["model.onnx", "model.onnx.data"]
