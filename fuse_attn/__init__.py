@@ -2,11 +2,18 @@
 
     from fuse_attn import fuse, save
     fused, report = fuse("model.onnx")             # fused: onnx.ModelProto
-    save(fused, "fused.onnx", source_path="model.onnx")  # links external data if any
+    save(fused, "fused.onnx", source_path="model.onnx")  # copies external data beside it if needed
 """
+
+from importlib import metadata
 
 from fuse_attn.modelio import InputError, save
 from fuse_attn.pipeline import fuse
 from fuse_attn.report import BlockReport, FuseReport
 
-__all__ = ["fuse", "save", "FuseReport", "BlockReport", "InputError"]
+try:
+    __version__ = metadata.version("fuse-attn")
+except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "unknown"
+
+__all__ = ["__version__", "fuse", "save", "FuseReport", "BlockReport", "InputError"]

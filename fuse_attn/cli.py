@@ -1,7 +1,8 @@
 """fuse-attn command line: `fuse-attn MODEL -o OUT`, `fuse-attn compile ...`, `fuse-attn zoo`.
 
 Exit codes: 0 done, 1 verification failed, 2 bad input or usage. Errors are one line on
-stderr (set FUSE_ATTN_DEBUG=1 for a traceback); the output file is written atomically.
+stderr, the same prefix for every command (`fuse_attn.usage`; FUSE_ATTN_DEBUG=1 adds the
+traceback); every path is checked first, then all outputs are written in one step.
 """
 
 from __future__ import annotations
@@ -15,11 +16,15 @@ EXIT_OK, EXIT_VERIFY_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from fuse_attn import __version__
+    from fuse_attn.usage import ArgumentParser
+
+    parser = ArgumentParser(
         prog="fuse-attn",
         description="Fuse every attention block of an ONNX model into one FlashFwd op (NKI flash_fwd). "
                     "Also: 'fuse-attn compile FUSED.onnx ...' (Inf2), 'fuse-attn zoo' (regression suite).",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("model", help="the ONNX model to fuse")
     parser.add_argument("-o", "--output", required=True, help="where to write the fused model")
     parser.add_argument("--report", metavar="JSON",
@@ -73,34 +78,25 @@ def _fuse_main(argv: list[str]) -> int:
     return EXIT_OK
 
 
+def _dispatch(argv: list[str]) -> int:
+    if argv[:1] == ["compile"]:
+        from fuse_attn.compile import compile_main
+
+        return compile_main(argv[1:])
+    if argv[:1] == ["zoo"]:
+        from fuse_attn.models.check import zoo_main
+
+        return zoo_main(argv[1:])
+    return _fuse_main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # A short-lived process that builds one object per node: collection passes are pure cost.
     gc.disable()
-    from fuse_attn.modelio import InputError
+    from fuse_attn.usage import run
 
-    try:
-        if argv[:1] == ["compile"]:
-            from fuse_attn.compile import compile_main
-
-            return compile_main(argv[1:])
-        if argv[:1] == ["zoo"]:
-            from fuse_attn.models.check import zoo_main
-
-            return zoo_main(argv[1:])
-        return _fuse_main(argv)
-    except InputError as exc:
-        print(f"fuse-attn: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("fuse-attn: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # never a traceback for a user; one line and the way to get more
-        if os.environ.get("FUSE_ATTN_DEBUG"):
-            raise
-        print(f"fuse-attn: error: cannot process the model: {type(exc).__name__}: {exc} "
-              "(FUSE_ATTN_DEBUG=1 shows the traceback)", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    return run(_dispatch, argv)
 
 
 if __name__ == "__main__":

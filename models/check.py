@@ -232,13 +232,24 @@ def default_fused_dir(out_dir: Path | str | None = None) -> Path:
 
 def zoo_main(argv: list[str] | None = None) -> int:
     """`fuse-attn zoo [--only NAME] [--out DIR] [--markdown FILE]`: build (cached), run the pass on
-    every model, print the coverage table. Exit 0 when every row is ok (or skipped)."""
-    import argparse
+    every model, print the coverage table. Exit 0 when every row is ok (or skipped); bad usage is
+    one line and exit 2 (`fuse_attn.usage`)."""
     import sys
+
+    from fuse_attn.usage import run
+
+    return run(_zoo, list(sys.argv[1:] if argv is None else argv))
+
+
+def _zoo(argv: list[str]) -> int:
+    import sys
+
+    from fuse_attn.modelio import InputError
+    from fuse_attn.usage import ArgumentParser
 
     from . import build_all, names_matching
 
-    ap = argparse.ArgumentParser(prog="fuse-attn zoo", description="the regression suite over the model zoo")
+    ap = ArgumentParser(prog="fuse-attn zoo", description="the regression suite over the model zoo")
     ap.add_argument("--only", action="append", help="a model name (exact, or a substring); repeatable")
     ap.add_argument("--out", help=f"cache dir (default {cache_dir()})")
     ap.add_argument("--markdown", help="also write the table to this Markdown file")
@@ -246,8 +257,7 @@ def zoo_main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     only = names_matching(args.only)
     if only == []:
-        print(f"no recipe matches {args.only}", file=sys.stderr)
-        return 2
+        raise InputError(f"no recipe matches {args.only}")
     log = None if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     models = build_all(args.out, only, log=log)
     rows = check_zoo(models, fused_dir=default_fused_dir(args.out), log=log)

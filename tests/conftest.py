@@ -1,5 +1,7 @@
 """Fixtures shared by test modules."""
 
+import sys
+
 import pytest
 
 
@@ -13,3 +15,39 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+class ZooExportNotice:
+    """The `log` of `models.build_all` in tests: silent while every export is cached; before the
+    first export, one line on the terminal (past pytest's capture) saying what takes the time,
+    then one line per model exported."""
+
+    def __init__(self, write):
+        self.write = write
+        self.announced = False
+
+    def __call__(self, message: str) -> None:
+        if message.endswith(": cached"):
+            return
+        if not self.announced:
+            from fuse_attn import models
+
+            self.write(f"exporting the model zoo into {models.cache_dir()} before its first test "
+                       f"(minutes on a fresh clone; cached afterwards, set {models.CACHE_ENV} to share it)")
+            self.announced = True
+        self.write(f"  zoo: {message}")
+
+
+@pytest.fixture(scope="session")
+def zoo_log(request):
+    reporter = request.config.pluginmanager.getplugin("terminalreporter")
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+
+    def write(line: str) -> None:
+        with capture.global_and_fixture_disabled():
+            if reporter is not None:
+                reporter.write_line(line)
+            else:
+                print(line, file=sys.stderr, flush=True)
+
+    return ZooExportNotice(write)

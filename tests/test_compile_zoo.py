@@ -29,10 +29,10 @@ _deps = [m for m in ("transformers", "onnxscript") if importlib.util.find_spec(m
 
 
 @pytest.fixture(scope="module")
-def built():
+def built(zoo_log):
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield {m.name: m for m in models.build_all()}
+    yield {m.name: m for m in models.build_all(log=zoo_log)}
     torch.set_num_threads(torch_threads)
 
 

@@ -38,8 +38,8 @@ _zoo_deps = [m for m in ("torch", "transformers", "onnxscript") if importlib.uti
 
 
 @pytest.fixture(scope="module")
-def built():
-    return {m.name: m for m in models.build_all()}
+def built(zoo_log):
+    return {m.name: m for m in models.build_all(log=zoo_log)}
 
 
 @pytest.fixture(scope="module")
@@ -74,3 +74,20 @@ def test_zoo_model(name, built, rows):
             pytest.fail(f"known issue looks fixed, remove 'known_issue' from the manifest: {row.known_issue}")
         pytest.xfail(f"known issue: {row.known_issue}\n{detail}")
     assert row.ok, detail
+
+
+def test_zoo_exports_are_announced_before_they_start():
+    """Exports before the first zoo test take minutes on a fresh clone: the terminal says so once,
+    then names each export; a cached zoo prints nothing."""
+    from conftest import ZooExportNotice
+
+    lines: list[str] = []
+    notice = ZooExportNotice(lines.append)
+    notice("bert: cached")
+    assert lines == []
+    notice("gpt2: exporting (dynamo, opset default, float32, sdpa)")
+    notice("gpt2: 8.0s, opset 20, 80 nodes, onnxruntime vs torch 1e-06")
+    notice("t5: cached")
+    assert len(lines) == 3, lines
+    assert "exporting the model zoo" in lines[0] and "minutes" in lines[0]
+    assert lines[1].endswith("gpt2: exporting (dynamo, opset default, float32, sdpa)")

@@ -14,12 +14,14 @@ import numpy as np
 import onnx
 
 from fuse_attn.compile import constraints, shapes
+from fuse_attn.modelio import InputError
+from fuse_attn.usage import ERROR_PREFIX, ArgumentParser, run
 
 TARGETS = ("inf2", "trn1", "trn1n", "trn2")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fuse-attn compile", description=(
+    p = ArgumentParser(prog="fuse-attn compile", description=(
         "Lower a fused ONNX model to PyTorch, bind each FlashFwd node to NKI flash_fwd, and trace it "
         "with torch-neuronx into a TorchScript module holding the NEFF."))
     p.add_argument("model", help="the fused .onnx model (output of `fuse-attn`)")
@@ -34,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--auto-cast", choices=("none", "matmult", "all"), help="neuronx-cc --auto-cast")
     p.add_argument("--auto-cast-type", choices=("bf16", "fp16", "tf32", "fp8_e4m3"), help="neuronx-cc --auto-cast-type")
     p.add_argument("--compiler-arg", action="append", default=[], metavar="ARG",
-                   help="one more argument passed to neuronx-cc as is (repeatable)")
+                   help="one more argument passed to neuronx-cc as is (repeatable); a value that starts "
+                        "with '-' needs the '=': --compiler-arg=--optlevel=1")
     p.add_argument("--seed", type=int, default=0, help="seed of the example inputs")
     return p
 
@@ -79,19 +82,22 @@ def compare_with_onnxruntime(model: onnx.ModelProto, module, feeds: dict[str, np
 
 
 def compile_main(argv: list[str]) -> int:
+    """The command: exit 0 done, 1 a launch problem, 2 bad input (one line, `fuse_attn.usage`)."""
+    return run(_compile, argv)
+
+
+def _compile(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if not args.simulate and not args.output:
-        print("fuse-attn compile: -o/--output is required (or pass --simulate)", file=sys.stderr)
-        return 2
+        raise InputError("-o/--output is required (or pass --simulate)")
     try:
         model = shapes.fix_input_shapes(onnx.load(args.model), shapes.parse_shape_args(args.shape))
     except shapes.ShapeError as e:
-        print(f"fuse-attn compile: {e}", file=sys.stderr)
-        return 2
+        raise InputError(str(e)) from None
     feeds = shapes.example_feeds(model, args.seed)
     plans, problems = constraints.plan_model(model, False if args.no_mixed_precision else None, feeds)
     if problems:
-        print(f"fuse-attn compile: {len(problems)} FlashFwd launch problem(s):", file=sys.stderr)
+        print(f"{ERROR_PREFIX}{len(problems)} FlashFwd launch problem(s):", file=sys.stderr)
         for problem in problems:
             print(f"  {problem}", file=sys.stderr)
         return 1
@@ -101,8 +107,7 @@ def compile_main(argv: list[str]) -> int:
         try:
             require_neuron_sdk()
         except NeuronSDKMissing as e:
-            print(f"fuse-attn compile: {e}", file=sys.stderr)
-            return 2
+            raise InputError(str(e)) from None
     for plan in plans:
         print(plan.describe())
     if not plans:
