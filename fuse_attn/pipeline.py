@@ -13,7 +13,7 @@ from fuse_attn.ir import contract
 from fuse_attn.ir.evaluator import Evaluator
 from fuse_attn.ir.graph import Graph, Node
 from fuse_attn.report import BlockReport, FuseReport
-from fuse_attn.passes._graph import NotFused, is_op
+from fuse_attn.passes._graph import NotFused, dtype_name, is_op
 from fuse_attn.passes.cleanup import declare_flash_fwd, remove_dead_nodes
 from fuse_attn.passes.decomposed import plan_decomposed
 from fuse_attn.passes.onnx_attention import plan_onnx_attention
@@ -22,6 +22,35 @@ from fuse_attn.passes.rewrite import emit_flash_fwd
 
 def _ones(shape, dtype):
     return np.ones(shape, dtype=dtype)
+
+
+def _existing_function_dtype(model: onnx.ModelProto) -> int | None:
+    """The dtype an already shipped FlashFwd function body (opset < 15) is written for."""
+    for function in model.functions:
+        if function.domain == contract.DOMAIN and function.name == contract.OP_TYPE:
+            return next((a.i for n in function.node if n.op_type == "Cast" for a in n.attribute
+                         if a.name == "to" and n.input[0] == "scale_f"), None)
+    return None
+
+
+class _FunctionDtype:
+    """Below opset 15 FlashFwd's function has no CastLike and serves one dtype per model: the
+    first fused block's, and a block of another dtype is left alone."""
+
+    def __init__(self, model: onnx.ModelProto, opset: int):
+        self.needed = opset < contract.GENERIC_FUNCTION_OPSET
+        self.opset = opset
+        self.dtype = _existing_function_dtype(model) if self.needed else None
+
+    def admit(self, dtype: int) -> None:
+        if not self.needed:
+            return
+        if self.dtype is None:
+            self.dtype = dtype
+        elif dtype != self.dtype:
+            raise NotFused(f"the block is {dtype_name(dtype)}, but at opset {self.opset} (no CastLike) FlashFwd's "
+                           f"function serves one dtype per model, here {dtype_name(self.dtype)}; "
+                           "upgrade the model to opset 15+ to fuse both")
 
 
 def _block_report(anchor: Node, plan: FusionPlan, node: Node) -> BlockReport:
@@ -46,6 +75,7 @@ def fuse_graph(graph: Graph, *, name: str = "model", assume_no_padding: bool = F
     report = FuseReport(model=name)
     report.already_fused = sum(n.domain == contract.DOMAIN and n.op_type == contract.OP_TYPE for n in graph)
     transposes_before = sum(is_op(n, "Transpose") for n in graph)
+    function_dtype = _FunctionDtype(graph.model, graph.opset)
     anchors = [n for n in graph if is_op(n, "Softmax", "Attention")]
     if progress:  # a bar only for a person watching a terminal
         from tqdm import tqdm
@@ -57,6 +87,7 @@ def fuse_graph(graph: Graph, *, name: str = "model", assume_no_padding: bool = F
                 plan = plan_decomposed(anchor, evaluator, graph.opset)
             else:
                 plan = plan_onnx_attention(anchor, evaluator)
+            function_dtype.admit(evaluator.dtype_of(plan.output))
         except NotFused as exc:
             report.blocks.append(BlockReport(op_type=anchor.op_type, name=anchor.name, fused=False,
                                              reason=exc.reason))
@@ -64,7 +95,7 @@ def fuse_graph(graph: Graph, *, name: str = "model", assume_no_padding: bool = F
         flash, _ = emit_flash_fwd(graph, plan, graph.unique_name(f"FlashFwd_{report.fused}"))
         report.blocks.append(_block_report(anchor, plan, flash))
     if report.fused:
-        declare_flash_fwd(graph.model)
+        declare_flash_fwd(graph.model, function_dtype.dtype)
         remove_dead_nodes(graph)
         graph.to_model()
     report.transposes_added = sum(b.transposes_added for b in report.blocks)

@@ -17,8 +17,12 @@ DOMAIN = "fuse_attn.nki"
 OP_TYPE = "FlashFwd"
 VERSION = 1
 
-# The oldest default-domain opset the function body is written for (Shape start/end, CastLike).
-MIN_OPSET = 15
+# The oldest default-domain opset the pass reads and the function body is written for
+# (Constant value_int/value_float, which carry the node's attributes into the body).
+MIN_OPSET = 12
+# From this opset the body is dtype-generic (CastLike, Shape start/end); below it, the body is
+# written for the one dtype the model's FlashFwd nodes have.
+GENERIC_FUNCTION_OPSET = 15
 
 # What the kernel writes into masked score positions (after scaling), instead of -inf.
 KERNEL_MASK_VALUE = -9984.0
@@ -138,28 +142,77 @@ def _attr_const(out: str, attr: str, kind: str) -> onnx.NodeProto:
     return node
 
 
-def _repeat_kv(x: str, out: str) -> list[onnx.NodeProto]:
-    """x (b, kv, ., .) -> out (b, h, ., .): each kv head repeated G times in place (repeat_kv order)."""
-    p = f"{out}__"
-    return [
-        helper.make_node("Unsqueeze", [x, "axis2"], [p + "u"]),  # (b, kv, 1, ., .)
-        helper.make_node("Concat", ["ones2", "group_1d", "ones2"], [p + "es"], axis=0),
-        helper.make_node("Expand", [p + "u", p + "es"], [p + "e"]),  # (b, kv, G, ., .)
-        helper.make_node("Shape", [x], [p + "b"], start=0, end=1),
-        helper.make_node("Shape", [x], [p + "tail"], start=2),
-        helper.make_node("Concat", [p + "b", "heads_1d", p + "tail"], [p + "rs"], axis=0),
-        helper.make_node("Reshape", [p + "e", p + "rs"], [out]),  # (b, h, ., .)
-    ]
+class _Body:
+    """Builds the function body at one opset: the few ops whose form changed across opsets
+    (Shape start/end at 15, Unsqueeze/Squeeze axes as inputs at 13, CastLike at 15)."""
+
+    def __init__(self, opset: int, dtype: int | None):
+        self.opset, self.dtype = opset, dtype
+
+    def shape_slice(self, x: str, out: str, start: int, end: int | None = None) -> list[onnx.NodeProto]:
+        """Shape(x)[start:end]."""
+        if self.opset >= 15:
+            kw = {"start": start} if end is None else {"start": start, "end": end}
+            return [helper.make_node("Shape", [x], [out], **kw)]
+        end = end if end is not None else 2**62
+        return [
+            helper.make_node("Shape", [x], [out + "_all"]),
+            _const(out + "_s", value=helper.make_tensor(out + "_s", TensorProto.INT64, [1], [start])),
+            _const(out + "_e", value=helper.make_tensor(out + "_e", TensorProto.INT64, [1], [end])),
+            helper.make_node("Slice", [out + "_all", out + "_s", out + "_e"], [out]),
+        ]
+
+    def unsqueeze(self, x: str, axis_name: str, axis: int, out: str) -> onnx.NodeProto:
+        if self.opset >= 13:
+            return helper.make_node("Unsqueeze", [x, axis_name], [out])
+        return helper.make_node("Unsqueeze", [x], [out], axes=[axis])
+
+    def cast_like_data(self, x: str, out: str) -> onnx.NodeProto:
+        """x in the dtype of the data inputs (q, the scores)."""
+        if self.opset >= 15:
+            return helper.make_node("CastLike", [x, "q"], [out])
+        return helper.make_node("Cast", [x], [out], to=self.dtype)
+
+    def dropout(self, probs: str, out: str) -> list[onnx.NodeProto]:
+        if self.opset < 12:
+            # No training mode before opset 12: Dropout is the identity, and the pass only
+            # fuses a training-mode dropout (dropout_p > 0) from opset 12's training input.
+            return [helper.make_node("Identity", [probs], [out])]
+        return [
+            _attr_const("dropout_f", "dropout_p", "value_float"),
+            _const("zero_f", value=helper.make_tensor("zero_f", TensorProto.FLOAT, [], [0.0])),
+            helper.make_node("Greater", ["dropout_f", "zero_f"], ["training"]),
+            # ratio is its own type (T1: no bfloat16): it stays float32 whatever the inputs are.
+            helper.make_node("Dropout", [probs, "dropout_f", "training"], [out]),
+        ]
+
+    def repeat_kv(self, x: str, out: str) -> list[onnx.NodeProto]:
+        """x (b, kv, ., .) -> out (b, h, ., .): each kv head repeated G times in place (repeat_kv order)."""
+        p = f"{out}__"
+        return [
+            self.unsqueeze(x, "axis2", 2, p + "u"),  # (b, kv, 1, ., .)
+            helper.make_node("Concat", ["ones2", "group_1d", "ones2"], [p + "es"], axis=0),
+            helper.make_node("Expand", [p + "u", p + "es"], [p + "e"]),  # (b, kv, G, ., .)
+            *self.shape_slice(x, p + "b", 0, 1),
+            *self.shape_slice(x, p + "tail", 2),
+            helper.make_node("Concat", [p + "b", "heads_1d", p + "tail"], [p + "rs"], axis=0),
+            helper.make_node("Reshape", [p + "e", p + "rs"], [out]),  # (b, h, ., .)
+        ]
 
 
-def make_function(opset: int) -> onnx.FunctionProto:
-    """The reference semantics of FlashFwd, in the default domain at `opset` (>= MIN_OPSET).
+def make_function(opset: int, dtype: int | None = None) -> onnx.FunctionProto:
+    """The reference semantics of FlashFwd, in the default domain at `opset` (>= MIN_OPSET),
+    so that the model keeps its own opset. Below GENERIC_FUNCTION_OPSET there is no CastLike:
+    the body is written for `dtype` (a TensorProto enum), the one its FlashFwd nodes have.
 
     Full-precision and unfused: it exists so that a fused model runs, and can be diffed against
     the original, on any ONNX runtime. `mixed_precision` only changes the kernel's rounding.
     """
     if opset < MIN_OPSET:
         raise ValueError(f"FlashFwd's function needs opset >= {MIN_OPSET}, got {opset}")
+    if opset < GENERIC_FUNCTION_OPSET and dtype is None:
+        raise ValueError(f"FlashFwd's function at opset {opset} (no CastLike) needs the data dtype")
+    body = _Body(opset, dtype)
     i64 = TensorProto.INT64
     nodes = [
         _const("axis2", value=helper.make_tensor("axis2", i64, [1], [2])),
@@ -176,31 +229,28 @@ def make_function(opset: int) -> onnx.FunctionProto:
         # q (b, h, d, s) -> (b, h, s, d), scaled before QK^T as the kernel does.
         helper.make_node("Transpose", ["q"], ["q_bhsd"], perm=[0, 1, 3, 2]),
         _attr_const("scale_f", "softmax_scale", "value_float"),
-        helper.make_node("CastLike", ["scale_f", "q"], ["scale"]),
+        body.cast_like_data("scale_f", "scale"),
         helper.make_node("Mul", ["q_bhsd", "scale"], ["q_scaled"]),
-        *_repeat_kv("k", "k_rep"),
+        *body.repeat_kv("k", "k_rep"),
         helper.make_node("MatMul", ["q_scaled", "k_rep"], ["scores"]),  # (b, h, s, s)
         # Top-left causal mask: query i sees keys j <= i; masked scores get the kernel's value.
-        helper.make_node("Shape", ["q"], ["seq_1d"], start=3, end=4),
+        *body.shape_slice("q", "seq_1d", 3, 4),
         helper.make_node("Squeeze", ["seq_1d"], ["seq"]),
         helper.make_node("Range", ["zero", "seq", "one"], ["pos"]),
-        helper.make_node("Unsqueeze", ["pos", "axis1"], ["q_pos"]),
-        helper.make_node("Unsqueeze", ["pos", "axis0"], ["k_pos"]),
-        helper.make_node("GreaterOrEqual", ["q_pos", "k_pos"], ["below_diag"]),
+        body.unsqueeze("pos", "axis1", 1, "q_pos"),
+        body.unsqueeze("pos", "axis0", 0, "k_pos"),
+        helper.make_node("Less", ["q_pos", "k_pos"], ["above_diag"]),
+        helper.make_node("Not", ["above_diag"], ["below_diag"]),
         _attr_const("causal_i", "use_causal_mask", "value_int"),
         helper.make_node("Cast", ["causal_i"], ["causal"], to=TensorProto.BOOL),
         helper.make_node("Not", ["causal"], ["not_causal"]),
         helper.make_node("Or", ["below_diag", "not_causal"], ["keep"]),
         _const("mask_f", value=helper.make_tensor("mask_f", TensorProto.FLOAT, [], [KERNEL_MASK_VALUE])),
-        helper.make_node("CastLike", ["mask_f", "scores"], ["mask_value"]),
+        body.cast_like_data("mask_f", "mask_value"),
         helper.make_node("Where", ["keep", "scores", "mask_value"], ["masked"]),
         helper.make_node("Softmax", ["masked"], ["probs"], axis=-1),
-        _attr_const("dropout_f", "dropout_p", "value_float"),
-        _const("zero_f", value=helper.make_tensor("zero_f", TensorProto.FLOAT, [], [0.0])),
-        helper.make_node("Greater", ["dropout_f", "zero_f"], ["training"]),
-        # ratio is its own type (T1: no bfloat16): it stays float32 whatever the inputs are.
-        helper.make_node("Dropout", ["probs", "dropout_f", "training"], ["dropped"]),
-        *_repeat_kv("v", "v_rep"),
+        *body.dropout("probs", "dropped"),
+        *body.repeat_kv("v", "v_rep"),
         helper.make_node("MatMul", ["dropped", "v_rep"], ["o"]),
     ]
     return helper.make_function(
