@@ -34,6 +34,12 @@ def _parser() -> argparse.ArgumentParser:
                         help="run original and fused model in onnxruntime on the same random inputs")
     parser.add_argument("--assume-no-padding", action="store_true",
                         help="treat graph inputs a mask depends on (attention_mask) as all ones")
+    parser.add_argument("--shape", action="append", default=[], metavar="NAME=DxD..",
+                        help="fix an input's shape before proving, e.g. input_ids=1x2048 (0 allowed: an empty past); "
+                             "a symbolic dim named here is fixed on every input")
+    parser.add_argument("--dim", action="append", default=[], metavar="SYMBOL=N",
+                        help="fix a symbolic dim everywhere before proving, e.g. past_sequence_length=0 "
+                             "(a KV-cache decoder's prefill)")
     parser.add_argument("--in-place", action="store_true", help="allow the output to overwrite the input")
     parser.add_argument("--link-external-data", action="store_true",
                         help="with the output in another folder, hard-link external weight files beside it "
@@ -46,8 +52,13 @@ def _fuse_main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     from fuse_attn import modelio, verify
     from fuse_attn.ir.graph import Graph
-    from fuse_attn.pipeline import fuse_graph
+    from fuse_attn.pipeline import fuse_graph, specialize_proto
+    from fuse_attn.specialize import ShapeError, parse_dim_args, parse_shape_args
 
+    try:
+        shapes, dims = parse_shape_args(args.shape, allow_zero=True), parse_dim_args(args.dim)
+    except ShapeError as exc:
+        raise modelio.InputError(str(exc)) from None
     # Every path is checked before the pass runs, and nothing is written until all are good.
     proto = modelio.load_proto(args.model)
     modelio.validate(proto, args.model)
@@ -56,9 +67,10 @@ def _fuse_main(argv: list[str]) -> int:
     source = os.path.abspath(args.model)
     # With the JSON on stdout, the lines a person reads go to stderr.
     human = sys.stderr if outputs.report == "-" else sys.stdout
+    specialized = specialize_proto(proto, shapes, dims)
     graph = Graph(proto, os.path.dirname(source))
     report = fuse_graph(graph, name=args.model, assume_no_padding=args.assume_no_padding,
-                        progress=sys.stderr.isatty())
+                        progress=sys.stderr.isatty(), specialized=specialized)
     for line in report.lines() if not args.quiet else [report.summary()]:
         print(line, file=human)
     # Read before the output is written: with --in-place it replaces the original.
@@ -70,7 +82,9 @@ def _fuse_main(argv: list[str]) -> int:
     if args.verify and original is None:
         print("nothing fused; nothing to verify", file=human)
     if original is not None:
-        checks = verify.compare(original, graph.model, verify.random_inputs(original), os.path.dirname(source))
+        # Inputs at the specialized shapes (the fused model declares them), fed to both models.
+        feeds = verify.random_inputs(graph.model if specialized is not None else original)
+        checks = verify.compare(original, graph.model, feeds, os.path.dirname(source))
         for check in checks:
             print(check.line(), file=human)
         if not all(c.ok for c in checks):

@@ -13,9 +13,11 @@ from fuse_attn.ir import contract
 from fuse_attn.ir.evaluator import Evaluator
 from fuse_attn.ir.graph import Graph, Node
 from fuse_attn.report import BlockReport, FuseReport
+from fuse_attn.specialize import ShapeError, Specialization, specialize
 from fuse_attn.passes._graph import NotFused, dtype_name, is_op
 from fuse_attn.passes.cleanup import declare_flash_fwd, remove_dead_nodes
 from fuse_attn.passes.decomposed import plan_decomposed
+from fuse_attn.passes.empty_operands import drop_empty_concat_operands
 from fuse_attn.passes.onnx_attention import plan_onnx_attention
 from fuse_attn.passes.plan import FusionPlan
 from fuse_attn.passes.rewrite import emit_flash_fwd
@@ -66,13 +68,17 @@ def _block_report(anchor: Node, plan: FusionPlan, node: Node) -> BlockReport:
 
 
 def fuse_graph(graph: Graph, *, name: str = "model", assume_no_padding: bool = False,
-               progress: bool = False) -> FuseReport:
+               progress: bool = False, specialized: Specialization | None = None) -> FuseReport:
     """Fuse every attention block of `graph` (edits kept in the view); returns what was done
-    and, for every block left alone, why."""
+    and, for every block left alone, why. `specialized`: the dims fixed in the model before
+    (`fuse_attn.specialize`), for the report; operands they make empty drop out."""
     start = time.perf_counter()
     declared = {v.name: _ones for v in graph.inputs} if assume_no_padding else {}
     evaluator = Evaluator.for_graph(graph, declared)
     report = FuseReport(model=name)
+    if specialized is not None:
+        report.specialized = specialized.lines()
+        drop_empty_concat_operands(list(graph), evaluator)
     report.already_fused = sum(n.domain == contract.DOMAIN and n.op_type == contract.OP_TYPE for n in graph)
     transposes_before = sum(is_op(n, "Transpose") for n in graph)
     function_dtype = _FunctionDtype(graph.model, graph.opset)
@@ -106,10 +112,24 @@ def fuse_graph(graph: Graph, *, name: str = "model", assume_no_padding: bool = F
     return report
 
 
+def specialize_proto(proto: onnx.ModelProto, shapes: dict | None, dims: dict | None) -> Specialization | None:
+    """Fix `shapes` ({input: dims}) and `dims` ({symbol: size}) in `proto`; None when none given."""
+    if not shapes and not dims:
+        return None
+    try:
+        return specialize(proto, shapes or {}, dims or {})
+    except ShapeError as exc:
+        raise modelio.InputError(str(exc)) from None
+
+
 def fuse(model_or_path: str | os.PathLike | onnx.ModelProto, *, assume_no_padding: bool = False,
-         progress: bool = False) -> tuple[onnx.ModelProto, FuseReport]:
+         progress: bool = False, shapes: dict[str, tuple[int, ...]] | None = None,
+         dims: dict[str, int] | None = None) -> tuple[onnx.ModelProto, FuseReport]:
     """Fuse every attention block into FlashFwd. Returns the fused model (a new ModelProto;
-    the input is not modified) and the report. Save it with `fuse_attn.save`."""
+    the input is not modified) and the report. Save it with `fuse_attn.save`.
+
+    `shapes` ({input name: dims}) and `dims` ({symbol: size}) fix input shapes before proving
+    (`--shape`, `--dim`); the fused model declares them."""
     if isinstance(model_or_path, onnx.ModelProto):
         modelio.validate(model_or_path, "model")
         proto, base_dir, name = onnx.ModelProto(), None, model_or_path.graph.name or "model"
@@ -118,6 +138,8 @@ def fuse(model_or_path: str | os.PathLike | onnx.ModelProto, *, assume_no_paddin
         proto = modelio.load_proto(model_or_path)
         modelio.validate(proto, os.fspath(model_or_path))
         base_dir, name = os.path.dirname(os.path.abspath(model_or_path)), os.fspath(model_or_path)
+    specialized = specialize_proto(proto, shapes, dims)
     graph = Graph(proto, base_dir)
-    report = fuse_graph(graph, name=name, assume_no_padding=assume_no_padding, progress=progress)
+    report = fuse_graph(graph, name=name, assume_no_padding=assume_no_padding, progress=progress,
+                        specialized=specialized)
     return graph.model, report

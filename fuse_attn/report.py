@@ -59,6 +59,7 @@ class FuseReport:
     transposes_added: int = 0
     transposes_net: int = 0
     assumptions: list[str] = dataclasses.field(default_factory=list)
+    specialized: list[str] = dataclasses.field(default_factory=list)  # dims fixed by --shape/--dim
     seconds: float = 0.0
 
     @property
@@ -77,6 +78,7 @@ class FuseReport:
 
     def lines(self) -> list[str]:
         out = [b.line() for b in self.blocks]
+        out += [f"specialized: {s}" for s in self.specialized]
         out += [f"assumed: {a}" for a in self.assumptions]
         return out + [self.summary()]
 

@@ -56,14 +56,32 @@ class Operand:
 def _size(value: Value, axis: int, proven: int, evaluator: Evaluator) -> int | str:
     """A dim as the report and attributes should carry it: an int when fixed, else its symbol.
 
-    With no free symbols in the graph every proven size is the real one; otherwise a dim is
-    fixed only where the graph says so."""
+    With no free symbols in the graph every proven size is the real one. Otherwise a dim is
+    fixed when it comes out the same with every free symbol bound to another size (an image
+    model's 197 tokens, whatever name shape inference gave them); else it is named by the free
+    symbol it follows, or called dynamic."""
     if not evaluator.binding:
         return proven
+    try:
+        again = evaluator.varied().shape_of(value)[axis]
+    except Unprovable:
+        again = None
+    if again == proven:
+        return proven
     dim = value.shape[axis] if value.shape is not None and len(value.shape) > abs(axis) else None
-    if isinstance(dim, int):
+    if isinstance(dim, str) and _bound(dim, evaluator) and evaluator.dim(dim) == proven:
         return dim
-    return dim or "dynamic"
+    moved = evaluator.varied().binding
+    named = [s for s, n in evaluator.binding.items() if n == proven and moved[s] == again]
+    return named[0] if len(named) == 1 else "dynamic"
+
+
+def _bound(dim: str, evaluator: Evaluator) -> bool:
+    try:
+        evaluator.dim(dim)
+    except Unprovable:
+        return False
+    return True
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,9 +12,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, shape_inference
 
-
-class ShapeError(ValueError):
-    """A shape that cannot be fixed; the message names the input and what to pass."""
+from fuse_attn.specialize import ShapeError, parse_shape_args  # noqa: F401 (compile's --shape)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,23 +29,6 @@ def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
     out = onnx.ModelProto()
     out.CopyFrom(model)
     return out
-
-
-def parse_shape_args(args: list[str]) -> dict[str, tuple[int, ...]]:
-    """`["input_ids=1x2048", ...]` -> {"input_ids": (1, 2048)}."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for arg in args:
-        name, sep, dims = arg.partition("=")
-        try:
-            if not (sep and name and dims):
-                raise ValueError
-            shape = tuple(int(d) for d in dims.lower().split("x"))
-            if any(d <= 0 for d in shape):
-                raise ValueError
-        except ValueError:
-            raise ShapeError(f"--shape {arg!r}: expected NAME=DxDx... with positive dims, e.g. input_ids=1x2048") from None
-        shapes[name] = shape
-    return shapes
 
 
 def real_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:

@@ -37,6 +37,11 @@ _SAME_TYPE_AS_INPUT = {"Dropout", "Identity", "Softmax", "LogSoftmax", "Relu", "
                        "Neg", "Sqrt", "Exp", "Abs", "LayerNormalization"}
 
 
+# Element-wise ops whose output shape is the multidirectional broadcast of their inputs.
+_BROADCASTING = {"Add", "Sub", "Mul", "Div", "Pow", "Mod", "Equal", "Less", "LessOrEqual", "Greater",
+                 "GreaterOrEqual", "And", "Or", "Xor", "Where", "Max", "Min", "Sum", "Mean"}
+
+
 class Unprovable(Exception):
     """The value cannot be evaluated from constants and shapes; the message says why."""
 
@@ -67,14 +72,30 @@ def sample_binding(graph: Graph, seq: int = FIRST_SEQ_SAMPLE) -> dict[str, int]:
     others = 0
     for value in graph.inputs:
         for axis, dim in enumerate(value.shape or ()):
-            if not isinstance(dim, str) or dim in binding:
+            if not isinstance(dim, str):
                 continue
-            if axis == 0:
-                binding[dim] = BATCH_SAMPLE
-            else:
-                binding[dim] = seq + SEQ_SAMPLE_STEP * others
-                others += 1
+            # A dim written as arithmetic ('past_sequence_length + sequence_length') is not free
+            # itself: its symbols are, and it follows from them.
+            for symbol in _expression_symbols(dim) or (dim,):
+                if symbol in binding:
+                    continue
+                if axis == 0:
+                    binding[symbol] = BATCH_SAMPLE
+                else:
+                    binding[symbol] = seq + SEQ_SAMPLE_STEP * others
+                    others += 1
     return binding
+
+
+def _expression_symbols(dim: str) -> tuple[str, ...]:
+    """The symbols of a dim written as arithmetic, or () for a plain name."""
+    try:
+        tree = ast.parse(dim, mode="eval").body
+    except SyntaxError:
+        return ()
+    if isinstance(tree, ast.Name):
+        return ()
+    return tuple(dict.fromkeys(n.id for n in ast.walk(tree) if isinstance(n, ast.Name)))
 
 
 class Evaluator:
@@ -96,6 +117,15 @@ class Evaluator:
             self._rebound[seq] = other
         return self._rebound[seq]
 
+    def varied(self) -> "Evaluator":
+        """The same graph with every free symbol, batch included, bound to another size: a dim
+        that comes out equal under both evaluators is fixed by the graph."""
+        if self._varied is None:
+            moved = {k: v * 2 if v == BATCH_SAMPLE else v + 64 for k, v in self.binding.items()}
+            self._varied = Evaluator(self.graph, moved, self.declared_inputs)
+            self._varied.declared_used = self.declared_used
+        return self._varied
+
     def __init__(self, graph: Graph, binding: dict[str, int], declared_inputs=None):
         self.graph = graph
         self.binding = binding
@@ -107,6 +137,7 @@ class Evaluator:
         # Proofs keyed by what they depend on: layers that repeat a structure are proven once.
         self.memo: dict[object, object] = {}
         self._rebound: dict[int, Evaluator] = {}
+        self._varied: Evaluator | None = None
 
     # --- shapes and dtypes ----------------------------------------------------------------
     def dim(self, d) -> int:
@@ -207,6 +238,17 @@ class Evaluator:
             raise Unprovable(f"cannot infer the shapes of {node.op_type} '{node.name}': {exc}") from None
         for i, out in enumerate(node.outputs):
             t = inferred.get(f"o{i}")
+            if (i == 0 and out is not None and t is not None and t.tensor_type.elem_type
+                    and not t.tensor_type.HasField("shape") and node.op_type in _BROADCASTING
+                    and node.domain in DEFAULT_DOMAINS):
+                # Some older schemas (LessOrEqual-12, GreaterOrEqual-12) infer only the type;
+                # the shape of a broadcasting op is the inputs' broadcast.
+                shapes = [self._types[v][1] for v in node.inputs if v is not None]
+                try:
+                    self._types[out] = (t.tensor_type.elem_type, tuple(np.broadcast_shapes(*shapes)))
+                except ValueError as exc:
+                    raise Unprovable(f"cannot infer the shapes of {node.op_type} '{node.name}': {exc}") from None
+                continue
             if out is None or t is None or not t.tensor_type.HasField("shape"):
                 continue
             dims = t.tensor_type.shape.dim

@@ -79,6 +79,9 @@ class Value:
                 dims.append(d.dim_value)
             elif d.HasField("dim_param") and d.dim_param:
                 dims.append(d.dim_param)
+            elif self.is_graph_input():
+                # Neither name nor value on an input: a free size of its own.
+                dims.append(f"unnamed dim {len(dims)} of '{self.name}'")
             else:
                 dims.append(None)
         return tuple(dims)
@@ -249,6 +252,16 @@ class Graph:
             out_name, spare = old.name, self.unique_name(f"{old.name}__unfused")
             self._rename(old, spare)
             self._rename(new, out_name)
+
+    def redirect_readers(self, old: Value, new: Value) -> None:
+        """Every node reading `old` reads `new` instead; a graph output `old` stays as it is."""
+        for node in old.consumers():
+            for i, v in enumerate(node.inputs):
+                if v is old:
+                    node.inputs[i] = new
+                    node.proto.input[i] = new.name
+            new._consumers.append(node)
+        old._consumers = []
 
     def _rename(self, value: Value, name: str) -> None:
         node = value.producer()
