@@ -74,7 +74,8 @@ def fuse_graph(graph: Graph, *, name: str = "model", assume_no_padding: bool = F
     (`fuse_attn.specialize`), for the report; operands they make empty drop out."""
     start = time.perf_counter()
     declared = {v.name: _ones for v in graph.inputs} if assume_no_padding else {}
-    evaluator = Evaluator.for_graph(graph, declared)
+    anchors = [n for n in graph if is_op(n, "Softmax", "Attention")]
+    evaluator = Evaluator.tied_for_graph(graph, declared, [n.outputs[0] for n in anchors if n.outputs[0] is not None])
     report = FuseReport(model=name)
     if specialized is not None:
         report.specialized = specialized.lines()
@@ -82,7 +83,6 @@ def fuse_graph(graph: Graph, *, name: str = "model", assume_no_padding: bool = F
     report.already_fused = sum(n.domain == contract.DOMAIN and n.op_type == contract.OP_TYPE for n in graph)
     transposes_before = sum(is_op(n, "Transpose") for n in graph)
     function_dtype = _FunctionDtype(graph.model, graph.opset)
-    anchors = [n for n in graph if is_op(n, "Softmax", "Attention")]
     if progress:  # a bar only for a person watching a terminal
         from tqdm import tqdm
 

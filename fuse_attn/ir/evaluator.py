@@ -46,6 +46,32 @@ class Unprovable(Exception):
     """The value cannot be evaluated from constants and shapes; the message says why."""
 
 
+class ShapeConflict(Unprovable):
+    """A node's inputs have sizes its op cannot combine; `pairs` are the sizes that disagree."""
+
+    def __init__(self, message: str, node: Node, pairs: list[tuple[int, int]]):
+        super().__init__(message)
+        self.node, self.pairs = node, pairs
+
+
+def _conflicting_sizes(op_type: str, shapes: list[tuple[int, ...]]) -> list[tuple[int, int]]:
+    """Pairs of sizes that disagree: MatMul's contracted dims, or right-aligned dims of an
+    element-wise op (neither 1) or of a Concat."""
+    pairs = []
+    if op_type in ("MatMul", "Gemm") and len(shapes) >= 2 and shapes[0] and shapes[1]:
+        a, b = shapes[0], shapes[1]
+        contracted = (a[-1], b[-2] if len(b) > 1 else b[0])
+        if contracted[0] != contracted[1]:
+            pairs.append(contracted)
+        shapes = [a[:-2], b[:-2]]
+    rank = max((len(s) for s in shapes), default=0)
+    for axis in range(1, rank + 1):
+        sizes = {s[-axis] for s in shapes if len(s) >= axis} - ({1} if op_type != "Concat" else set())
+        sizes = sorted(sizes)
+        pairs += [(sizes[0], other) for other in sizes[1:]]
+    return pairs
+
+
 class DependsOnInput(Unprovable):
     def __init__(self, input_name: str):
         super().__init__(f"depends on the contents of graph input '{input_name}'")
@@ -98,6 +124,39 @@ def _expression_symbols(dim: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(n.id for n in ast.walk(tree) if isinstance(n, ast.Name)))
 
 
+MAX_TIES = 16
+
+
+def _tie(binding: dict[str, int], ties: dict[str, str | int]) -> dict[str, int]:
+    """`binding` with each tied symbol bound like its partner (a symbol) or to its size (an int)."""
+    out = dict(binding)
+    for symbol, partner in ties.items():
+        out[symbol] = partner if isinstance(partner, int) else out[partner]
+    return out
+
+
+def _explain(pairs, moved_pairs, binding: dict[str, int], moved: dict[str, int], ties: dict) -> tuple[str, str | int] | None:
+    """A tie that resolves one of the conflicting size pairs, seen the same way with every
+    symbol moved: a free symbol made equal to the other free symbol, or to the fixed size the
+    graph puts against it. Sizes shared by several symbols (batch) are never tied."""
+    owners: dict[int, list[str]] = {}
+    for symbol, size in binding.items():
+        if symbol not in ties:
+            owners.setdefault(size, []).append(symbol)
+    moved_pairs = {frozenset(p) for p in moved_pairs}
+    for a, b in pairs:
+        sa, sb = owners.get(a, []), owners.get(b, [])
+        if len(sa) > 1 or len(sb) > 1:
+            continue
+        if sa and sb and frozenset((moved[sa[0]], moved[sb[0]])) in moved_pairs:
+            return sb[0], sa[0]
+        if sa and not sb and frozenset((moved[sa[0]], b)) in moved_pairs:
+            return sa[0], b
+        if sb and not sa and frozenset((moved[sb[0]], a)) in moved_pairs:
+            return sb[0], a
+    return None
+
+
 class Evaluator:
     """Evaluates values of one graph under one binding of symbolic dims to integers.
 
@@ -106,13 +165,51 @@ class Evaluator:
     """
 
     @classmethod
-    def for_graph(cls, graph: Graph, declared_inputs=None, seq: int = FIRST_SEQ_SAMPLE) -> "Evaluator":
-        return cls(graph, sample_binding(graph, seq), declared_inputs)
+    def for_graph(cls, graph: Graph, declared_inputs=None, seq: int = FIRST_SEQ_SAMPLE,
+                  ties: dict[str, str | int] | None = None) -> "Evaluator":
+        return cls(graph, _tie(sample_binding(graph, seq), ties or {}), declared_inputs, ties)
+
+    @classmethod
+    def tied_for_graph(cls, graph: Graph, declared_inputs, probes: list[Value]) -> "Evaluator":
+        """An evaluator whose free symbols are tied where the graph ties them: distinct sample
+        sizes that the graph cannot run with (a MatMul or broadcast between two free dims, or a
+        free dim against a fixed one, say an unnamed hidden dim) are made equal, and the shapes
+        of `probes` inferred again, until they infer or no tie explains the conflict."""
+        ties: dict[str, str | int] = {}
+        while True:
+            evaluator = cls.for_graph(graph, declared_inputs, ties=ties)
+            conflict = probe = None
+            for value in probes:
+                try:
+                    evaluator.shape_of(value)
+                except ShapeConflict as exc:
+                    conflict, probe = exc, value
+                    break
+                except Unprovable:
+                    continue
+            if conflict is None or len(ties) >= MAX_TIES:
+                return evaluator
+            # The same conflict with every symbol moved tells which sizes follow which symbol
+            # (a size computed from the samples moves; a size the graph fixes does not).
+            varied = evaluator.varied()
+            try:
+                varied.shape_of(probe)
+                return evaluator
+            except ShapeConflict as exc:
+                if exc.node is not conflict.node:
+                    return evaluator
+                moved_pairs = exc.pairs
+            except Unprovable:
+                return evaluator
+            tie = _explain(conflict.pairs, moved_pairs, evaluator.binding, varied.binding, ties)
+            if tie is None:
+                return evaluator
+            ties[tie[0]] = tie[1]
 
     def at_seq(self, seq: int) -> "Evaluator":
         """The same graph with its symbolic seq lengths bound to `seq` (and up); one per seq."""
         if seq not in self._rebound:
-            other = Evaluator.for_graph(self.graph, self.declared_inputs, seq)
+            other = Evaluator.for_graph(self.graph, self.declared_inputs, seq, self.ties)
             other.declared_used = self.declared_used
             self._rebound[seq] = other
         return self._rebound[seq]
@@ -122,12 +219,14 @@ class Evaluator:
         that comes out equal under both evaluators is fixed by the graph."""
         if self._varied is None:
             moved = {k: v * 2 if v == BATCH_SAMPLE else v + 64 for k, v in self.binding.items()}
-            self._varied = Evaluator(self.graph, moved, self.declared_inputs)
+            self._varied = Evaluator(self.graph, _tie(moved, self.ties), self.declared_inputs, self.ties)
             self._varied.declared_used = self.declared_used
         return self._varied
 
-    def __init__(self, graph: Graph, binding: dict[str, int], declared_inputs=None):
+    def __init__(self, graph: Graph, binding: dict[str, int], declared_inputs=None,
+                 ties: dict[str, str | int] | None = None):
         self.graph = graph
+        self.ties = ties or {}
         self.binding = binding
         self.declared_inputs = declared_inputs or {}
         self._cache: dict[Value, np.ndarray] = {}
@@ -235,7 +334,9 @@ class Evaluator:
                 shape = tuple(int(x) for x in np.asarray(self.value_of(node.inputs[0])).reshape(-1))
                 self._types[node.outputs[0]] = (dtype, shape)
                 return
-            raise Unprovable(f"cannot infer the shapes of {node.op_type} '{node.name}': {exc}") from None
+            message = f"cannot infer the shapes of {node.op_type} '{node.name}': {exc}"
+            shapes = [self._types[v][1] for v in node.inputs if v is not None]
+            raise ShapeConflict(message, node, _conflicting_sizes(node.op_type, shapes)) from None
         for i, out in enumerate(node.outputs):
             t = inferred.get(f"o{i}")
             if (i == 0 and out is not None and t is not None and t.tensor_type.elem_type
@@ -247,7 +348,8 @@ class Evaluator:
                 try:
                     self._types[out] = (t.tensor_type.elem_type, tuple(np.broadcast_shapes(*shapes)))
                 except ValueError as exc:
-                    raise Unprovable(f"cannot infer the shapes of {node.op_type} '{node.name}': {exc}") from None
+                    raise ShapeConflict(f"cannot infer the shapes of {node.op_type} '{node.name}': {exc}",
+                                        node, _conflicting_sizes(node.op_type, shapes)) from None
                 continue
             if out is None or t is None or not t.tensor_type.HasField("shape"):
                 continue
