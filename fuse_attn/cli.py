@@ -97,6 +97,10 @@ def _dispatch(argv: list[str]) -> int:
         from fuse_attn.compile import compile_main
 
         return compile_main(argv[1:])
+    if argv[:1] == ["check"]:
+        from fuse_attn.check import check_main
+
+        return check_main(argv[1:])
     if argv[:1] == ["zoo"]:
         from fuse_attn.models.check import zoo_main
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 import onnx
@@ -75,19 +76,12 @@ def _session(proto: onnx.ModelProto, base_dir: str | None):
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    if base_dir is None:
-        return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    # External data resolves relative to the model file: run from a file next to the data.
-    import os
-    import tempfile
-
-    fd, path = tempfile.mkstemp(suffix=".onnx", dir=base_dir)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(proto.SerializeToString())
-        return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    finally:
-        os.unlink(path)
+    if base_dir is not None:
+        # External data resolves against this folder, as it would beside a model file there:
+        # nothing is written next to the user's model (its folder may be read-only).
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                         os.path.abspath(base_dir))
+    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def compare(original: onnx.ModelProto, fused: onnx.ModelProto, feeds: dict[str, np.ndarray],

@@ -12,35 +12,16 @@ model's outputs match the original's in onnxruntime on the same random inputs.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable
 
+from fuse_attn.coverage import Row, render_markdown
+
 from . import ZooModel, cache_dir, load_manifest
 from .export import max_abs_err, ort_session
 from .recipes import make_inputs
-
-
-@dataclasses.dataclass
-class Row:
-    model: str
-    exporter: str  # e.g. "dynamo/20", "torchscript/17"
-    found: int | None  # blocks the pass reported
-    fused: int | None
-    expected: int  # blocks the manifest expects fused
-    expected_found: int  # ... fused + expected not fused
-    max_err: float | None  # original vs fused, onnxruntime
-    seconds: float | None  # the pass alone
-    ok: bool
-    problems: list[str] = dataclasses.field(default_factory=list)
-    family: str = ""
-    dtype: str = ""
-    attn_impl: str | None = None
-    not_fused: list[str] = dataclasses.field(default_factory=list)  # the pass's reasons
-    skipped: bool = False  # the recipe needs a package that is not installed
-    known_issue: str | None = None  # the manifest's "known_issue": a failure the suite expects
 
 
 def _tolerance(entry: dict[str, Any], manifest: dict[str, Any]) -> float:
@@ -152,53 +133,6 @@ def check_zoo(models: Iterable[ZooModel], *, fused_dir: Path | str | None = None
             log(f"{row.model}: {'ok' if row.ok else 'FAIL ' + '; '.join(row.problems)}")
         rows.append(row)
     return rows
-
-
-def _status(r: Row) -> str:
-    if r.ok:
-        return "✅" if not r.known_issue else "✅ (known issue fixed?)"
-    if r.skipped:
-        return "skipped"
-    return "❌ known issue" if r.known_issue else "❌"
-
-
-def _fmt_err(err: float | None) -> str:
-    return "—" if err is None else f"{err:.1e}"
-
-
-def render_markdown(rows: list[Row], *, details: bool = True) -> str:
-    """The coverage table (and, below it, what went wrong and every not-fused reason)."""
-    head = ("| model | family | exporter | dtype | attn | blocks found | fused | expected fused "
-            "| max err | pass s | ok |\n|---|---|---|---|---|---:|---:|---:|---:|---:|:-:|")
-    lines = [head]
-    for r in rows:
-        lines.append(
-            f"| {r.model} | {r.family} | {r.exporter} | {r.dtype} | {r.attn_impl or '—'} "
-            f"| {'—' if r.found is None else r.found} | {'—' if r.fused is None else r.fused} "
-            f"| {r.expected} of {r.expected_found} | {_fmt_err(r.max_err)} "
-            f"| {'—' if r.seconds is None else f'{r.seconds:.2f}'} | {_status(r)} |"
-        )
-    ok = sum(r.ok for r in rows)
-    known = sum(1 for r in rows if r.known_issue and not r.ok)
-    fused = sum(r.fused or 0 for r in rows)
-    expected = sum(r.expected for r in rows)
-    lines.append("")
-    lines.append(f"{ok}/{len(rows)} models ok" + (f" ({known} known issues)" if known else "")
-                 + f"; {fused} of {expected} expected blocks fused.")
-    if details:
-        notes = []
-        for r in rows:
-            if r.known_issue and not r.ok:
-                notes.append(f"- **{r.model}** (known issue: {r.known_issue})")
-            for p in r.problems:
-                notes.append(f"- **{r.model}**: {p}")
-        if notes:
-            lines += ["", "Problems:", "", *notes]
-        reasons = Counter(reason for r in rows for reason in r.not_fused)
-        if reasons:
-            lines += ["", "Blocks left unfused, by reason:", ""]
-            lines += [f"- {n} × {reason}" for reason, n in reasons.most_common()]
-    return "\n".join(lines)
 
 
 def coverage_document(rows: list[Row]) -> str:

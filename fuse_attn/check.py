@@ -1,0 +1,282 @@
+"""`fuse-attn check DIR_OR_FILES...`: a regression run over the user's own model zoo.
+
+Every model is fused and verified against the original in onnxruntime in its own worker process
+(`fuse_attn.check_worker`), at most --jobs at once: a crash or a timeout costs only that model.
+The result is the zoo's coverage table; --json keeps it for the next run's --baseline, so CI
+catches exporter drift (fewer blocks fused, a model now failing, a model gone).
+
+Exit codes: 0 every model ok and nothing worse than the baseline; 1 a model wrong, failing
+(unreadable, crashed, timed out) or worse than the baseline; 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor, as_completed
+
+from fuse_attn.coverage import MODEL_COLUMNS, Column, Row, render_markdown
+from fuse_attn.modelio import InputError
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_USAGE = 0, 1, 2
+RESULTS_FORMAT = "fuse-attn check results"
+RESULTS_VERSION = 1
+
+
+# -- which models ------------------------------------------------------------------------------
+
+def collect_models(paths: list[str]) -> dict[str, str]:
+    """{name: absolute path} of every .onnx file under the folders, plus the files given. A model
+    in a folder is named by its path inside that folder, a file by the path given; names are
+    what a baseline is matched by."""
+    models: dict[str, str] = {}
+    seen: set[str] = set()
+    for arg in paths:
+        if not os.path.exists(arg):
+            raise InputError(f"'{arg}' does not exist")
+        if os.path.isdir(arg):
+            found = []
+            for folder, dirs, files in os.walk(arg):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                found += [os.path.join(folder, f) for f in sorted(files)
+                          if f.lower().endswith(".onnx") and not f.startswith(".")]
+            if not found:
+                raise InputError(f"no .onnx models found in '{arg}'")
+            named = [(os.path.relpath(f, arg), f) for f in found]
+        else:
+            named = [(os.path.normpath(arg), arg)]
+        for name, path in named:
+            real = os.path.realpath(path)
+            if real in seen:  # the same file reached twice
+                continue
+            seen.add(real)
+            name = name.replace(os.sep, "/")
+            if name in models:  # two folders both holding e.g. model.onnx: keep the folder in the name
+                name = os.path.normpath(path).replace(os.sep, "/")
+            models[name] = os.path.abspath(path)
+    return models
+
+
+# -- where results go: checked before any model runs ------------------------------------------
+
+def _check_output_path(option: str, path: str, models: dict[str, str]) -> None:
+    target = os.path.abspath(path)
+    if os.path.isdir(target):
+        raise InputError(f"{option} '{path}' is a folder; give a file name")
+    if not os.path.isdir(os.path.dirname(target)):
+        raise InputError(f"{option} '{path}': the folder '{os.path.dirname(target)}' does not exist")
+    if not os.access(os.path.dirname(target), os.W_OK):
+        raise InputError(f"{option} '{path}': the folder '{os.path.dirname(target)}' is not writable")
+    if os.path.realpath(target) in {os.path.realpath(p) for p in models.values()}:
+        raise InputError(f"{option} '{path}' is one of the models being checked; choose another file")
+
+
+def load_baseline(path: str) -> dict[str, dict]:
+    """A previous run's --json: {model name: its result}."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except OSError as exc:
+        raise InputError(f"cannot read the baseline '{path}': {exc.strerror or exc}") from None
+    except (ValueError, UnicodeDecodeError):
+        raise InputError(f"the baseline '{path}' is not JSON; give a file written by 'fuse-attn check --json'") from None
+    if not (isinstance(data, dict) and data.get("format") == RESULTS_FORMAT and isinstance(data.get("models"), list)):
+        raise InputError(f"the baseline '{path}' was not written by 'fuse-attn check --json'")
+    if not all(isinstance(m, dict) and isinstance(m.get("model"), str) for m in data["models"]):
+        raise InputError(f"the baseline '{path}' has a model entry without a name")
+    return {m["model"]: m for m in data["models"]}
+
+
+# -- running the workers -----------------------------------------------------------------------
+
+def _signal_name(returncode: int) -> str:
+    try:
+        return signal.Signals(-returncode).name
+    except ValueError:
+        return f"signal {-returncode}"
+
+
+def _failed(status: str, problem: str) -> dict:
+    return {"status": status, "exporter": "", "dtype": "", "found": None, "fused": None, "not_fused": [],
+            "blocks": [], "assumptions": [], "max_err": None, "outputs": [], "seconds": None,
+            "problems": [problem]}
+
+
+def run_one(path: str, result_path: str, *, assume_no_padding: bool, timeout: float | None) -> dict:
+    """Check one model in a worker process; a crash or a timeout becomes this model's result."""
+    command = [sys.executable, "-m", "fuse_attn.check_worker", path, result_path]
+    if assume_no_padding:
+        command.append("--assume-no-padding")
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, errors="replace", timeout=timeout,
+                              stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:  # subprocess.run has killed the worker
+        return _failed("timeout", f"timed out after {timeout:g} s (--timeout)")
+    if proc.returncode == 0 and os.path.exists(result_path):
+        with open(result_path) as f:
+            return json.load(f)
+    last = next((line for line in reversed(proc.stderr.splitlines()) if line.strip()), "")
+    how = (f"killed by {_signal_name(proc.returncode)}" if proc.returncode < 0
+           else f"exited with code {proc.returncode}")
+    return _failed("crashed", f"the worker process {how}" + (f": {last.strip()[:300]}" if last else ""))
+
+
+def run_all(models: dict[str, str], *, jobs: int, timeout: float | None, assume_no_padding: bool,
+            progress: bool) -> dict[str, dict]:
+    """{name: result} for every model, checked `jobs` at a time."""
+    results: dict[str, dict] = {}
+    bar = None
+    if progress:  # a bar only for a person watching a terminal
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(models), desc="checking models", unit="model", file=sys.stderr, leave=False)
+    with tempfile.TemporaryDirectory(prefix="fuse-attn-check-") as scratch, ThreadPoolExecutor(jobs) as pool:
+        futures = {pool.submit(run_one, path, os.path.join(scratch, f"{i}.json"),
+                               assume_no_padding=assume_no_padding, timeout=timeout): name
+                   for i, (name, path) in enumerate(models.items())}
+        for future in as_completed(futures):
+            results[futures[future]] = future.result()
+            if bar is not None:
+                bar.update()
+    if bar is not None:
+        bar.close()
+    return {name: {"model": name, "path": models[name], "ok": results[name]["status"] == "ok", **results[name]}
+            for name in models}
+
+
+# -- against the baseline ----------------------------------------------------------------------
+
+def regressions(results: dict[str, dict], baseline: dict[str, dict]) -> list[str]:
+    """What got worse since the baseline: a model gone, a model now failing, fewer blocks fused."""
+    found = []
+    for name, before in baseline.items():
+        now = results.get(name)
+        if now is None:
+            found.append(f"{name}: in the baseline, missing from this run")
+        elif before.get("ok") and not now["ok"]:
+            found.append(f"{name}: now {now['status']} (was ok)")
+        elif isinstance(before.get("fused"), int) and (now["fused"] or 0) < before["fused"]:
+            found.append(f"{name}: {now['fused'] or 0} blocks fused, the baseline {before['fused']}")
+    return found
+
+
+# -- output ------------------------------------------------------------------------------------
+
+def to_row(result: dict) -> Row:
+    return Row(model=result["model"], exporter=result["exporter"] or "—", found=result["found"],
+               fused=result["fused"], expected=None, expected_found=None, max_err=result["max_err"],
+               seconds=result["seconds"], ok=result["ok"], problems=list(result["problems"]),
+               dtype=result["dtype"], not_fused=list(result["not_fused"]),
+               failure=None if result["ok"] else result["status"])
+
+
+def _baseline_column(baseline: dict[str, dict]) -> Column:
+    def cell(row: Row) -> str:
+        before = baseline.get(row.model)
+        if before is None:
+            return "new"
+        if before.get("fused") is None:
+            return f"— ({before.get('status', '?')})"
+        return f"{before['fused']} of {before.get('found')}"
+
+    return Column("baseline fused", "---:", cell)
+
+
+def _finite(value):
+    """JSON without NaN/Infinity (not standard JSON): a non-finite error becomes its name."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def results_json(results: dict[str, dict], found_regressions: list[str], baseline_path: str | None) -> str:
+    data = {"format": RESULTS_FORMAT, "version": RESULTS_VERSION,
+            "ok": all(r["ok"] for r in results.values()) and not found_regressions,
+            "baseline": baseline_path, "regressions": found_regressions, "models": list(results.values())}
+    return json.dumps(_finite(data), indent=2) + "\n"
+
+
+def _write_atomic(path: str, text: str) -> None:
+    target = os.path.abspath(path)
+    fd, tmp = tempfile.mkstemp(prefix=".fuse-attn-", dir=os.path.dirname(target))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600; give the usual mode of a new file
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# -- the command -------------------------------------------------------------------------------
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fuse-attn check",
+        description="Fuse and verify every ONNX model in the given folders (recursively) and files, each in "
+                    "its own worker process, and print the coverage table. Exit 1 when a model is wrong, "
+                    "fails, or is worse than --baseline.")
+    parser.add_argument("paths", nargs="+", metavar="DIR_OR_FILE", help="folders to search for .onnx files, or models")
+    parser.add_argument("--jobs", "-j", type=int, default=None,
+                        help="models checked at once (default: the number of CPUs)")
+    parser.add_argument("--timeout", type=float, default=600.0,
+                        help="seconds one model may take before it is stopped and reported (default 600; 0: none)")
+    parser.add_argument("--assume-no-padding", action="store_true",
+                        help="treat graph inputs a mask depends on (attention_mask) as all ones")
+    parser.add_argument("--json", metavar="FILE", help="write the results as JSON (a later run's --baseline)")
+    parser.add_argument("--markdown", metavar="FILE", help="write the coverage table as Markdown")
+    parser.add_argument("--baseline", metavar="FILE",
+                        help="a previous --json: exit 1 when a model is missing, now failing or fuses fewer blocks")
+    return parser
+
+
+def _cpus() -> int:
+    if hasattr(os, "sched_getaffinity"):  # the CPUs this process may use, not the machine's
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def check_main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    if args.jobs is not None and args.jobs < 1:
+        raise InputError("--jobs must be at least 1")
+    jobs = args.jobs or _cpus()
+    if args.timeout < 0:
+        raise InputError("--timeout must be 0 (none) or more seconds")
+    models = collect_models(args.paths)
+    for option, path in (("--json", args.json), ("--markdown", args.markdown)):
+        if path:
+            _check_output_path(option, path, models)
+    if args.json and args.markdown and os.path.abspath(args.json) == os.path.abspath(args.markdown):
+        raise InputError("--json and --markdown name the same file")
+    baseline = load_baseline(args.baseline) if args.baseline else None
+
+    results = run_all(models, jobs=min(jobs, len(models)), timeout=args.timeout or None,
+                      assume_no_padding=args.assume_no_padding, progress=sys.stderr.isatty())
+    found_regressions = regressions(results, baseline) if baseline is not None else []
+    columns = MODEL_COLUMNS if baseline is None else (*MODEL_COLUMNS[:5], _baseline_column(baseline), *MODEL_COLUMNS[5:])
+    table = render_markdown([to_row(r) for r in results.values()], columns=columns)
+    if baseline is not None:
+        table += "\n\n" + (f"Worse than the baseline '{args.baseline}':\n\n" + "\n".join(f"- {r}" for r in found_regressions)
+                           if found_regressions else f"Nothing worse than the baseline '{args.baseline}'.")
+    print(table)
+    if args.markdown:
+        _write_atomic(args.markdown, table + "\n")
+    if args.json:
+        _write_atomic(args.json, results_json(results, found_regressions, args.baseline))
+    ok = all(r["ok"] for r in results.values()) and not found_regressions
+    return EXIT_OK if ok else EXIT_FAILED

@@ -1,0 +1,101 @@
+"""One model of `fuse-attn check`, in its own process: fuse it in memory, verify it against the
+original in onnxruntime (as `fuse-attn --verify` does), and write the result as JSON.
+
+    python -m fuse_attn.check_worker MODEL RESULT_JSON [--assume-no-padding]
+
+`fuse_attn.check` starts one of these per model, so a crash or a hang costs only that model.
+Nothing is written next to the model: the fused model stays in memory, and onnxruntime resolves
+external data against the model's folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import onnx
+
+from fuse_attn import modelio, verify
+from fuse_attn.ir.graph import Graph
+from fuse_attn.pipeline import fuse_graph
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:500]
+
+
+def _exporter(proto: onnx.ModelProto) -> str:
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), "?")
+    return f"{proto.producer_name or '?'}/{opset}"
+
+
+def _dtype(proto: onnx.ModelProto) -> str:
+    """The dtype of the first floating-point graph output (what verification compares)."""
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+    types = [o.type.tensor_type.elem_type for o in proto.graph.output]
+    elem = next((t for t in types if t in floats), types[0] if types else 0)
+    return {"FLOAT": "float32", "DOUBLE": "float64"}.get(onnx.TensorProto.DataType.Name(elem),
+                                                          onnx.TensorProto.DataType.Name(elem).lower())
+
+
+def check_model(path: str, *, assume_no_padding: bool = False) -> dict:
+    """What `fuse-attn check` reports for one model: status "ok", "wrong" (the fused model's
+    outputs differ beyond tolerance) or "error" (it could not be read, fused or run), with the
+    block counts, the not-fused reasons and the largest error."""
+    result: dict = {"status": "error", "exporter": "", "dtype": "", "found": None, "fused": None,
+                    "not_fused": [], "blocks": [], "assumptions": [], "max_err": None, "outputs": [],
+                    "seconds": None, "problems": []}
+    try:
+        original = modelio.load_proto(path)
+        modelio.validate(original, path)
+    except modelio.InputError as exc:
+        result["problems"].append(str(exc))
+        return result
+    result["exporter"], result["dtype"] = _exporter(original), _dtype(original)
+    start = time.perf_counter()
+    try:
+        proto = onnx.ModelProto()
+        proto.CopyFrom(original)  # the pass edits its copy; the original is compared against
+        graph = Graph(proto, os.path.dirname(os.path.abspath(path)))
+        report = fuse_graph(graph, name=path, assume_no_padding=assume_no_padding)
+        fused = graph.model
+    except Exception as exc:  # the pass's own failure, reported for this model only
+        result["problems"].append(f"fuse raised {_one_line(exc)}")
+        return result
+    result["seconds"] = time.perf_counter() - start
+    result["found"], result["fused"] = len(report.blocks), report.fused
+    result["not_fused"] = [b.reason or "(no reason given)" for b in report.blocks if not b.fused]
+    result["blocks"] = json.loads(report.to_json())["blocks"]
+    result["assumptions"] = list(report.assumptions)
+    if not report.fused:  # the model goes through unchanged: nothing to compare
+        result["status"] = "ok"
+        return result
+    try:
+        checks = verify.compare(original, fused, verify.random_inputs(original),
+                                os.path.dirname(os.path.abspath(path)))
+    except Exception as exc:
+        result["problems"].append(f"running the original or the fused model in onnxruntime: {_one_line(exc)}")
+        return result
+    result["outputs"] = [{"name": c.name, "max_abs": c.max_abs, "max_rel": c.max_rel,
+                          "tolerance": c.tolerance, "ok": c.ok} for c in checks]
+    result["max_err"] = max((c.max_abs for c in checks), default=None)
+    wrong = [c for c in checks if not c.ok]
+    result["problems"] += [c.line() for c in wrong]
+    result["status"] = "wrong" if wrong else "ok"
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    model, result_path = argv[0], argv[1]
+    result = check_model(model, assume_no_padding="--assume-no-padding" in argv[2:])
+    with open(result_path, "w") as f:
+        json.dump(result, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
