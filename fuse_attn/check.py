@@ -48,7 +48,7 @@ def collect_models(paths: list[str]) -> dict[str, str]:
                           if f.lower().endswith(".onnx") and not f.startswith(".")]
             if not found:
                 raise InputError(f"no .onnx models found in '{arg}'")
-            named = [(os.path.relpath(f, arg), f) for f in found]
+            named = sorted((os.path.relpath(f, arg), f) for f in found)
         else:
             named = [(os.path.normpath(arg), arg)]
         for name, path in named:
