@@ -1,4 +1,4 @@
-"""fuse-attn command line: `fuse-attn MODEL -o OUT`, `fuse-attn compile ...`, `fuse-attn zoo`.
+"""fuse-attn command line: `fuse-attn MODEL -o OUT`, `fuse-attn compile ...`, `fuse-attn zoo`, `fuse-attn check`.
 
 Exit codes: 0 done, 1 verification failed, 2 bad input or usage. Errors are one line on
 stderr, the same prefix for every command (`fuse_attn.usage`; FUSE_ATTN_DEBUG=1 adds the
@@ -22,7 +22,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="fuse-attn",
         description="Fuse every attention block of an ONNX model into one FlashFwd op (NKI flash_fwd). "
-                    "Also: 'fuse-attn compile FUSED.onnx ...' (Inf2), 'fuse-attn zoo' (regression suite).",
+                    "Also: 'fuse-attn compile FUSED.onnx ...' (Inf2), 'fuse-attn zoo' (regression suite), "
+                    "'fuse-attn check DIR_OR_FILES...' (fuse and verify your own models).",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("model", help="the ONNX model to fuse")

@@ -155,6 +155,42 @@ def test_check_json_and_markdown(zoo_run):
     assert (out / "table.md").read_text() == proc.stdout
 
 
+def test_progress_bar_only_on_a_terminal(tmp_path):
+    """stderr a terminal (a pty here): a tqdm bar counts the models; not a terminal: silence
+    (test_check_reports_every_model_and_fails_for_the_broken_ones)."""
+    pty = pytest.importorskip("pty")
+    import fcntl
+    import select
+    import struct
+    import termios
+
+    save(WINDOW, tmp_path / "zoo" / "one.onnx")
+    save(CAUSAL_2, tmp_path / "zoo" / "two.onnx")
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    proc = subprocess.Popen([sys.executable, "-m", "fuse_attn.cli", "check", str(tmp_path / "zoo")],
+                            stdout=subprocess.PIPE, stderr=slave)
+    os.close(slave)
+    terminal = b""
+    while True:
+        ready, _, _ = select.select([master], [], [], 0.2)
+        if ready:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # the pty's other end closed: the process is done
+                break
+            if not chunk:
+                break
+            terminal += chunk
+        elif proc.poll() is not None:
+            break
+    stdout = proc.communicate(timeout=600)[0].decode()
+    os.close(master)
+    assert proc.returncode == 0, stdout
+    assert b"checking models" in terminal and b"2/2" in terminal, terminal
+    assert "checking models" not in stdout and set(table_rows(stdout)) == {"one.onnx", "two.onnx"}
+
+
 def test_a_hanging_model_times_out_alone(tmp_path, hostile):
     save(CAUSAL_2, tmp_path / "zoo" / "hang.onnx")
     save(WINDOW, tmp_path / "zoo" / "fine.onnx")
