@@ -21,6 +21,7 @@ import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
+from fuse_attn import modelio
 from fuse_attn.coverage import MODEL_COLUMNS, Column, Row, render_markdown
 from fuse_attn.modelio import InputError
 
@@ -65,16 +66,35 @@ def collect_models(paths: list[str]) -> dict[str, str]:
 
 # -- where results go: checked before any model runs ------------------------------------------
 
-def _check_output_path(option: str, path: str, models: dict[str, str]) -> None:
-    target = os.path.abspath(path)
-    if os.path.isdir(target):
-        raise InputError(f"{option} '{path}' is a folder; give a file name")
-    if not os.path.isdir(os.path.dirname(target)):
-        raise InputError(f"{option} '{path}': the folder '{os.path.dirname(target)}' does not exist")
-    if not os.access(os.path.dirname(target), os.W_OK):
-        raise InputError(f"{option} '{path}': the folder '{os.path.dirname(target)}' is not writable")
-    if os.path.realpath(target) in {os.path.realpath(p) for p in models.values()}:
-        raise InputError(f"{option} '{path}' is one of the models being checked; choose another file")
+_TABLE_START = "| model |"
+_LARGEST_RESULTS = 64 << 20  # bytes; a bigger file is not one of ours
+
+
+def _is_earlier_output(path: str, option: str) -> bool:
+    """An existing file a run may replace: empty, or what an earlier run wrote there."""
+    try:
+        if os.path.getsize(path) == 0:
+            return True
+        if not os.path.isfile(path) or os.path.getsize(path) > _LARGEST_RESULTS:
+            return False
+        with open(path, encoding="utf-8") as f:
+            if option == "--markdown":
+                return f.read(len(_TABLE_START)) == _TABLE_START
+            data = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("format") == RESULTS_FORMAT
+
+
+def check_output_path(option: str, path: str, models: dict[str, str]) -> str:
+    """The absolute path --json or --markdown may write: a writable place that is none of the
+    models, and that replaces only what an earlier run wrote there (or an empty file)."""
+    target = modelio.check_writable_file(path, option, not_over={
+        f"the model being checked '{name}'": model for name, model in models.items()})
+    if os.path.exists(target) and not _is_earlier_output(target, option):
+        what = "a 'fuse-attn check --json' file" if option == "--json" else "a table 'fuse-attn check' wrote"
+        raise InputError(f"{option} '{path}' exists and is not {what}; remove it or choose another path")
+    return target
 
 
 def load_baseline(path: str) -> dict[str, dict]:
@@ -206,20 +226,29 @@ def results_json(results: dict[str, dict], found_regressions: list[str], baselin
     return json.dumps(_finite(data), indent=2) + "\n"
 
 
-def _write_atomic(path: str, text: str) -> None:
-    target = os.path.abspath(path)
-    fd, tmp = tempfile.mkstemp(prefix=".fuse-attn-", dir=os.path.dirname(target))
+def write_all(texts: dict[str, str]) -> None:
+    """Write every file as one step: staged beside its target, then renamed into place; on an
+    error nothing is left behind."""
+    staged: list[tuple[str, str]] = []
+    target = ""
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600; give the usual mode of a new file
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        for target, text in texts.items():
+            fd, tmp = tempfile.mkstemp(prefix=".fuse-attn-", suffix=".tmp", dir=os.path.dirname(target))
+            staged.append((tmp, target))
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            mask = os.umask(0)
+            os.umask(mask)
+            os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600; give the usual mode of a new file
+        while staged:
+            os.replace(*staged[0])
+            staged.pop(0)
+    except OSError as exc:
+        raise InputError(f"cannot write '{target}': {exc.strerror or exc}") from exc
+    finally:
+        for tmp, _ in staged:
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
 
 
 # -- the command -------------------------------------------------------------------------------
@@ -258,10 +287,9 @@ def check_main(argv: list[str]) -> int:
     if args.timeout < 0:
         raise InputError("--timeout must be 0 (none) or more seconds")
     models = collect_models(args.paths)
-    for option, path in (("--json", args.json), ("--markdown", args.markdown)):
-        if path:
-            _check_output_path(option, path, models)
-    if args.json and args.markdown and os.path.abspath(args.json) == os.path.abspath(args.markdown):
+    json_path = check_output_path("--json", args.json, models) if args.json else None
+    markdown_path = check_output_path("--markdown", args.markdown, models) if args.markdown else None
+    if json_path and json_path == markdown_path:
         raise InputError("--json and --markdown name the same file")
     baseline = load_baseline(args.baseline) if args.baseline else None
 
@@ -273,10 +301,12 @@ def check_main(argv: list[str]) -> int:
     if baseline is not None:
         table += "\n\n" + (f"Worse than the baseline '{args.baseline}':\n\n" + "\n".join(f"- {r}" for r in found_regressions)
                            if found_regressions else f"Nothing worse than the baseline '{args.baseline}'.")
+    outputs = {}
+    if markdown_path:
+        outputs[markdown_path] = table + "\n"
+    if json_path:
+        outputs[json_path] = results_json(results, found_regressions, args.baseline)
+    write_all(outputs)
     print(table)
-    if args.markdown:
-        _write_atomic(args.markdown, table + "\n")
-    if args.json:
-        _write_atomic(args.json, results_json(results, found_regressions, args.baseline))
     ok = all(r["ok"] for r in results.values()) and not found_regressions
     return EXIT_OK if ok else EXIT_FAILED

@@ -229,9 +229,9 @@ def test_baseline_catches_exporter_drift(tmp_path):
     (zoo / "a.onnx").write_bytes(data[: len(data) // 3])
     (zoo / "c.onnx").unlink()
     save(GQA, zoo / "e.onnx")  # new: not a regression
-    drift = run_check(zoo, "--baseline", base, "--json", tmp_path / "drift.json")
+    drift = run_check(zoo, "--baseline", base, "--json", tmp_path / "same.json")  # replaces its own file
     assert drift.returncode == 1, drift.stdout + drift.stderr
-    found = json.loads((tmp_path / "drift.json").read_text())["regressions"]
+    found = json.loads((tmp_path / "same.json").read_text())["regressions"]
     assert found == ["a.onnx: now error (was ok)", "b.onnx: 0 blocks fused, the baseline 2",
                      "c.onnx: in the baseline, missing from this run"]
     for line in found:
@@ -276,9 +276,13 @@ def test_bad_usage(tmp_path, capsys):
     (tmp_path / "text.json").write_text("{}")
     (tmp_path / "junk.json").write_text("not json")
     assert "no .onnx models found" in _main_error(capsys, tmp_path / "empty")
-    assert "one of the models being checked" in _main_error(capsys, tmp_path, "--json", model)
-    assert "one of the models being checked" in _main_error(capsys, model, "--markdown", model)
+    assert "is the model being checked" in _main_error(capsys, tmp_path, "--json", model)
+    assert "is the model being checked" in _main_error(capsys, model, "--markdown", model)
     assert "does not exist" in _main_error(capsys, model, "--json", tmp_path / "no" / "r.json")
+    (tmp_path / "notes.md").write_text("# my notes\n")
+    assert "exists and is not a table" in _main_error(capsys, model, "--markdown", tmp_path / "notes.md")
+    assert "exists and is not a 'fuse-attn check --json' file" in _main_error(capsys, model, "--json",
+                                                                             tmp_path / "text.json")
     assert "is a folder" in _main_error(capsys, model, "--markdown", tmp_path / "empty")
     assert "same file" in _main_error(capsys, model, "--json", tmp_path / "r", "--markdown", tmp_path / "r")
     assert "not JSON" in _main_error(capsys, model, "--baseline", tmp_path / "junk.json")
@@ -286,7 +290,8 @@ def test_bad_usage(tmp_path, capsys):
     assert "cannot read the baseline" in _main_error(capsys, model, "--baseline", tmp_path / "none.json")
     assert "--jobs" in _main_error(capsys, model, "--jobs", "0")
     assert model.read_bytes() == original
-    assert sorted(os.listdir(tmp_path)) == ["empty", "junk.json", "m.onnx", "text.json"]
+    assert (tmp_path / "notes.md").read_text() == "# my notes\n" and (tmp_path / "text.json").read_text() == "{}"
+    assert sorted(os.listdir(tmp_path)) == ["empty", "junk.json", "m.onnx", "notes.md", "text.json"]
 
 
 # -- one model, in process ---------------------------------------------------------------------------
