@@ -254,15 +254,17 @@ def write_all(texts: dict[str, str]) -> None:
 # -- the command -------------------------------------------------------------------------------
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from fuse_attn.usage import ArgumentParser  # usage errors in the commands' shared format
+
+    parser = ArgumentParser(
         prog="fuse-attn check",
         description="Fuse and verify every ONNX model in the given folders (recursively) and files, each in "
                     "its own worker process, and print the coverage table. Exit 1 when a model is wrong, "
                     "fails, or is worse than --baseline.")
     parser.add_argument("paths", nargs="+", metavar="DIR_OR_FILE", help="folders to search for .onnx files, or models")
-    parser.add_argument("--jobs", "-j", type=int, default=None,
+    parser.add_argument("--jobs", "-j", type=int, default=None, metavar="N",
                         help="models checked at once (default: the number of CPUs)")
-    parser.add_argument("--timeout", type=float, default=600.0,
+    parser.add_argument("--timeout", type=float, default=600.0, metavar="S",
                         help="seconds one model may take before it is stopped and reported (default 600; 0: none)")
     parser.add_argument("--assume-no-padding", action="store_true",
                         help="treat graph inputs a mask depends on (attention_mask) as all ones")
