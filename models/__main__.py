@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
@@ -10,7 +9,17 @@ from . import build_all, cache_dir, entries, names_matching
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fuse_attn.models", description="the fuse-attn model zoo")
+    """Bad usage is one `fuse-attn: error:` line and exit 2, as in every fuse-attn command."""
+    from fuse_attn.usage import run
+
+    return run(_main, list(sys.argv[1:] if argv is None else argv))
+
+
+def _main(argv: list[str]) -> int:
+    from fuse_attn.modelio import InputError
+    from fuse_attn.usage import ArgumentParser
+
+    ap = ArgumentParser(prog="python -m fuse_attn.models", description="the fuse-attn model zoo")
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="export every recipe (cached by recipe hash)")
     b.add_argument("--only", action="append", help="a model name (exact, or a substring); repeatable")
@@ -19,7 +28,6 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("check", help="build, run the pass on every model, print the coverage table "
                    "(same as `fuse-attn zoo`; see its --help)", add_help=False)
     sub.add_parser("list", help="list the recipes")
-    argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["check"]:
         from .check import zoo_main
 
@@ -34,8 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
     only = names_matching(args.only)
     if only == []:
-        print(f"no recipe matches {args.only}", file=sys.stderr)
-        return 2
+        raise InputError(f"no recipe matches {args.only}")
     t0 = time.perf_counter()
     models = build_all(args.out, only, force=getattr(args, "force", False), log=lambda m: print(m, flush=True))
     failed = [m for m in models if not m.ok and not m.skipped]

@@ -167,3 +167,11 @@ def test_compile_help_shows_how_to_pass_a_flag():
     assert args.compiler_arg == ["--optlevel=1", "O2"]
     with pytest.raises(InputError, match="expected one argument"):
         parser.parse_args(["m.onnx", "--compiler-arg", "--optlevel=1"])
+
+
+def test_the_zoo_module_uses_the_same_error_line(capsys, no_debug):
+    from fuse_attn.models.__main__ import main as models_main
+
+    assert models_main(["build", "--only", "no-such-recipe-anywhere"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"{PREFIX}no recipe matches ['no-such-recipe-anywhere']"]
