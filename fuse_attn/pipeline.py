@@ -55,7 +55,7 @@ class _FunctionDtype:
                            "upgrade the model to opset 15+ to fuse both")
 
 
-def _block_report(anchor: Node, plan: FusionPlan, node: Node) -> BlockReport:
+def _block_report(anchor: Node, plan: FusionPlan, node: Node, inserted: list[Node]) -> BlockReport:
     attrs = plan.attrs
     return BlockReport(
         op_type=anchor.op_type, name=anchor.name, fused=True, node=node.name,
@@ -63,7 +63,7 @@ def _block_report(anchor: Node, plan: FusionPlan, node: Node) -> BlockReport:
         batch=plan.batch, seq=plan.seq, scale=node.attr("softmax_scale"), causal=attrs.use_causal_mask,
         grid=[plan.batch, attrs.num_kv_heads], seq_tile_size=attrs.seq_tile_size,
         dropout_p=attrs.dropout_p, notes=list(plan.notes),
-        transposes_added=plan.q.nodes_needed + plan.k.nodes_needed + plan.v.nodes_needed,
+        transposes_added=sum(is_op(n, "Transpose") for n in inserted),
     )
 
 
@@ -98,8 +98,8 @@ def fuse_graph(graph: Graph, *, name: str = "model", assume_no_padding: bool = F
             report.blocks.append(BlockReport(op_type=anchor.op_type, name=anchor.name, fused=False,
                                              reason=exc.reason))
             continue
-        flash, _ = emit_flash_fwd(graph, plan, graph.unique_name(f"FlashFwd_{report.fused}"))
-        report.blocks.append(_block_report(anchor, plan, flash))
+        flash, _, inserted = emit_flash_fwd(graph, plan, graph.unique_name(f"FlashFwd_{report.fused}"))
+        report.blocks.append(_block_report(anchor, plan, flash, inserted))
     if report.fused:
         declare_flash_fwd(graph.model, function_dtype.dtype)
         remove_dead_nodes(graph)

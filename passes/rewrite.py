@@ -48,9 +48,9 @@ def _kernel_input(graph: Graph, source: Source, name: str, protos: list) -> str:
     return value
 
 
-def emit_flash_fwd(graph: Graph, plan: FusionPlan, name: str) -> tuple[Node, Value]:
+def emit_flash_fwd(graph: Graph, plan: FusionPlan, name: str) -> tuple[Node, Value, list[Node]]:
     """Insert the FlashFwd node for `plan` and point every reader of the block's output at it.
-    Returns the node and the value that now stands for the block's output."""
+    Returns the node, the value that now stands for the block's output, and every node inserted."""
     protos: list = []
     inputs = [
         _kernel_input(graph, plan.q, f"{name}_q", protos),
@@ -84,4 +84,4 @@ def emit_flash_fwd(graph: Graph, plan: FusionPlan, name: str) -> tuple[Node, Val
     new_output = graph.value(result)
     graph.set_type(new_output, plan.output)
     graph.replace_uses(plan.output, new_output)
-    return next(n for n in nodes if n.op_type == contract.OP_TYPE), new_output
+    return next(n for n in nodes if n.op_type == contract.OP_TYPE), new_output, nodes

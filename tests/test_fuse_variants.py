@@ -71,6 +71,14 @@ def test_report_and_attributes(name, fused_cache):
         assert block.head_dim == spec.head_dim, why
         assert bool(block.causal) == spec.causal, why
         assert math.isclose(block.scale, built.effective_scale, rel_tol=1e-6), (block.scale, built.effective_scale, why)
+    # the report's figures are the graph's: the node's own scale, the Transposes each rewrite added
+    nodes = {n.name: n for n in flash_nodes(fused)}
+    for block in report.blocks:
+        assert block.scale == node_attrs(nodes[block.node])["softmax_scale"], why
+        added = [n for n in fused.graph.node if n.op_type == "Transpose" and n.name.startswith(f"{block.node}_")]
+        assert block.transposes_added == len(added), (block.transposes_added, [n.name for n in added], why)
+    assert report.transposes_added == sum(b.transposes_added for b in report.blocks), why
+    assert report.transposes_net == count_ops(fused, "Transpose") - count_ops(built.model, "Transpose"), why
     for node in flash_nodes(fused):
         a = node_attrs(node)
         assert math.isclose(a["softmax_scale"], built.effective_scale, rel_tol=1e-6), (a, why)
