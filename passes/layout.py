@@ -107,8 +107,11 @@ def _ints(evaluator: Evaluator, node: Node, index: int, attr: str) -> list[int] 
     return node.attr(attr)
 
 
-def _move(node: Node, labels: np.ndarray, evaluator: Evaluator) -> np.ndarray:
+def _move(node: Node, labels: np.ndarray, evaluator: Evaluator, params: list[int] | None = None) -> np.ndarray:
+    """`labels` moved as `node` moves data; `params` overrides its shape operand (a shrunk seq)."""
     op = node.op_type
+    if params is not None:
+        evaluator = _Fixed(params)
     if op in ("Identity", "Mul", "Div"):
         return labels
     if op == "Transpose":
@@ -136,6 +139,51 @@ def _move(node: Node, labels: np.ndarray, evaluator: Evaluator) -> np.ndarray:
     raise AssertionError(op)
 
 
+class _Fixed:
+    """Stands in for the evaluator where a node's shape operand is given."""
+
+    def __init__(self, params: list[int]):
+        self.params = params
+
+    def value_of(self, value):
+        return np.asarray(self.params, dtype=np.int64)
+
+
+# The seq axis is moved at this length: index labels keep the same structure at any length.
+SHRUNK_SEQ = 3
+
+
+def _seq_positions(chain: Chain, shapes: list[tuple[int, ...]], axis: int) -> list[int] | None:
+    """Where the operand's axis `axis` sits in every value along the chain, walking back, if it
+    is carried whole (never split, merged or broadcast) from the root; else None."""
+    positions = [axis % len(shapes[-1])]
+    for node, before, after in zip(reversed(chain.nodes), reversed(shapes[:-1]), reversed(shapes[1:])):
+        p = positions[0]
+        op = node.op_type
+        if op in ("Identity", "Mul", "Div") and before == after:
+            q = p
+        elif op == "Transpose":
+            perm = node.attr("perm") or list(reversed(range(len(before))))
+            q = perm[p]
+        elif op in ("Reshape", "Unsqueeze", "Squeeze", "Flatten"):
+            # A reshape keeps an axis whole when the elements before it and the axis itself match.
+            ahead = math.prod(after[:p])
+            found = [k for k in range(len(before)) if before[k] == after[p] and math.prod(before[:k]) == ahead]
+            if len(found) != 1:
+                return None
+            q = found[0]
+        elif op == "Expand":
+            q = p - (len(after) - len(before))
+            if q < 0:
+                return None
+        else:
+            return None
+        if before[q] != after[p]:
+            return None
+        positions.insert(0, q)
+    return positions
+
+
 def chain_signature(chain: Chain, evaluator: Evaluator) -> tuple:
     """Everything the chain's labels depend on: root shape, ops, attributes, shape operands."""
     try:
@@ -152,16 +200,35 @@ def chain_signature(chain: Chain, evaluator: Evaluator) -> tuple:
     return tuple(parts)
 
 
-def chain_labels(chain: Chain, evaluator: Evaluator) -> list[np.ndarray]:
-    """Index labels of every value along the chain (root labelled 0..n-1 in order)."""
+def chain_labels(chain: Chain, evaluator: Evaluator, seq_axis: int | None = None) -> list[np.ndarray]:
+    """Index labels of every value along the chain (root labelled 0..n-1 in order).
+
+    With `seq_axis` (the operand's seq axis), when that axis is carried whole from the root,
+    the labels are moved with it at length SHRUNK_SEQ: which labels are equal, and where each
+    goes, is the same at any length, and the cost no longer grows with seq."""
     try:
-        root_shape = evaluator.shape_of(chain.values[0])
+        shapes = [tuple(evaluator.shape_of(v)) for v in chain.values]
+        params: list[list[int] | None] = [None] * len(chain.nodes)
+        positions = _seq_positions(chain, shapes, seq_axis) if seq_axis is not None else None
+        shrunk = positions is not None and shapes[-1][positions[-1]] > SHRUNK_SEQ
+        if shrunk:
+            shapes = [s[:p] + (SHRUNK_SEQ,) + s[p + 1:] for s, p in zip(shapes, positions)]
+            for i, node in enumerate(chain.nodes):
+                if node.op_type in ("Reshape", "Expand"):
+                    wanted = [int(x) for x in np.asarray(evaluator.value_of(node.inputs[1])).reshape(-1)]
+                    at = positions[i + 1] - (len(shapes[i + 1]) - len(wanted))  # Expand's shape may be shorter
+                    if 0 <= at < len(wanted) and wanted[at] > 1:
+                        wanted[at] = SHRUNK_SEQ
+                    params[i] = wanted
+        root_shape = shapes[0]
         size = math.prod(root_shape)
         labels = [np.arange(size, dtype=np.int32 if size < 2**31 else np.int64).reshape(root_shape)]
-        for node, value in zip(chain.nodes, chain.values[1:]):
-            labels.append(_move(node, labels[-1], evaluator))
-            if labels[-1].shape != evaluator.shape_of(value):  # a scalar Mul that broadcasts, say
-                raise NotFused(f"{describe(node)} changes the shape to {evaluator.shape_of(value)}, "
+        for node, shape, param in zip(chain.nodes, shapes[1:], params):
+            labels.append(_move(node, labels[-1], evaluator, param))
+            if labels[-1].shape != shape:  # a scalar Mul that broadcasts, say
+                if shrunk:
+                    return chain_labels(chain, evaluator)  # not shrinkable after all: at full length
+                raise NotFused(f"{describe(node)} changes the shape to {shape}, "
                                f"not {labels[-1].shape} as moving the data would")
     except Unprovable as exc:
         raise NotFused(f"cannot prove the attention layout: {exc}") from None

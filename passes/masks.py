@@ -8,6 +8,11 @@ description of the softmax input:
 Then the masked positions must be identical for every batch and head and equal either no
 position (no mask) or the strict upper triangle (top-left causal, what the kernel applies).
 Anything else is named: padding from an input, sliding window, additive bias, ...
+
+Positions are read in one of two geometries. Masks are nearly always functions of i − j
+(`fuse_attn/ir/diagonal.py`): then every operand is a strip of seq_q + seq_k − 1 numbers, one
+per diagonal, and the proof costs O(seq) at any length. A mask that is not (a padding row or
+column, say) is evaluated whole, as a seq_q × seq_k array, up to `MAX_DENSE_POSITIONS`.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import dataclasses
 
 import numpy as np
 
+from fuse_attn.ir.diagonal import NotDiagonal, Strip, as_strip, is_square, strip_of
 from fuse_attn.ir.evaluator import DependsOnInput, Evaluator, Unprovable
 from fuse_attn.passes._graph import NotFused, describe, memoized
 from fuse_attn.passes.find_attention import ScoreStep
@@ -23,6 +29,9 @@ from fuse_attn.passes.find_attention import ScoreStep
 # An additive term at or below this removes a score: exp(-1000 + any realistic score spread)
 # is exactly 0 in float32 and float16, as the kernel's -9984 is.
 MASKED_AT_MOST = -1000.0
+# A mask that is not a function of i − j is evaluated whole; beyond this many positions
+# (seq 4096², 16M) that would cost seq² memory, and the block is left alone instead.
+MAX_DENSE_POSITIONS = 1 << 24
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,10 +40,13 @@ class ScoreReading:
     causal: bool
 
 
-def _operand(evaluator: Evaluator, step: ScoreStep, value, what: str) -> np.ndarray:
-    if isinstance(value, np.ndarray):  # an op's implied operand (the Attention op's causal mask)
-        return value
+def _operand(evaluator: Evaluator, step: ScoreStep, value, what: str, strips: bool) -> np.ndarray | Strip:
+    """The operand as it is: an array, or with `strips` a Strip when it is seq × seq."""
+    if isinstance(value, (np.ndarray, Strip)):  # an op's implied operand (the Attention op's causal mask)
+        return value.dense() if isinstance(value, Strip) and not strips else value
     try:
+        if strips and is_square(evaluator.shape_of(value)):
+            return strip_of(evaluator, value)
         return np.asarray(evaluator.value_of(value))
     except DependsOnInput as exc:
         raise NotFused(
@@ -46,9 +58,16 @@ def _operand(evaluator: Evaluator, step: ScoreStep, value, what: str) -> np.ndar
         raise NotFused(f"cannot prove what the {what} of {describe(step.node)} is: {exc}", step.node) from None
 
 
-def _square(array: np.ndarray, seq_q: int, seq_k: int, what: str) -> np.ndarray:
-    """`array` broadcast to (..., seq_q, seq_k) and reduced to one (seq_q, seq_k) slice,
-    provided every batch and head slice is the same."""
+def _square(array: np.ndarray | Strip, seq_q: int, seq_k: int, what: str, strips: bool) -> np.ndarray:
+    """`array` broadcast to (..., seq_q, seq_k) and reduced to one (seq_q, seq_k) slice, or with
+    `strips` to one strip of seq_q + seq_k − 1 diagonals, provided every batch and head slice is the same."""
+    if strips:
+        table = as_strip(array, seq_q, seq_k).table
+        slices = table.reshape(-1, table.shape[-1])
+        if len(slices) > 1 and not (slices == slices[:1]).all():
+            raise NotFused(f"the {what} differs between batch entries or heads (a per-head position bias "
+                           "such as ALiBi or T5's, or a per-example padding mask); the kernel applies one mask to all")
+        return np.array(np.broadcast_to(slices[0], (seq_q + seq_k - 1,)))
     try:
         full = np.broadcast_to(array, np.broadcast_shapes(array.shape, (seq_q, seq_k)))
     except ValueError:
@@ -64,6 +83,8 @@ def _square(array: np.ndarray, seq_q: int, seq_k: int, what: str) -> np.ndarray:
 
 def _step_key(step: ScoreStep) -> tuple:
     def ident(x):
+        if isinstance(x, Strip):
+            return ("strip", x.table.tobytes(), x.table.shape, x.rows, x.cols)
         return ("array", x.tobytes(), x.shape) if isinstance(x, np.ndarray) else id(x)
 
     return (step.kind, ident(step.operand), ident(step.condition), step.factor, step.scores_when_true)
@@ -75,14 +96,32 @@ def read_scores(steps: tuple[ScoreStep, ...], evaluator: Evaluator, seq_q: int, 
     return memoized(evaluator.memo, key, lambda: _read_scores(steps, evaluator, seq_q, seq_k))
 
 
-def _float(array: np.ndarray) -> np.ndarray:
+def _float(array: np.ndarray | Strip) -> np.ndarray | Strip:
     """Mask arithmetic in float32 (seq² arrays are large), float64 only where the graph has it."""
+    if isinstance(array, Strip):
+        return Strip(_float(array.table), array.rows, array.cols)
     return array.astype(np.float64 if array.dtype == np.float64 else np.float32, copy=False)
 
 
+def _bool(array: np.ndarray | Strip) -> np.ndarray | Strip:
+    if isinstance(array, Strip):
+        return Strip(array.table.astype(bool), array.rows, array.cols)
+    return array.astype(bool)
+
+
 def _read_scores(steps: tuple[ScoreStep, ...], evaluator: Evaluator, seq_q: int, seq_k: int) -> ScoreReading:
+    try:
+        return _read(steps, evaluator, seq_q, seq_k, strips=True)
+    except NotDiagonal as exc:
+        if seq_q * seq_k > MAX_DENSE_POSITIONS:
+            raise NotFused(f"the mask is not a function of i - j ({exc}), and evaluating it whole at seq "
+                           f"{seq_q} x {seq_k} would take seq² memory") from None
+    return _read(steps, evaluator, seq_q, seq_k, strips=False)
+
+
+def _read(steps: tuple[ScoreStep, ...], evaluator: Evaluator, seq_q: int, seq_k: int, strips: bool) -> ScoreReading:
     scale = 1.0
-    square = (seq_q, seq_k)
+    square = (seq_q + seq_k - 1,) if strips else (seq_q, seq_k)
     bias = None  # additive term on positions the scores still reach (None: zero everywhere)
     replaced = None  # positions a Where replaced by a constant (None: none)
     fill = None  # the constant at replaced positions (meaningless elsewhere)
@@ -97,19 +136,19 @@ def _read_scores(steps: tuple[ScoreStep, ...], evaluator: Evaluator, seq_q: int,
                 bias = None if bias is None else bias * step.factor
                 fill = None if fill is None else fill * step.factor
         elif step.kind in ("add", "sub"):
-            term = _square(_float(_operand(evaluator, step, step.operand, "additive term")),
-                           seq_q, seq_k, "additive term")
+            term = _square(_float(_operand(evaluator, step, step.operand, "additive term", strips)),
+                           seq_q, seq_k, "additive term", strips)
             if step.kind == "sub":
                 term = -term
             with np.errstate(invalid="ignore", over="ignore"):
                 bias = term if bias is None else bias + term
                 fill = None if fill is None else fill + term
         else:  # where
-            cond = _square(_operand(evaluator, step, step.condition, "condition").astype(bool),
-                           seq_q, seq_k, "mask condition")
+            cond = _square(_bool(_operand(evaluator, step, step.condition, "condition", strips)),
+                           seq_q, seq_k, "mask condition", strips)
             dropped = ~cond if step.scores_when_true else cond
-            value = _square(_float(_operand(evaluator, step, step.operand, "fill value")),
-                            seq_q, seq_k, "fill value")
+            value = _square(_float(_operand(evaluator, step, step.operand, "fill value", strips)),
+                            seq_q, seq_k, "fill value", strips)
             fill = value if fill is None else np.where(dropped, value, fill)
             replaced = dropped if replaced is None else replaced | dropped
     with np.errstate(invalid="ignore"):
@@ -126,12 +165,15 @@ def _read_scores(steps: tuple[ScoreStep, ...], evaluator: Evaluator, seq_q: int,
             if (bias[~masked] != 0).any():
                 raise NotFused("the unmasked scores get an additive bias (ALiBi, relative position or another "
                                "bias), which the kernel cannot add")
-    causal = np.triu(np.ones(square, dtype=bool), 1)
+    if strips:
+        causal = np.arange(-(seq_k - 1), seq_q) < 0  # j > i
+    else:
+        causal = np.triu(np.ones(square, dtype=bool), 1)
     if not masked.any():
         return ScoreReading(scale, causal=False)
     if np.array_equal(masked, causal):
         return ScoreReading(scale, causal=True)
-    raise NotFused(_describe_mask(masked, causal))
+    raise NotFused(_describe_strip(masked, seq_q, seq_k) if strips else _describe_mask(masked, causal))
 
 
 def _describe_mask(masked: np.ndarray, causal: np.ndarray) -> str:
@@ -148,4 +190,24 @@ def _describe_mask(masked: np.ndarray, causal: np.ndarray) -> str:
             return f"the mask is a sliding window of {window} keys; the kernel's causal mask has no window"
         return "the mask is causal plus more masked positions (padding?)"
     wrong = int((masked != causal).sum())
+    return f"the mask is neither none nor top-left causal ({wrong} positions differ from causal)"
+
+
+def _describe_strip(masked: np.ndarray, seq_q: int, seq_k: int) -> str:
+    """`_describe_mask` for a mask given by diagonals: masked[i − j + seq_k − 1]."""
+    d = np.arange(-(seq_k - 1), seq_q)
+    causal = d < 0
+    counts = np.concatenate([[0], np.cumsum(masked)])  # row i covers strip positions i .. i + seq_k − 1
+    if (counts[seq_k:seq_k + seq_q] - counts[:seq_q] == seq_k).any():
+        return "the mask removes every key of some query rows"
+    if seq_q != seq_k and np.array_equal(masked, d < seq_q - seq_k):
+        return "the mask is causal aligned bottom-right, the kernel's is top-left"
+    if masked[causal].all():
+        below = masked[~causal]  # d = 0, 1, ...: kept up to the window, masked after
+        window = int(np.argmax(below)) if below.any() else len(below)
+        if below[window:].all():
+            return f"the mask is a sliding window of {window} keys; the kernel's causal mask has no window"
+        return "the mask is causal plus more masked positions (padding?)"
+    per_diagonal = np.maximum(0, np.minimum(seq_q, seq_k + d) - np.maximum(0, d))  # positions with i − j = d
+    wrong = int(per_diagonal[masked != causal].sum())
     return f"the mask is neither none nor top-left causal ({wrong} positions differ from causal)"

@@ -14,6 +14,7 @@ import math
 import numpy as np
 from onnx import TensorProto
 
+from fuse_attn.ir.diagonal import Strip
 from fuse_attn.ir.evaluator import Evaluator
 from fuse_attn.ir.graph import Node, Value
 from fuse_attn.passes._graph import NotFused, describe
@@ -73,7 +74,7 @@ def plan_onnx_attention(node: Node, evaluator: Evaluator) -> FusionPlan:
             else:
                 steps.append(ScoreStep("add", node, operand=mask))
         if node.attr("is_causal", 0):
-            below = np.tril(np.ones((seq_q, seq_k), dtype=bool))
+            below = Strip(np.arange(-(seq_k - 1), seq_q) >= 0, seq_q, seq_k)  # j <= i, one entry per diagonal
             steps.append(ScoreStep("where", node, operand=np.array(-np.inf), condition=below))
         return tuple(steps)
 

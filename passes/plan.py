@@ -16,12 +16,14 @@ from fuse_attn.ir import contract
 from fuse_attn.ir.evaluator import Evaluator, Unprovable
 from fuse_attn.ir.graph import Node, Value
 from fuse_attn.passes._graph import NotFused, dtype_name, memoized
-from fuse_attn.passes.layout import Chain, Source, chain_labels, chain_signature, choose_source, grid_order, kv_heads_of
+from fuse_attn.passes.layout import (Chain, Source, chain_labels, chain_signature, choose_source, grid_order,
+                                     kv_heads_of)
 from fuse_attn.passes.masks import ScoreReading, read_scores
 
 
-# Masks of symbolic-seq graphs are proven at two lengths; the longer is at most this (seq² arrays).
-MAX_MASK_PROOF_SEQ = 8192
+# Masks of symbolic-seq graphs are proven at two lengths; the longer is at most this. A mask that
+# is a function of i − j costs O(seq) there (masks.py); one that is not is refused past seq 4096.
+MAX_MASK_PROOF_SEQ = 1 << 18
 
 
 @dataclasses.dataclass
@@ -99,19 +101,43 @@ class LayoutProof:
     q_head_order: tuple[int, ...] | None
 
 
+_PROBE = (2, 3, 5, 7, 11, 13, 17, 19)
+
+
+def kernel_axes(op: Operand, evaluator: Evaluator) -> tuple[int | None, ...]:
+    """For each axis of the kernel layout, the operand axis it is (None: a new unit axis).
+    A layout function only transposes and adds unit axes, so this describes it completely."""
+    try:
+        rank = len(evaluator.shape_of(op.chain.values[-1]))
+    except Unprovable as exc:
+        raise NotFused(f"cannot prove the attention layout: {exc}") from None
+    if rank > len(_PROBE):
+        raise NotFused(f"attention operands of rank {rank}")
+    moved = op.to_kernel_layout(np.empty(_PROBE[:rank], dtype=np.int8))
+    return tuple(_PROBE.index(n) if n > 1 else None for n in moved.shape)
+
+
 def _prove_layout(q: Operand, k: Operand, v: Operand, evaluator: Evaluator) -> LayoutProof:
-    labels = {name: chain_labels(op.chain, evaluator) for name, op in (("q", q), ("k", k), ("v", v))}
+    # Seq is axis 3 of the kernel's q and k (b, h, d, s) and axis 2 of its v (b, kv, s, d).
+    axes = {name: kernel_axes(op, evaluator) for name, op in (("q", q), ("k", k), ("v", v))}
+    seq_axis = {"q": axes["q"][3], "k": axes["k"][3], "v": axes["v"][2]}
+    labels = {name: chain_labels(op.chain, evaluator, seq_axis[name]) for name, op in (("q", q), ("k", k), ("v", v))}
+    # The real lengths (labels may carry seq shrunk, see chain_labels).
+    seq_q, seq_k, seq_v = (evaluator.shape_of(op.chain.values[-1])[seq_axis[name]] if seq_axis[name] is not None else 1
+                           for name, op in (("q", q), ("k", k), ("v", v)))
     q_target = q.to_kernel_layout(labels["q"][-1])
     k_target, k_heads = kv_heads_of(k.to_kernel_layout(labels["k"][-1]), "key")
     v_target, v_heads = kv_heads_of(v.to_kernel_layout(labels["v"][-1]), "value")
     if k_heads != v_heads:
         raise NotFused("keys and values share kv heads differently across q heads")
-    batch, heads, head_dim, seq_q = q_target.shape
-    _, kv_heads, _, seq_k = k_target.shape
+    batch, heads, head_dim, _ = q_target.shape
+    kv_heads = k_target.shape[1]
     if seq_q != seq_k:
         raise NotFused(f"seq_q {seq_q} != seq_k {seq_k} (cross attention or a KV cache); the kernel needs them equal")
-    if k_target.shape != (batch, kv_heads, head_dim, seq_k) or v_target.shape != (batch, kv_heads, seq_k, head_dim):
-        raise NotFused(f"q, k, v shapes do not agree: {q_target.shape}, {k_target.shape}, {v_target.shape}")
+    if (k_target.shape[:3] != (batch, kv_heads, head_dim) or v_target.shape[:2] != (batch, kv_heads)
+            or v_target.shape[3] != head_dim or seq_v != seq_k):
+        raise NotFused(f"q, k, v shapes do not agree: {(batch, heads, head_dim, seq_q)}, "
+                       f"{k_target.shape[:3] + (seq_k,)}, {v_target.shape[:2] + (seq_v, v_target.shape[3])}")
     if head_dim > contract.MAX_HEAD_DIM:
         raise NotFused(f"head dim {head_dim} > {contract.MAX_HEAD_DIM}, the kernel's limit")
     picks = (choose_source(labels["q"], q_target), choose_source(labels["k"], k_target),
@@ -164,7 +190,8 @@ def plan_block(
     if out_dtype not in dtypes:
         raise NotFused(f"the attention output is {dtype_name(out_dtype)}, not the inputs' {dtype_name(dtypes.pop())}")
 
-    key = ("layout",) + tuple((op.to_kernel_layout, chain_signature(op.chain, evaluator)) for op in (q, k, v))
+    # Keyed by what the proof reads, so that identical layers share it.
+    key = ("layout",) + tuple((kernel_axes(op, evaluator), chain_signature(op.chain, evaluator)) for op in (q, k, v))
     proof: LayoutProof = memoized(evaluator.memo, key, lambda: _prove_layout(q, k, v, evaluator))
     # What replaces the block must have the block's shape: a mask or scale that broadcasts the
     # scores to more batch entries or dims would make the original output larger than the kernel's.

@@ -72,10 +72,18 @@ def test_sliding_window_longer_than_the_first_sample_is_left_alone():
     assert not block.fused and "sliding window of 200" in block.reason, block.reason
 
 
-def test_window_beyond_the_provable_length_is_left_alone():
-    _, report = fuse(_block(window=100_000))
+@pytest.mark.parametrize("window", [100_000, 131_071])
+def test_long_window_is_caught_past_its_length(window):
+    """Proven again at window + 2 (O(seq): the mask is a function of i - j)."""
+    _, report = fuse(_block(window=window))
     (block,) = report.blocks
-    assert not block.fused and "100000" in block.reason and "fixed seq" in block.reason, block.reason
+    assert not block.fused and f"sliding window of {window} keys" in block.reason, block.reason
+
+
+def test_window_beyond_the_provable_length_is_left_alone():
+    _, report = fuse(_block(window=300_000))
+    (block,) = report.blocks
+    assert not block.fused and "300000" in block.reason and "fixed seq" in block.reason, block.reason
 
 
 @pytest.mark.parametrize("mask_form", ["range", "trilu"])

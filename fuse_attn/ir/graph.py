@@ -11,6 +11,7 @@ proof asks for one, and weights in external data are never touched. Edits are ke
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import onnx
@@ -127,6 +128,34 @@ class Value:
         if attr.name in ("value_int", "value_ints"):
             return np.asarray(value, dtype=np.int64)
         return None  # sparse or string constants: nothing a proof here uses
+
+    def constant_rows(self, start: int, stop: int) -> np.ndarray | None:
+        """Rows start..stop of the constant seen as (all but the last axis, last axis), read
+        from raw bytes or the external data file without loading the rest; None if not stored so."""
+        tensor = self.graph._initializers.get(self.name) or self._constant_tensor()
+        if tensor is None or not tensor.dims:
+            return None
+        width = tensor.dims[-1]
+        dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        if dtype.kind in "OSU":  # strings: not numbers a proof reads
+            return None
+        begin, length = start * width * dtype.itemsize, (stop - start) * width * dtype.itemsize
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in tensor.external_data}
+            path = os.path.join(self.graph.base_dir or "", info.get("location", ""))
+            try:
+                with open(path, "rb") as f:
+                    f.seek(int(info.get("offset", 0)) + begin)
+                    data = f.read(length)
+            except OSError:
+                return None
+            if len(data) != length:
+                return None
+        elif tensor.HasField("raw_data"):
+            data = tensor.raw_data[begin:begin + length]
+        else:  # typed fields: already parsed into memory with the model
+            return numpy_helper.to_array(tensor).reshape(-1, width)[start:stop]
+        return np.frombuffer(data, dtype=dtype.newbyteorder("<")).reshape(stop - start, width)
 
 
 class Node:
