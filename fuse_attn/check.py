@@ -138,9 +138,12 @@ def run_one(path: str, result_path: str, *, assume_no_padding: bool, timeout: fl
                               stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:  # subprocess.run has killed the worker
         return _failed("timeout", f"timed out after {timeout:g} s (--timeout)")
-    if proc.returncode == 0 and os.path.exists(result_path):
-        with open(result_path) as f:
-            return json.load(f)
+    if proc.returncode == 0:
+        try:
+            with open(result_path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            pass  # reported below, as the worker's failure
     last = next((line for line in reversed(proc.stderr.splitlines()) if line.strip()), "")
     how = (f"killed by {_signal_name(proc.returncode)}" if proc.returncode < 0
            else f"exited with code {proc.returncode}")
@@ -160,10 +163,18 @@ def run_all(models: dict[str, str], *, jobs: int, timeout: float | None, assume_
         futures = {pool.submit(run_one, path, os.path.join(scratch, f"{i}.json"),
                                assume_no_padding=assume_no_padding, timeout=timeout): name
                    for i, (name, path) in enumerate(models.items())}
-        for future in as_completed(futures):
-            results[futures[future]] = future.result()
-            if bar is not None:
-                bar.update()
+        try:
+            for future in as_completed(futures):
+                try:
+                    results[futures[future]] = future.result()
+                except Exception as exc:  # the worker could not even be started (no memory, no processes)
+                    results[futures[future]] = _failed("error", f"cannot start a worker process: "
+                                                                f"{type(exc).__name__}: {exc}")
+                if bar is not None:
+                    bar.update()
+        except BaseException:  # interrupted: start no more workers (a terminal's Ctrl-C stops the running ones)
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
     if bar is not None:
         bar.close()
     return {name: {"model": name, "path": models[name], "ok": results[name]["status"] == "ok", **results[name]}
@@ -171,6 +182,10 @@ def run_all(models: dict[str, str], *, jobs: int, timeout: float | None, assume_
 
 
 # -- against the baseline ----------------------------------------------------------------------
+
+def _blocks(n: int) -> str:
+    return f"{n} block" if n == 1 else f"{n} blocks"
+
 
 def regressions(results: dict[str, dict], baseline: dict[str, dict]) -> list[str]:
     """What got worse since the baseline: a model gone, a model now failing, fewer blocks fused."""
@@ -180,9 +195,9 @@ def regressions(results: dict[str, dict], baseline: dict[str, dict]) -> list[str
         if now is None:
             found.append(f"{name}: in the baseline, missing from this run")
         elif before.get("ok") and not now["ok"]:
-            found.append(f"{name}: now {now['status']} (was ok)")
+            found.append(f"{name}: failing now ({now['status']}), ok in the baseline")
         elif isinstance(before.get("fused"), int) and (now["fused"] or 0) < before["fused"]:
-            found.append(f"{name}: {now['fused'] or 0} blocks fused, the baseline {before['fused']}")
+            found.append(f"{name}: {_blocks(now['fused'] or 0)} fused, the baseline {before['fused']}")
     return found
 
 

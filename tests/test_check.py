@@ -232,7 +232,7 @@ def test_baseline_catches_exporter_drift(tmp_path):
     drift = run_check(zoo, "--baseline", base, "--json", tmp_path / "same.json")  # replaces its own file
     assert drift.returncode == 1, drift.stdout + drift.stderr
     found = json.loads((tmp_path / "same.json").read_text())["regressions"]
-    assert found == ["a.onnx: now error (was ok)", "b.onnx: 0 blocks fused, the baseline 2",
+    assert found == ["a.onnx: failing now (error), ok in the baseline", "b.onnx: 0 blocks fused, the baseline 2",
                      "c.onnx: in the baseline, missing from this run"]
     for line in found:
         assert f"- {line}" in drift.stdout
