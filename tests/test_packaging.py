@@ -46,3 +46,20 @@ def test_the_wheel_installs_one_top_level_name(tmp_path):
                  "fuse_attn/ir/graph.py", "fuse_attn/__main__.py", "fuse_attn/compile/cli.py"):
         assert path in record, path
     assert not any(p.startswith(("passes/", "models/", "tests/")) for p in record)
+
+    # Installed from the wheel, next to a project of the user's own with a `models` package:
+    # each import finds its own package.
+    site, user = tmp_path / "site", tmp_path / "user"
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site),
+                        str(wheel)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (user / "models").mkdir(parents=True)
+    (user / "models" / "__init__.py").write_text("MINE = True\n")
+    probe = ("import models, fuse_attn, fuse_attn.models, fuse_attn.passes.plan; "
+             "print(models.MINE, fuse_attn.__file__, fuse_attn.models.__file__, sep='\\n')")
+    env = dict(os.environ, PYTHONPATH=str(site))
+    r = subprocess.run([sys.executable, "-c", probe], cwd=user, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    mine, package, zoo = r.stdout.split()
+    assert mine == "True"
+    assert package.startswith(str(site)) and zoo.startswith(str(site / "fuse_attn" / "models"))
