@@ -366,3 +366,37 @@ def test_fused_equals_original_or_left_alone(spec):
 @given(near_miss_specs())
 def test_near_misses_left_alone(spec):
     _check(spec)
+
+
+# --- long fixed seq lengths: the mask proof must not grow with seq² -------------------------------
+# Near misses at up to 131,072 (a window, an off-by-one diagonal, a shift, padding keys or rows,
+# one entry flipped anywhere, the last row included), judged against the spec's own oracle: the
+# graphs are too long for onnxruntime, and only the mask differs from what the suite runs above.
+
+@st.composite
+def long_mask_specs(draw):
+    from long_masks import FORMS, MaskSpec
+
+    seq = draw(st.sampled_from([16_384, 32_768, 65_536, 131_072]))
+    form = draw(st.sampled_from(FORMS))
+    param = draw(st.integers(1, seq - 1))
+    if form == "shifted":
+        param = draw(st.sampled_from([-1, 1, 2, -param, param]))
+    row = draw(st.sampled_from([seq - 1, draw(st.integers(0, seq - 1))]))
+    col = draw(st.integers(0, seq - 1))
+    return MaskSpec(seq, form, param=param, row=row, col=col)
+
+
+@settings(settings.get_profile(PROFILE), max_examples=40 if not EXAMPLES else max(EXAMPLES // 10, 1))
+@given(long_mask_specs())
+def test_long_masks_fused_only_when_exactly_causal(spec):
+    from long_masks import build as build_long
+
+    from fuse_attn import fuse
+
+    _, report = fuse(build_long(spec))
+    (block,) = report.blocks
+    if spec.expected == "alone":
+        assert not block.fused, f"{spec}: fused a near miss"
+    else:
+        assert block.fused and block.causal == (spec.expected == "causal"), f"{spec}: {block.reason}"

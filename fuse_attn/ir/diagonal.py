@@ -73,7 +73,10 @@ def is_square(shape: tuple[int, ...]) -> bool:
 
 def strip_of(evaluator: Evaluator, value: Value) -> Strip:
     """`value` (shape lead + (rows, cols)) as a strip, or NotDiagonal / Unprovable."""
-    return _StripWalk(evaluator).strip(value)
+    try:
+        return _StripWalk(evaluator).strip(value)
+    except (ValueError, IndexError, TypeError) as exc:  # shapes the rules did not foresee
+        raise NotDiagonal(f"'{value.name}': {type(exc).__name__}: {exc}") from None
 
 
 def as_strip(x, rows: int, cols: int) -> Strip:
@@ -234,7 +237,7 @@ class _StripWalk:
         if k_row != -k_col:
             raise NotDiagonal(f"{node.op_type} '{node.name}' depends on more than i − j")
         d = np.arange(-(cols - 1), rows, dtype=np.int64)
-        table = base[..., None] + k_row * d  # a ± b at each i − j
+        table = base + k_row * d  # a ± b at each i − j (base: lead + (1,))
         if node.op_type in ("Add", "Sub"):
             dtype = np.result_type(a.dtype, b.dtype)
             return Strip(table.astype(dtype), rows, cols)
