@@ -123,6 +123,16 @@ def check_writable_file(path: str | os.PathLike, what: str, *, not_over: dict[st
     return path
 
 
+def input_files(proto: onnx.ModelProto, source_path: str | os.PathLike) -> dict[str, str]:
+    """The files a run reads and must never write over (description -> path): the model and its
+    external weights; for `check_writable_file(..., not_over=...)`."""
+    source = os.path.abspath(os.fspath(source_path))
+    files = {"the input model": source}
+    for location in _external_locations(proto):
+        files[f"the input's weights file '{location}'"] = os.path.join(os.path.dirname(source), location)
+    return files
+
+
 @dataclasses.dataclass
 class OutputPlan:
     """Where one run writes, every path already checked: the model, the report (None, "-" for

@@ -24,6 +24,7 @@ class OutputCheck:
     max_abs: float
     max_rel: float
     tolerance: float
+    kind: str = "verify"  # what compared: `fuse-attn --verify`, or `compile --simulate`
 
     @property
     def ok(self) -> bool:
@@ -31,7 +32,7 @@ class OutputCheck:
 
     def line(self) -> str:
         verdict = "ok" if self.ok else "MISMATCH"
-        return (f"verify {self.name}: max abs {self.max_abs:.3g}, max rel {self.max_rel:.3g} "
+        return (f"{self.kind} {self.name}: max abs {self.max_abs:.3g}, max rel {self.max_rel:.3g} "
                 f"(tolerance {self.tolerance:.3g}) {verdict}")
 
 

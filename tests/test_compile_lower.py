@@ -11,7 +11,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from fuse_attn.ir import contract
-from fuse_attn.compile import compile_main, constraints, shapes
+from fuse_attn.compile import constraints, shapes
 from fuse_attn.compile.cli import attention_fn
 from fuse_attn.compile.lower import FlashFwdModule, lower
 
@@ -174,44 +174,7 @@ def test_plans_choose_tile_and_padding():
     assert (plan.batch, plan.heads, plan.kv_heads, plan.head_dim) == (1, 4, 2, 16)
 
 
-# --- compile_main ----------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def fused_path(tmp_path):
-    path = tmp_path / "fused.onnx"
-    onnx.save(fused_model(layers=2), path)
-    return str(path)
-
-
-def test_compile_simulate_reports_error_per_output(fused_path, capsys):
-    assert compile_main([fused_path, "--simulate", "--shape", "x=1x300x64", "--no-mixed-precision"]) == 0
-    out = capsys.readouterr().out
-    assert "l0_flash: flash_fwd[1, 2]" in out and "seq padded 300 -> 512" in out
-    err = float(out.split("max |simulated - onnxruntime| = ")[1].split()[0])
-    assert err < 1e-4
-    assert "no Neuron trace was run" in out
-
-
-def test_compile_without_sdk_says_so_in_one_line_and_exits_2(fused_path, tmp_path, capsys, monkeypatch):
-    import sys
-
-    monkeypatch.setitem(sys.modules, "torch_neuronx", None)  # import fails even where the SDK is installed
-    assert compile_main([fused_path, "--shape", "x=1x512x64", "-o", str(tmp_path / "m.pt")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1
-    assert "Neuron package repository" in err and "torch-neuronx" in err and "--simulate" in err
-    assert not (tmp_path / "m.pt").exists()
-
-
-def test_compile_errors(fused_path, capsys):
-    assert compile_main([fused_path, "--simulate"]) == 2
-    assert "input 'x' has unknown dims ['batch', 'seq']" in capsys.readouterr().err
-    assert compile_main([fused_path, "--shape", "x=1x512x64"]) == 2  # no -o
-    nc = fused_path.replace("fused", "nc")
-    onnx.save(fused_model(causal=False), nc)
-    assert compile_main([nc, "--simulate", "--shape", "x=1x640x64"]) == 1
-    assert "l0_flash: no supported tile (2048, 1024, 512) divides seq 640; fix: pass a --shape" in capsys.readouterr().err
+# (the compile command itself: tests/test_compile_cli.py)
 
 
 def test_flash_module_slices_padding():

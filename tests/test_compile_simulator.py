@@ -1,4 +1,5 @@
-"""The CPU simulator of flash_fwd against a float64 numpy reference, and the seq padding proof."""
+"""The CPU simulator of flash_fwd against a float64 numpy reference, and the seq padding proof.
+(Each kernel version against a port of its source, the mask values included: test_compile_kernel_versions.py.)"""
 
 from __future__ import annotations
 
@@ -6,10 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from fuse_attn.ir.contract import KERNEL_MASK_VALUE
 from fuse_attn.compile.constraints import FlashPlan
 from fuse_attn.compile.lower import FlashFwdModule
-from fuse_attn.compile.simulator import simulate_flash_fwd, simulate_node
+from fuse_attn.compile.simulator import simulate_flash_fwd, simulate_node, simulator_for
 from fuse_attn.ir.contract import FlashFwdAttrs
 
 # Measured bf16 error (mixed_precision=True) against float64 for unit-normal q, k, v and the
@@ -85,22 +85,6 @@ def test_gqa_uses_repeat_kv_order_not_tile_order():
     assert np.abs(o - tiled).max() > 0.1
 
 
-def test_masked_scores_are_the_finite_kernel_value():
-    """A row whose only visible score is far below -9984 weighs the masked keys, as the kernel does:
-    with -inf masking row 0 would be v[0]; with the finite value it is the mean of the masked keys."""
-    q, k, v = qkv(1, 1, 1, 8, 1024)
-    q[..., 0] = 0
-    q[0, 0, 0, 0] = 1.0
-    k[0, 0, 0, 0] = -2e5  # score(0, 0) = -2e5 * scale
-    # One 1024-key tile: the kernel multiplies only its first 512-key sub-tile for queries 0..127,
-    # the other sub-tile holds the mask value and still enters the softmax.
-    o = simulate_flash_fwd(q, k, v, use_causal_mask=True, mixed_precision=False, seq_tile_size=1024).numpy()
-    finite = reference(q, k, v, causal=True, mask_value=KERNEL_MASK_VALUE)
-    np.testing.assert_allclose(o[0, 0, 0], finite[0, 0, 0], atol=FP32_ATOL)
-    np.testing.assert_allclose(o[0, 0, 0], v[0, 0, 1:].double().mean(0).numpy(), atol=FP32_ATOL)
-    assert np.abs(o[0, 0, 0] - v[0, 0, 0].numpy()).max() > 0.1
-
-
 def test_kernel_asserts():
     q, k, v = qkv(1, 2, 2, 16, 640)
     with pytest.raises(ValueError, match="not divisible"):
@@ -122,8 +106,9 @@ def test_seq_2048_32_heads_d128_takes_seconds():
 # --- padding -------------------------------------------------------------------------------------
 # Claim: for a causal block, padding q, k, v on seq from s to s' and keeping the first s output
 # rows is exact. Proof: real query i < s sees keys j <= i < s; a padded key j >= s is right of
-# every real query, so its score is replaced by -9984 whatever q and k hold there, and its
-# weight exp(-9984 - m_i) is exactly 0 in float32 (m_i >= the row's own score, far above -9880),
+# every real query, so its score is replaced by the mask value (-9984, or fp32's min from 2.21-swa)
+# whatever q and k hold there, and its weight exp(mask - m_i) is exactly 0 in float32 (m_i >= the
+# row's own score, far above -9880),
 # so it adds exactly 0 to the row sum and to P @ V. Padded query rows are sliced off. Hence the
 # real rows do not depend on the padding's content at all, and equal unpadded attention.
 
@@ -134,17 +119,18 @@ def _plan(seq, padded, tile, mixed_precision=False):
     return FlashPlan("n", ("q", "k", "v"), "o", attrs, 1, 4, 2, 16, seq, padded, tile, "float")
 
 
-@pytest.mark.parametrize("seq", [1, 300, 640, 1000])
-def test_causal_padding_is_exact(seq):
+@pytest.mark.parametrize("seq,version", [(1, "2.20"), (300, "2.21"), (640, "2.21-swa"), (1000, "2.20"), (1000, "2.21-swa")])
+def test_causal_padding_is_exact(seq, version):
     padded = -(-seq // 512) * 512
     q, k, v = qkv(1, 4, 2, 16, seq, seed=seq)
-    o = FlashFwdModule(_plan(seq, padded, 512), simulate_node)(q, k, v)
+    simulate = simulator_for(version)
+    o = FlashFwdModule(_plan(seq, padded, 512), simulate)(q, k, v)
     assert o.shape == (1, 4, seq, 16)
     np.testing.assert_allclose(o.numpy(), reference(q, k, v, 0.25), atol=FP32_ATOL)
     # The padding's content does not matter, bit for bit: pad with large garbage instead of zeros.
     g = torch.Generator().manual_seed(1)
     junk = lambda x, dim: torch.cat([x, 1e3 * torch.randn(*x.shape[:dim], padded - seq, *x.shape[dim + 1:], generator=g)], dim)
-    o_junk = simulate_node(junk(q, 3), junk(k, 3), junk(v, 2), _plan(seq, padded, 512).attrs, 512)[:, :, :seq]
+    o_junk = simulate(junk(q, 3), junk(k, 3), junk(v, 2), _plan(seq, padded, 512).attrs, 512)[:, :, :seq]
     assert torch.equal(o, o_junk)
 
 

@@ -1,23 +1,30 @@
 """`fuse-attn compile fused.onnx --target inf2 [--shape input_ids=1x2048] -o model.neuron.pt [--simulate]`.
 
-Exit codes: 0 done; 1 a FlashFwd node cannot be launched (every reason listed with its fix);
-2 bad input or usage (a --shape that does not fit, no -o) or the Neuron SDK is missing.
+Exit codes, as the fuse command's: 0 done; 1 a FlashFwd node cannot be launched (every reason
+listed with its fix) or --simulate found a MISMATCH; 2 bad input or usage, a missing dependency,
+or no Neuron SDK that can run flash_fwd (one line `fuse-attn: error: ...`, nothing written).
+Bad input raises modelio.InputError; `fuse_attn.usage.run` prints it.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
 import sys
 import warnings
 
 import numpy as np
 import onnx
 
-from fuse_attn.compile import constraints, shapes
-from fuse_attn.modelio import InputError
+from fuse_attn import modelio, verify
+from fuse_attn.compile import constraints, kernel_versions, sbuf, shapes
 from fuse_attn.usage import ERROR_PREFIX, ArgumentParser, run
 
 TARGETS = ("inf2", "trn1", "trn1n", "trn2")
+TORCH_MISSING = ("compile needs PyTorch, which is not installed here: on an Inf2 instance run fuse-attn inside the "
+                 "Neuron venv (source /opt/aws_neuronx_venv_pytorch_2_9/bin/activate), whose torch belongs to "
+                 "torch-neuronx; elsewhere, for --simulate, pip install torch")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,20 +45,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compiler-arg", action="append", default=[], metavar="ARG",
                    help="one more argument passed to neuronx-cc as is (repeatable); a value that starts "
                         "with '-' needs the '=': --compiler-arg=--optlevel=1")
+    p.add_argument("--kernel-version", choices=("auto", *kernel_versions.VERSIONS), default="auto",
+                   help="the flash_fwd arithmetic --simulate follows and whose SBUF use is checked: 2.20 (bf16 scores, "
+                        "mask -9984), 2.21 (fp32 scores), 2.21-swa (fp32 scores, mask fp32 min). auto (default): the "
+                        f"installed SDK's kernel, else {kernel_versions.DEFAULT}")
     p.add_argument("--seed", type=int, default=0, help="seed of the example inputs")
     return p
 
 
-def attention_fn(simulate: bool):
-    """The attention each FlashFwd node runs: the simulator, or flash_fwd through the binding."""
+def attention_fn(simulate: bool, kernel_version: str = kernel_versions.DEFAULT, api=None):
+    """The attention each FlashFwd node runs, and its description: the simulator of
+    `kernel_version`, or flash_fwd through the binding (`api`, detected when not given)."""
     if simulate:
-        from fuse_attn.compile.simulator import simulate_node
+        from fuse_attn.compile.simulator import simulator_for
 
-        return simulate_node, "CPU simulator of flash_fwd"
+        return simulator_for(kernel_version), f"CPU simulator of {kernel_versions.VERSIONS[kernel_version].describe()}"
     from fuse_attn.compile.binding import detect_kernel_api, launch_flash_fwd
 
-    api = detect_kernel_api()
-    return (lambda q, k, v, attrs, tile: launch_flash_fwd(api, q, k, v, attrs, tile)), f"NKI flash_fwd, SDK call style {api.style}"
+    api = api or detect_kernel_api()
+    return (lambda q, k, v, attrs, tile: launch_flash_fwd(api, q, k, v, attrs, tile)), api.describe()
+
+
+def resolve_kernel(simulate: bool, requested: str):
+    """(kernel version, the installed KernelAPI or None, where the version comes from).
+    Without --simulate the installed SDK must run flash_fwd (else InputError, one line)."""
+    from fuse_attn.compile.binding import SDKUnusable, detect_kernel_api
+
+    try:
+        api = detect_kernel_api()
+    except SDKUnusable as exc:
+        if not simulate:
+            raise modelio.InputError(str(exc)) from None
+        if requested != "auto":
+            return requested, None, "--kernel-version"
+        return kernel_versions.DEFAULT, None, "the default: no Neuron SDK with flash_fwd here, --kernel-version chooses"
+    if simulate and requested != "auto":
+        return requested, api, "--kernel-version"
+    if requested not in ("auto", api.kernel_version):
+        raise modelio.InputError(f"--kernel-version {requested}: the installed SDK's flash_fwd is {api.kernel_version} "
+                                 "(--kernel-version chooses only what --simulate follows)")
+    return api.kernel_version, api, f"the installed SDK {api.generation}"
+
+
+def simulate_tolerance(plans: list[constraints.FlashPlan], model: onnx.ModelProto) -> tuple[tuple[float, float], str]:
+    """(abs, rel) allowed for |simulated - onnxruntime| <= abs + rel * max|onnxruntime|, and why:
+    with mixed precision the kernel computes in bf16 and bf16's tolerance applies; without it, the
+    tolerance of the model's output dtype (that of `fuse-attn --verify`)."""
+    if any(plan.attrs.mixed_precision for plan in plans):
+        return verify.BF16_TOLERANCE, "bf16: flash_fwd with mixed precision"
+    elem = model.graph.output[0].type.tensor_type.elem_type if model.graph.output else onnx.TensorProto.FLOAT
+    if elem == onnx.TensorProto.BFLOAT16:
+        return verify.BF16_TOLERANCE, "bf16 outputs"
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem))
+    return verify.TOLERANCES.get(dtype, verify.BF16_TOLERANCE), f"{dtype.name}: flash_fwd without mixed precision"
 
 
 def run_onnxruntime(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -81,51 +127,87 @@ def compare_with_onnxruntime(model: onnx.ModelProto, module, feeds: dict[str, np
     return rows
 
 
+def _load(path: str) -> onnx.ModelProto:
+    """The model with its weights, bad input as the fuse command reports it."""
+    from onnx.external_data_helper import load_external_data_for_model
+
+    proto = modelio.load_proto(path)
+    modelio.validate(proto, path)
+    load_external_data_for_model(proto, os.path.dirname(os.path.abspath(path)))
+    return proto
+
+
 def compile_main(argv: list[str]) -> int:
-    """The command: exit 0 done, 1 a launch problem, 2 bad input (one line, `fuse_attn.usage`)."""
+    """The command: exit 0 done, 1 a launch problem or a MISMATCH, 2 bad input (one line, `fuse_attn.usage`)."""
     return run(_compile, argv)
 
 
 def _compile(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if not args.simulate and not args.output:
-        raise InputError("-o/--output is required (or pass --simulate)")
+        raise modelio.InputError("-o/--output is required (or pass --simulate)")
+    proto = _load(args.model)
+    target = None
+    if args.output:  # checked before anything runs, as the fuse command does
+        target = modelio.check_writable_file(args.output, "output", not_over=modelio.input_files(proto, args.model))
     try:
-        model = shapes.fix_input_shapes(onnx.load(args.model), shapes.parse_shape_args(args.shape))
+        importlib.import_module("torch")
+    except ImportError:
+        raise modelio.InputError(TORCH_MISSING) from None
+    try:
+        model = shapes.fix_input_shapes(proto, shapes.parse_shape_args(args.shape))
     except shapes.ShapeError as e:
-        raise InputError(str(e)) from None
+        raise modelio.InputError(str(e)) from None
     feeds = shapes.example_feeds(model, args.seed)
-    plans, problems = constraints.plan_model(model, False if args.no_mixed_precision else None, feeds)
-    if problems:
-        print(f"{ERROR_PREFIX}{len(problems)} FlashFwd launch problem(s):", file=sys.stderr)
-        for problem in problems:
-            print(f"  {problem}", file=sys.stderr)
-        return 1
+    version, api, origin = resolve_kernel(args.simulate, args.kernel_version)
     if not args.simulate:
         from fuse_attn.compile.trace import NeuronSDKMissing, require_neuron_sdk
 
         try:
             require_neuron_sdk()
         except NeuronSDKMissing as e:
-            raise InputError(str(e)) from None
+            raise modelio.InputError(str(e)) from None
+    plans, problems = constraints.plan_model(model, False if args.no_mixed_precision else None, feeds)
+    problems += [p for p in (sbuf.sbuf_problem(version, plan) for plan in plans) if p]
+    if problems:
+        print(f"{ERROR_PREFIX}{len(problems)} FlashFwd launch problem(s):", file=sys.stderr)
+        for problem in problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 1
+    print(f"flash_fwd {version} ({origin})")
     for plan in plans:
-        print(plan.describe())
+        use = sbuf.sbuf_use(version, plan.padded_seq, plan.seq_tile_size, plan.head_dim, plan.dtype,
+                            plan.attrs.mixed_precision)
+        print(f"{plan.describe()}; {use.describe()} per program")
     if not plans:
         print("no FlashFwd nodes: the graph is compiled as it is")
 
     from fuse_attn.compile.lower import lower
 
-    attention, backend = attention_fn(args.simulate)
+    attention, backend = attention_fn(args.simulate, version, api)
     print(f"attention backend: {backend}")
     module = lower(model, plans, attention)
 
     if args.simulate:
-        for name, abs_err, rel_err in compare_with_onnxruntime(model, module, feeds):
-            print(f"output {name}: max |simulated - onnxruntime| = {abs_err:.3g} ({rel_err:.3g} of max |output|)")
-        print("simulated: this is the error flash_fwd's arithmetic adds on Inf2 (the rest of the graph as "
-              "neuronx-cc compiles it, --auto-cast included, is not simulated); no Neuron trace was run"
+        tolerance, why = simulate_tolerance(plans, model)
+        reference = run_onnxruntime(model, feeds)
+        rows = compare_with_onnxruntime(model, module, feeds, reference)
+        checks = []
+        for (name, abs_err, rel_err), ref in zip(rows, reference):
+            scale = float(np.nanmax(np.abs(np.asarray(ref, dtype=np.float64)), initial=0.0))
+            checks.append(verify.OutputCheck(name, abs_err, rel_err, tolerance[0] + tolerance[1] * scale, "simulate"))
+            print(checks[-1].line())
+        ok = all(check.ok for check in checks)
+        print(f"simulated flash_fwd {version} against onnxruntime, tolerance {why} "
+              f"({tolerance[0]:g} + {tolerance[1]:g} x max|output|): {'ok' if ok else 'MISMATCH'}. This is the "
+              "error flash_fwd's arithmetic adds on Inf2 (the rest of the graph as neuronx-cc compiles it, "
+              "--auto-cast included, is not simulated); no Neuron trace was run"
               + (f", {args.output} not written" if args.output else ""))
-        return 0
+        if not ok and any(plan.attrs.mixed_precision for plan in plans):
+            print("with mixed precision flash_fwd multiplies in bf16, which on peaked attention (large scores) alone can "
+                  "exceed bf16's tolerance; if the mismatch stays with --no-mixed-precision (flash_fwd in the model's "
+                  "dtype), the kernel and the model disagree")
+        return 0 if ok else 1
 
     import torch
 
@@ -133,7 +215,7 @@ def _compile(argv: list[str]) -> int:
 
     cargs = compiler_args(args.target, args.auto_cast, args.auto_cast_type, args.compiler_arg)
     print(f"torch_neuronx.trace, compiler_args={cargs}")
-    trace_and_save(module, tuple(torch.from_numpy(feeds[name]) for name in module.input_names), cargs, args.output)
+    trace_and_save(module, tuple(torch.from_numpy(feeds[name]) for name in module.input_names), cargs, target)
     print(f"wrote {args.output}")
     return 0
 

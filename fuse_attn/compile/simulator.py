@@ -1,6 +1,7 @@
-"""A CPU simulator of NKI `flash_fwd` (inference) that follows the kernel's arithmetic.
+"""A CPU simulator of NKI `flash_fwd` (inference) that follows the kernel's arithmetic, in the
+version the SDK ships (kernel_versions.py: 2.20, 2.21, 2.21-swa).
 
-What it reproduces of the SDK 2.20 kernel (../shared/docs/flash_fwd-facts.md):
+What it reproduces of the kernel source (../shared/docs/flash_fwd-facts.md):
 - the [b, kv] launch grid: program (batch_id, head_id) serves q heads head_id*G .. head_id*G+G-1;
   the grid and the G heads of a program are vectorised as batch dims, the tiles are looped as
   the kernel loops them;
@@ -8,14 +9,17 @@ What it reproduces of the SDK 2.20 kernel (../shared/docs/flash_fwd-facts.md):
   sub-tiles; with the causal mask a kv tile that starts after the q tile is skipped, and a
   sub-tile right of the diagonal is not multiplied (its scores are all the mask value);
 - q rounded to the kernel dtype, then scaled and rounded again (scale applied before QK^T);
-- scores accumulated in float32 (PSUM), masked to the finite -9984.0, rounded to the kernel dtype;
+- scores accumulated in float32 (PSUM), masked; 2.20 copies them out as the kernel dtype with
+  the finite -9984.0, 2.21 keeps the accumulation dtype (-9984.0), 2.21-swa masks with fp32's min;
 - online softmax: running max m, running log-sum-exp l, o rescaled by exp(m_prev - m);
-  p = exp(s - m) rounded to the kernel dtype, its row sums in the accumulation dtype over
-  reduction chunks of min(2048, seq_tile_size // 2);
+  p = exp(s - m) rounded to the kernel dtype; its row sums over reduction chunks of
+  min(2048, seq_tile_size // 2) add the rounded p (2.20, `nl.sum`) or ScalarE's fp32 results
+  (2.21+, `activation_reduce`);
 - the output o * exp(m - l), rounded to the kernel dtype, stored in the IO dtype.
 With mixed_precision the kernel dtype is bfloat16 and the accumulation dtype float32 (matmuls
 take bf16 inputs, accumulate in fp32); without it both are the IO dtype.
-Arithmetic runs in float32 with explicit rounding to the dtype each kernel buffer holds.
+Arithmetic runs in float32 with explicit rounding to the dtype each kernel buffer holds. No value
+is read back to the host: the module's forward stays one static graph.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fuse_attn.ir.contract import KERNEL_MASK_VALUE, MAX_HEAD_DIM, QUERY_TILE, FlashFwdAttrs
+from fuse_attn.compile.kernel_versions import DEFAULT, VERSIONS
+from fuse_attn.ir.contract import MAX_HEAD_DIM, QUERY_TILE, FlashFwdAttrs
 
 SUB_TILE = 512  # B_F_SIZE: keys per QK^T matmul
 
@@ -46,8 +51,11 @@ def simulate_flash_fwd(
     mixed_precision: bool = True,
     dropout_p: float = 0.0,
     seq_tile_size: int = 2048,
+    kernel_version: str = DEFAULT,
 ) -> torch.Tensor:
-    """o (b, h, s, d) for q (b, h, d, s), k (b, kv, d, s), v (b, kv, s, d), as flash_fwd[b, kv] computes it."""
+    """o (b, h, s, d) for q (b, h, d, s), k (b, kv, d, s), v (b, kv, s, d), as flash_fwd[b, kv] of
+    `kernel_version` computes it."""
+    version = VERSIONS[kernel_version]
     b, h, d, n = q.shape
     kv = k.shape[1]
     if tuple(k.shape) != (b, kv, d, n) or tuple(v.shape) != (b, kv, n, d):
@@ -68,7 +76,9 @@ def simulate_flash_fwd(
     group = h // kv  # q heads per kv head; h % kv heads are never written, as in the kernel
     tile = seq_tile_size
     reduction = min(2048, tile // 2)
-    mask_value = rk(torch.tensor(KERNEL_MASK_VALUE))
+    # 2.20 selects into the kernel dtype, later versions into the accumulation dtype.
+    mask_value = (rk if version.scores_in_kernel_dtype else ra)(torch.tensor(version.mask_value))
+    scores_out = (lambda x: ra(rk(x))) if version.scores_in_kernel_dtype else ra
 
     # Program (batch_id, head_id) of the grid reads k[batch_id, head_id], v[batch_id, head_id]
     # and q heads head_id*group + g: the grid and g are the leading dims below.
@@ -95,7 +105,7 @@ def simulate_flash_fwd(
             scores = q_rows @ k_all[..., k0 : k0 + width]  # fp32 accumulation of kernel-dtype products
             if use_causal_mask:
                 scores = torch.where(q_pos >= pos[k0 : k0 + width][None, :], scores, mask_value)
-            scores = ra(rk(scores))  # copied out of PSUM as the kernel dtype into an acc-dtype buffer
+            scores = scores_out(scores)  # copied out of PSUM into the scores buffer
             tile_max = scores.amax(dim=-1, keepdim=True)
             if width < tile:  # the sub-tiles not multiplied hold the mask value
                 tile_max = torch.maximum(tile_max, mask_value)
@@ -105,16 +115,23 @@ def simulate_flash_fwd(
                 m_cur = torch.maximum(m, tile_max)
                 alpha = ra(torch.exp(m - m_cur))
                 acc_scaled = ra(acc * alpha)
-            if width < tile and bool(rk(torch.exp(mask_value - m_cur)).any()):
-                # Only when a row's max is within ~100 of -9984 do the masked scores weigh anything:
-                # then carry the whole tile, mask values included, as the kernel does.
-                scores = torch.cat([scores, mask_value.expand(*scores.shape[:-1], tile - width)], dim=-1)
-                width = tile
-            p = rk(torch.exp(scores - m_cur))  # the masked columns left out have p == 0 exactly
+            p_exact = torch.exp(scores - m_cur)  # ScalarE computes in fp32
+            p = rk(p_exact)
+            summed = p if version.row_sums_of_rounded_p else p_exact
             chunks = -(-width // reduction)
-            p_chunks = F.pad(p, (0, chunks * reduction - width)).view(*p.shape[:-1], chunks, reduction)
-            ps = ra(ra(p_chunks.sum(-1)).sum(-1, keepdim=True))  # per-reduction-chunk sums, then their sum
+            p_chunks = F.pad(summed, (0, chunks * reduction - width)).view(*p.shape[:-1], chunks, reduction)
+            ps = ra(p_chunks.sum(-1))  # per-reduction-chunk sums
+            if width < tile:
+                # The masked keys not multiplied weigh exp(mask - m) each: 0 in fp32 unless a row's max
+                # is within ~100 of a finite mask value. Added without asking which (no host read).
+                p_mask_exact = torch.exp(mask_value - m_cur)
+                p_mask = rk(p_mask_exact)
+                weight = p_mask if version.row_sums_of_rounded_p else p_mask_exact
+                ps = torch.cat([ps, ra(weight * (tile - width))], dim=-1)
+            ps = ra(ps.sum(-1, keepdim=True))
             pv = p @ v_all[:, :, k0 : k0 + width]
+            if width < tile:
+                pv = pv + p_mask * v_all[:, :, k0 + width : k0 + tile].sum(-2, keepdim=True)
             if m is None:
                 acc = ra(pv)
                 l = ra(ra(torch.log(ps)) + tile_max)
@@ -127,8 +144,19 @@ def simulate_flash_fwd(
     return o
 
 
-def simulate_node(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attrs: FlashFwdAttrs, seq_tile_size: int) -> torch.Tensor:
+def simulate_node(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attrs: FlashFwdAttrs, seq_tile_size: int,
+                  kernel_version: str = DEFAULT) -> torch.Tensor:
     """One FlashFwd node's launch, simulated: the lowering's attention callable for --simulate."""
     return simulate_flash_fwd(q, k, v, softmax_scale=attrs.softmax_scale, use_causal_mask=attrs.use_causal_mask,
                               mixed_precision=attrs.mixed_precision, dropout_p=attrs.dropout_p,
-                              seq_tile_size=seq_tile_size)
+                              seq_tile_size=seq_tile_size, kernel_version=kernel_version)
+
+
+def simulator_for(kernel_version: str):
+    """The lowering's attention callable simulating `kernel_version`'s arithmetic."""
+    VERSIONS[kernel_version]  # KeyError for a version that does not exist, before anything runs
+
+    def attention(q, k, v, attrs, seq_tile_size):
+        return simulate_node(q, k, v, attrs, seq_tile_size, kernel_version)
+
+    return attention

@@ -8,6 +8,8 @@ empty placeholders).
 from __future__ import annotations
 
 import importlib
+import os
+import tempfile
 
 import torch
 
@@ -47,6 +49,15 @@ def compiler_args(target: str, auto_cast: str | None = None, auto_cast_type: str
 
 
 def trace_and_save(module: torch.nn.Module, example_inputs: tuple, args: list[str], path: str) -> None:
+    """Trace, then save to a temp file beside `path` renamed into place: a failed trace or save
+    leaves nothing behind."""
     torch_neuronx = require_neuron_sdk()
     traced = torch_neuronx.trace(module, example_inputs, compiler_args=args)
-    torch.jit.save(traced, path)
+    fd, tmp = tempfile.mkstemp(prefix=".fuse-attn-", suffix=".pt", dir=os.path.dirname(os.path.abspath(path)))
+    os.close(fd)
+    try:
+        torch.jit.save(traced, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
