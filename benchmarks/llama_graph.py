@@ -65,6 +65,11 @@ class LlamaShape:
     rope_theta: float = 10000.0
     eps: float = 1e-6
     dtype: str = "float32"  # or "float16"
+    # symbolic: seq is the input's dim "seq"; shapes, rotary angles and the mask are computed
+    # from Shape(input_ids) as a dynamic-shape export does. window: keys older than this many
+    # positions are masked too (Mistral's sliding window).
+    symbolic: bool = False
+    window: int | None = None
 
     @property
     def head_dim(self) -> int:
@@ -172,12 +177,15 @@ class _Builder:
         e = self.node("Expand", [u, c["expand_shape"]], f"{tag}_expand")
         if not reshape:
             return e
-        return self.node("Reshape", [e, c["bhsd"]], f"{tag}_rep", allowzero=1)
+        return self.node("Reshape", [e, c["bhsd"]], f"{tag}_rep", allowzero=self.allowzero)
 
     def build(self) -> onnx.ModelProto:
         cfg = self.cfg
         b, s, h, d = cfg.batch, cfg.seq, cfg.hidden, cfg.head_dim
         kvd = cfg.kv_heads * d
+        # A symbolic seq: shape operands copy it (0) or infer it (-1), so allowzero must be 0.
+        sym = cfg.symbolic
+        self.allowzero = 0 if sym else 1
         fmin = float(np.finfo(self.np_dtype).min)
         c = self.consts = {
             "two": self.scalar("pow_two", 2.0),
@@ -189,36 +197,52 @@ class _Builder:
             "axis3": self.ints("axis3", [3]),
             "one_1d": self.ints("axis1", [1]),
             "axis2": self.ints("axis2", [2]),
-            "expand_shape": self.ints("expand_shape", [b, cfg.kv_heads, cfg.group, s, d]),
-            "bhsd": self.ints("bhsd_shape", [b, cfg.heads, s, d]),
-            "view_shape": self.ints("view_shape", [b, s, -1, d]),
-            "merge_shape": self.ints("merge_shape", [b, s, -1]),
+            "expand_shape": self.ints("expand_shape", [b, cfg.kv_heads, cfg.group, 1 if sym else s, d]),
+            "bhsd": self.ints("bhsd_shape", [b, cfg.heads, -1 if sym else s, d]),
+            "view_shape": self.ints("view_shape", [b, 0 if sym else s, -1, d]),
+            "merge_shape": self.ints("merge_shape", [b, 0 if sym else s, -1]),
         }
         # Constants the exporter folded: causal mask pieces and the rotary angle table.
         c["new_ones"] = self.const("new_ones", np.array(True))
-        folded = s * s <= FOLD_LIMIT
+        folded = not sym and s * s <= FOLD_LIMIT
+        ids = "input_ids"
+        if sym:  # positions from Shape(input_ids), as torch.arange(seq) exports
+            seq_1d = self.node("Shape", [ids], "seq_1d", start=1, end=2)
+            pos = self.node("Range", [self.ints("range_start", 0), self.node("Squeeze", [seq_1d], "seq_len"),
+                                      self.ints("range_step", 1)], "positions")
+            c["index"] = self.node("Unsqueeze", [pos, self.ints("axes_013", [0, 1, 3])], "index")
+            c["index_1"] = self.node("Unsqueeze", [pos, self.ints("axes_012", [0, 1, 2])], "index_1")
         if folded:
             c["le"] = self.const("le", np.tril(np.ones((s, s), dtype=bool))[None, None])
             c["eq"] = self.const("eq", np.ones((1, 1, s, s), dtype=bool))
-        else:
+        elif not sym:
             pos = np.arange(s, dtype=np.int64)
             c["index"] = self.const("index", pos.reshape(1, 1, s, 1))
             c["index_1"] = self.const("index_1", pos.reshape(1, 1, 1, s))
             c["index_2"] = self.const("index_2", np.zeros((1, 1, s, 1), dtype=np.int64))
             c["index_3"] = self.const("index_3", np.zeros((1, 1, 1, s), dtype=np.int64))
         inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))
-        angles = np.arange(s, dtype=np.float32)[None, :, None] * inv_freq[None, None, :]
-        c["angles"] = self.const("mul", angles.astype(np.float32))
-
-        ids = "input_ids"
+        if sym:
+            pos_f = self.node("Unsqueeze", [self.node("Cast", [pos], "positions_f", to=TensorProto.FLOAT),
+                                            self.ints("axes_02", [0, 2])], "positions_f3")
+            c["angles"] = self.node("Mul", [pos_f, self.const("inv_freq", inv_freq[None, None, :])], "mul")
+        else:
+            angles = np.arange(s, dtype=np.float32)[None, :, None] * inv_freq[None, None, :]
+            c["angles"] = self.const("mul", angles.astype(np.float32))
         embed = self.weight("model.embed_tokens.weight", (cfg.vocab, h), "embed")
         x = self.node("Gather", [embed, ids], "embedding", axis=0)
         if not folded:
             c["le"] = self.node("LessOrEqual", [c["index_1"], c["index"]], "le")
         m = self.node("And", [c["new_ones"], c["le"]], "bitwise_and")
-        if not folded:
-            c["eq"] = self.node("Equal", [c["index_2"], c["index_3"]], "eq")
-        m = self.node("And", [m, c["eq"]], "bitwise_and_1")
+        if sym:
+            pass  # no batch-position term: the mask is (1, 1, seq, seq) from positions alone
+        else:
+            if not folded:
+                c["eq"] = self.node("Equal", [c["index_2"], c["index_3"]], "eq")
+            m = self.node("And", [m, c["eq"]], "bitwise_and_1")
+        if cfg.window is not None:  # and key > query - window
+            oldest = self.node("Sub", [c["index"], self.ints("sliding_window", cfg.window)], "oldest")
+            m = self.node("And", [m, self.node("Greater", [c["index_1"], oldest], "inside_window")], "windowed")
         if self.attn == "eager":
             zero = self.scalar("zeros", 0.0)
             c["mask_add"] = self.node("Where", [m, zero, self.scalar("mask_min", fmin)], "where")
@@ -248,7 +272,7 @@ class _Builder:
                                 c["view_shape"],
                             ],
                             f"{t}_{p}_view",
-                            allowzero=1,
+                            allowzero=self.allowzero,
                         )
                     ],
                     f"{t}_{p}_bhsd",
@@ -265,8 +289,8 @@ class _Builder:
                 k_e = self.repeat_kv(k, f"{t}_k", reshape=False)
                 v_r = self.repeat_kv(v, f"{t}_v", reshape=True)
                 if i == 0:
-                    c["bh_s_d"] = self.ints("bh_s_d", [b * cfg.heads, s, d])
-                    c["bhds"] = self.ints("bhds_shape", [b, cfg.heads, d, s])
+                    c["bh_s_d"] = self.ints("bh_s_d", [b * cfg.heads, -1 if sym else s, d])
+                    c["bhds"] = self.ints("bhds_shape", [b, cfg.heads, d, -1 if sym else s])
                     c["sqrt_scale"] = self.scalar("sqrt_scale", math.sqrt(1.0 / math.sqrt(d)))
                     c["zero_f"] = self.scalar("sdpa_zero", 0.0)
                     c["min_f"] = self.scalar("sdpa_min", fmin)
@@ -297,7 +321,7 @@ class _Builder:
             else:
                 raise ValueError(f"attn must be 'sdpa' or 'eager', got {self.attn!r}")
             o = self.node("Transpose", [o], f"{t}_o_bshd", perm=[0, 2, 1, 3])
-            o = self.node("Reshape", [o, c["merge_shape"]], f"{t}_o_merge", allowzero=1)
+            o = self.node("Reshape", [o, c["merge_shape"]], f"{t}_o_merge", allowzero=self.allowzero)
             o = self.node("MatMul", [o, self.weight(f"{L}.self_attn.o_proj.weight_t", (h, h), "matrix")], f"{t}_o_proj")
             x = self.node("Add", [x, o], f"{t}_attn_residual")
             xn = self.rms_norm(x, self.weight(f"{L}.post_attention_layernorm.weight", (h,), "norm"), f"{t}_post_norm")
@@ -315,8 +339,8 @@ class _Builder:
         graph = helper.make_graph(
             self.nodes,
             "main_graph",
-            [helper.make_tensor_value_info(ids, TensorProto.INT64, [b, s])],
-            [helper.make_tensor_value_info("logits", self.onnx_dtype, [b, s, cfg.vocab])],
+            [helper.make_tensor_value_info(ids, TensorProto.INT64, [b, "seq" if sym else s])],
+            [helper.make_tensor_value_info("logits", self.onnx_dtype, [b, "seq" if sym else s, cfg.vocab])],
             initializer=self.inline,
         )
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=10)
@@ -389,9 +413,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--weights", choices=["zeros", "random"], default="zeros")
     ap.add_argument("--big", action="store_true", help="LLaMA-7B dimensions (hidden 4096, 32 heads, 8 kv heads)")
     ap.add_argument("--seq", type=int, default=None)
+    ap.add_argument("--symbolic", action="store_true", help="seq is the input's symbolic dim 'seq'")
+    ap.add_argument("--window", type=int, default=None, help="a sliding window of this many keys")
     args = ap.parse_args(argv)
     cfg = BIG if args.big else SMALL
-    cfg = dataclasses.replace(cfg, layers=args.layers, **({"seq": args.seq} if args.seq else {}))
+    cfg = dataclasses.replace(cfg, layers=args.layers, symbolic=args.symbolic, window=args.window,
+                              **({"seq": args.seq} if args.seq else {}))
     info = build_llama(args.out, cfg, attn=args.attn, weights=args.weights)
     print(info)
 

@@ -1,6 +1,6 @@
 """Time fuse-attn against the floor and onnxscript on LLaMA-shaped graphs, as whole processes.
 
-    python benchmarks/run.py                      # 8..128 layers + seq 2048..8192, ~8 min on 2 cores
+    python benchmarks/run.py                      # 8..128 layers + the long-context table, ~10 min on 2 cores
     python benchmarks/run.py --layers 8 32        # a subset
     python benchmarks/run.py --big                # also the >= 3 GB external-data model
 
@@ -13,7 +13,8 @@ weights as zeros in external data) and every tool, each measurement is one fresh
 * onnxscript: `onnx_ir.load` + `onnxscript.rewriter.ort_fusions.optimize_for_ort` + `onnx_ir.save`.
 
 It also times the pass in-process (`fuse_attn.fuse(p)` after the imports) to get the cost per
-node, which should be flat from 8 to 128 layers.  Peak RSS of each process comes from wait4().
+node, which should be flat from 8 to 128 layers.  Peak RSS of each process: GNU time's %M
+(wait4()'s ru_maxrss when it is missing, which also counts this script's memory at fork).
 
 --big builds LLaMA-7B dimensions (hidden 4096, 32 heads, 8 kv heads, MLP 11008, vocab 32000)
 with --big-layers layers (default 4: 3.9 GB of fp32 weights, beyond protobuf's 2 GB limit) as a
@@ -98,9 +99,17 @@ class Run:
     result: dict | None = None  # the process's "RESULT {json}" line, if any
 
 
+# A child's ru_maxrss counts what it held between fork and exec, i.e. this benchmark's own
+# memory; GNU time forks the measured process from a small one, so its %M is the process's own.
+GNU_TIME = "/usr/bin/time" if os.path.exists("/usr/bin/time") else None
+
+
 def _run_process(cmd: list[str], timeout: float, env: dict | None = None) -> tuple[float, float, float, int, str, str]:
     """One process: (wall seconds, CPU seconds, peak RSS MB, exit code, stdout, stderr)."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
+            tempfile.NamedTemporaryFile("r") as peak:
+        if GNU_TIME:
+            cmd = [GNU_TIME, "-o", peak.name, "-f", "%M"] + cmd
         t = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=ROOT, env=env)
         deadline = t + timeout
@@ -119,7 +128,11 @@ def _run_process(cmd: list[str], timeout: float, env: dict | None = None) -> tup
         out.seek(0)
         err.seek(0)
         cpu = usage.ru_utime + usage.ru_stime
-        return wall, cpu, usage.ru_maxrss / 1024, proc.returncode, out.read().decode(errors="replace"), err.read().decode(
+        rss_kb = usage.ru_maxrss
+        if GNU_TIME:
+            lines = [ln for ln in peak.read().split() if ln.isdigit()]
+            rss_kb = int(lines[-1]) if lines else rss_kb
+        return wall, cpu, rss_kb / 1024, proc.returncode, out.read().decode(errors="replace"), err.read().decode(
             errors="replace"
         )
 
@@ -257,33 +270,67 @@ def bench_layers(args, work: str, fuse_cmd, have_onnxscript: bool, have_api: boo
     return rows
 
 
-def bench_seq(args, work: str, fuse_cmd) -> list[dict]:
-    """Fixed layers, longer sequences: graph size is the same, only the (s, s) constants grow."""
+# The long-context table: a GQA model, fixed seq lengths up to 128k, and a symbolic seq whose
+# mask has a real sliding window (Mistral's 4096): every row fused or left alone as it must be.
+GQA = dataclasses.replace(SMALL, hidden=512, heads=8, kv_heads=2)  # head dim 64
+WINDOW = 4096
+
+
+def long_models(args) -> list[tuple[str, object]]:
+    models = [(f"GQA 8 q / 2 kv heads", dataclasses.replace(GQA, layers=args.seq_layers, seq=2048))]
+    models += [("fixed seq", dataclasses.replace(SMALL, layers=args.seq_layers, seq=seq)) for seq in args.seq_sweep]
+    models.append((f"symbolic seq, window {WINDOW}",
+                   dataclasses.replace(SMALL, layers=args.seq_layers, symbolic=True, window=WINDOW)))
+    return models
+
+
+def bench_long(args, work: str, fuse_cmd) -> list[dict]:
+    """Each model: the floor and fuse-attn as whole processes, best of --repeat, time and peak RSS."""
     rows = []
-    for seq in args.seq_sweep:
-        path = os.path.join(work, f"llama_seq{seq}.onnx")
-        cfg = dataclasses.replace(SMALL, layers=args.seq_layers, seq=seq)
+    for label, cfg in long_models(args):
+        path = os.path.join(work, "long.onnx")
         info = build_llama(path, cfg, attn=args.attn, weights="zeros")
-        print(f"[{args.seq_layers} layers at seq {seq}]", file=sys.stderr, flush=True)
-        row = {"layers": args.seq_layers, "seq": seq, "nodes": info["nodes"], "graph_bytes": info["graph_bytes"]}
+        seq = "seq" if cfg.symbolic else cfg.seq
+        print(f"[{label}: {cfg.layers} layers at seq {seq}]", file=sys.stderr, flush=True)
+        row = {"model": label, "layers": cfg.layers, "seq": seq, "heads": cfg.heads, "kv_heads": cfg.kv_heads,
+               "head_dim": cfg.head_dim, "nodes": info["nodes"], "graph_bytes": info["graph_bytes"]}
         row["floor"] = dataclasses.asdict(
-            measure([sys.executable, "-c", FLOOR, path, os.path.join(work, "seq_floor.onnx")], args.repeat, args.timeout))
-        row.update(time_fuse_attn(fuse_cmd, path, os.path.join(work, "seq_fused.onnx"), args))
+            measure([sys.executable, "-c", FLOOR, path, os.path.join(work, "long_floor.onnx")], args.repeat, args.timeout))
+        report = os.path.join(work, "long_report.json")
+        row.update(time_fuse_attn(fuse_cmd, path, os.path.join(work, "long_fused.onnx"), args, ["--report", report]))
+        reasons = []
+        if os.path.exists(report):
+            with open(report) as f:
+                blocks = json.load(f).get("blocks", [])
+            reasons = sorted({b.get("reason") for b in blocks if not b.get("fused") and b.get("reason")})
+        row["blocks"], row["left_alone_reasons"] = cfg.layers, reasons
+        floor, fa = row["floor"], row["fuse_attn"]
+        row["time_over_floor"] = fa["seconds"] / floor["seconds"] if fa["seconds"] and floor["seconds"] else None
+        row["rss_over_floor_mb"] = fa["rss_mb"] - floor["rss_mb"] if fa["rss_mb"] and floor["rss_mb"] else None
         rows.append(row)
         for p in os.listdir(work):
-            if p.startswith(("llama_seq", "seq_")):
+            if p.startswith("long"):
                 os.unlink(os.path.join(work, p))
     return rows
 
 
-def seq_table(rows: list[dict]) -> str:
-    lines = ["| layers | seq | nodes | floor s | fuse-attn s | fuse-attn CPU s | fuse-attn peak RSS MB | FlashFwd fused |",
-             "|---|---|---|---|---|---|---|---|"]
+def long_table(rows: list[dict]) -> str:
+    lines = ["| model | layers | seq | nodes | floor s | floor MB | fuse-attn s | fuse-attn MB | time / floor "
+             "| MB over floor | result |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        fa = r["fuse_attn"]
-        lines.append(f"| {r['layers']} | {r['seq']} | {r['nodes']} | {fmt(r['floor']['seconds'])} | "
-                     f"{fmt(fa['seconds']) if fa['error'] is None else 'n/a'} | {fmt(fa.get('cpu_seconds'))} | "
-                     f"{fmt(fa.get('rss_mb'), 0)} | {'n/a' if r['flashfwd_nodes'] is None else r['flashfwd_nodes']} |")
+        fa, fl = r["fuse_attn"], r["floor"]
+        if fa["error"] is not None:
+            result = f"error: {fa['error'][:60]}"
+        else:
+            result = f"{r['flashfwd_nodes']} of {r['blocks']} fused"
+            if r["left_alone_reasons"]:
+                result += "; left alone: " + "; ".join(r["left_alone_reasons"])
+        seq = f"{r['seq']:,}" if isinstance(r["seq"], int) else r["seq"]
+        lines.append(f"| {r['model']} ({r['heads']}/{r['kv_heads']} heads, d {r['head_dim']}) | {r['layers']} | {seq} | "
+                     f"{r['nodes']} | {fmt(fl['seconds'])} | {fmt(fl['rss_mb'], 0)} | {fmt(fa['seconds'])} | "
+                     f"{fmt(fa['rss_mb'], 0)} | {fmt(r['time_over_floor'], 1, 'x')} | {fmt(r['rss_over_floor_mb'], 0)} | "
+                     f"{result} |")
     return "\n".join(lines)
 
 
@@ -404,11 +451,11 @@ def big_text(big: dict) -> str:
     return "\n".join(lines)
 
 
-def time_fuse_attn(fuse_cmd: list[str] | None, path: str, out: str, args) -> dict:
+def time_fuse_attn(fuse_cmd: list[str] | None, path: str, out: str, args, extra: list[str] = ()) -> dict:
     """The fuse-attn columns of a row: its timing, and how many FlashFwd nodes it wrote."""
     if not fuse_cmd:
         return {"fuse_attn": dataclasses.asdict(Run(error="fuse-attn CLI not installed")), "flashfwd_nodes": None}
-    fa = measure(fuse_cmd + [path, "-o", out], args.repeat, args.timeout)
+    fa = measure(fuse_cmd + [path, "-o", out, *extra], args.repeat, args.timeout)
     return {"fuse_attn": dataclasses.asdict(fa), "flashfwd_nodes": count_flashfwd(out) if fa.error is None else None}
 
 
@@ -421,8 +468,8 @@ def main(argv=None) -> int:
     ap.add_argument("--onnxscript-timeout", type=float, default=900.0)
     ap.add_argument("--slow-after", type=float, default=60.0, help="run onnxscript once when a run exceeds this")
     ap.add_argument("--skip-onnxscript", action="store_true")
-    ap.add_argument("--seq-sweep", type=int, nargs="*", default=[2048, 4096, 8192],
-                    help="also time fuse-attn at these sequence lengths (--seq-layers layers); empty to skip")
+    ap.add_argument("--seq-sweep", type=int, nargs="*", default=[2048, 8192, 16384, 32768, 65536, 131072],
+                    help="the long-context table's fixed seq lengths (--seq-layers layers); empty to skip the table")
     ap.add_argument("--seq-layers", type=int, default=32)
     ap.add_argument("--big", action="store_true", help="also the >= 3 GB external-data model")
     ap.add_argument("--big-layers", type=int, default=BIG.layers)
@@ -443,7 +490,7 @@ def main(argv=None) -> int:
     os.makedirs(work, exist_ok=True)
     try:
         rows = bench_layers(args, work, fuse_cmd, have_onnxscript, have_api, imp.seconds)
-        seq_rows = bench_seq(args, work, fuse_cmd) if args.seq_sweep else []
+        long_rows = bench_long(args, work, fuse_cmd) if args.seq_sweep else []
         big = bench_big(args, work, fuse_cmd, imp.rss_mb) if args.big else None
     finally:
         if args.workdir is None:
@@ -454,9 +501,9 @@ def main(argv=None) -> int:
     if fuse_cmd:
         print(f"\nfuse-attn CLI: {' '.join(fuse_cmd[:1])}; python + `import fuse_attn.cli` alone: "
               f"{fmt(imp.seconds)} s, {fmt(imp.rss_mb, 0)} MB")
-    if seq_rows:
+    if long_rows:
         print()
-        print(seq_table(seq_rows))
+        print(long_table(long_rows))
     if big is not None:
         print()
         print(big_text(big))
@@ -467,7 +514,7 @@ def main(argv=None) -> int:
         "fuse_attn_cli": fuse_cmd,
         "import_only": dataclasses.asdict(imp),
         "rows": rows,
-        "seq_rows": seq_rows,
+        "long_rows": long_rows,
         "big": big,
         "markdown": md,
     }

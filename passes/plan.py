@@ -158,7 +158,11 @@ def _check_mask_at_longer_seq(score_steps, query: Value, reading: ScoreReading, 
         raise NotFused(f"the mask is computed with the constant {reach} (a window?) and cannot be proven "
                        f"for symbolic seq lengths beyond {MAX_MASK_PROOF_SEQ}; export with a fixed seq")
     at_longer = evaluator.at_seq(longer)
-    seq = at_longer.shape_of(query)[-2]
+    # The free symbol sampled at the query's length, when one is: inferring the query's shape
+    # at the new binding would walk every layer before it again.
+    sample = evaluator.shape_of(query)[-2]
+    symbols = [name for name, size in evaluator.binding.items() if size == sample]
+    seq = at_longer.binding[symbols[0]] if len(symbols) == 1 else at_longer.shape_of(query)[-2]
     try:
         again = read_scores(score_steps(seq, seq), at_longer, seq, seq)
     except NotFused as exc:

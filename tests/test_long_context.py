@@ -159,3 +159,19 @@ def test_row_dependent_values_are_not_diagonal():
     graph = _mask_graph(_POS + [helper.make_node("Add", ["rows", "cols"], ["m"])], _INITS, "m", None)
     with pytest.raises(NotDiagonal):
         strip_of(Evaluator(graph, {}), graph.value("m"))
+
+
+@pytest.mark.parametrize("window", [None, 4096])
+def test_symbolic_seq_llama_with_a_real_window(tmp_path, window):
+    """Mistral's window of 4096 is causal at every length up to 4096: caught only past it."""
+    llama = _llama_graph()
+    path = str(tmp_path / "sym.onnx")
+    llama.build_llama(path, llama.dataclasses.replace(llama.SMALL, layers=2, symbolic=True, window=window))
+    _, report, peak_mb = _fuse_traced(path)
+    if window is None:
+        assert [(b.fused, b.causal, b.seq) for b in report.blocks] == [(True, True, "seq")] * 2, report.blocks
+    else:
+        assert [b.fused for b in report.blocks] == [False, False]
+        assert all(f"at seq {window + 2}: the mask is a sliding window of {window} keys" in b.reason
+                   for b in report.blocks), report.blocks
+    assert peak_mb < 64
