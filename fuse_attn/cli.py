@@ -34,13 +34,16 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--verify", action="store_true",
                         help="run original and fused model in onnxruntime on the same random inputs")
     parser.add_argument("--assume-no-padding", action="store_true",
-                        help="treat graph inputs a mask depends on (attention_mask) as all ones")
+                        help="treat graph inputs whose contents reach a mask or bias (attention_mask) as all ones")
     parser.add_argument("--shape", action="append", default=[], metavar="NAME=DxD..",
                         help="fix an input's shape before proving, e.g. input_ids=1x2048 (0 allowed: an empty past); "
                              "a symbolic dim named here is fixed on every input")
     parser.add_argument("--dim", action="append", default=[], metavar="SYMBOL=N",
                         help="fix a symbolic dim everywhere before proving, e.g. past_sequence_length=0 "
                              "(a KV-cache decoder's prefill)")
+    parser.add_argument("--freeze-initializer-inputs", action="store_true",
+                        help="read initializers that are also listed as graph inputs (overridable defaults) "
+                             "as the constants they hold")
     parser.add_argument("--in-place", action="store_true", help="allow the output to overwrite the input")
     parser.add_argument("--link-external-data", action="store_true",
                         help="with the output in another folder, hard-link external weight files beside it "
@@ -71,7 +74,8 @@ def _fuse_main(argv: list[str]) -> int:
     specialized = specialize_proto(proto, shapes, dims)
     graph = Graph(proto, os.path.dirname(source))
     report = fuse_graph(graph, name=args.model, assume_no_padding=args.assume_no_padding,
-                        progress=sys.stderr.isatty(), specialized=specialized)
+                        progress=sys.stderr.isatty(), specialized=specialized,
+                        freeze_initializer_inputs=args.freeze_initializer_inputs)
     for line in report.lines() if not args.quiet else [report.summary()]:
         print(line, file=human)
     # Read before the output is written: with --in-place it replaces the original.

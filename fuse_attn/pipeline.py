@@ -68,14 +68,21 @@ def _block_report(anchor: Node, plan: FusionPlan, node: Node, inserted: list[Nod
 
 
 def fuse_graph(graph: Graph, *, name: str = "model", assume_no_padding: bool = False,
-               progress: bool = False, specialized: Specialization | None = None) -> FuseReport:
+               progress: bool = False, specialized: Specialization | None = None,
+               freeze_initializer_inputs: bool = False) -> FuseReport:
     """Fuse every attention block of `graph` (edits kept in the view); returns what was done
     and, for every block left alone, why. `specialized`: the dims fixed in the model before
-    (`fuse_attn.specialize`), for the report; operands they make empty drop out."""
+    (`fuse_attn.specialize`), for the report; operands they make empty drop out.
+
+    assume_no_padding: graph inputs whose contents reach a mask or bias operand are all ones.
+    freeze_initializer_inputs: initializers also listed as graph inputs hold their stored value."""
     start = time.perf_counter()
-    declared = {v.name: _ones for v in graph.inputs} if assume_no_padding else {}
+    graph.freeze_initializer_inputs = freeze_initializer_inputs
+    # Only mask and bias operands may read these (Evaluator.for_masks).
+    declared = {v.name: _ones for v in graph.inputs if not v.is_overridable()} if assume_no_padding else {}
     anchors = [n for n in graph if is_op(n, "Softmax", "Attention")]
-    evaluator = Evaluator.tied_for_graph(graph, declared, [n.outputs[0] for n in anchors if n.outputs[0] is not None])
+    evaluator = Evaluator.tied_for_graph(graph, {}, [n.outputs[0] for n in anchors if n.outputs[0] is not None],
+                                         mask_inputs=declared)
     report = FuseReport(model=name)
     if specialized is not None:
         report.specialized = specialized.lines()
@@ -106,8 +113,10 @@ def fuse_graph(graph: Graph, *, name: str = "model", assume_no_padding: bool = F
         graph.to_model()
     report.transposes_added = sum(b.transposes_added for b in report.blocks)
     report.transposes_net = sum(is_op(n, "Transpose") for n in graph) - transposes_before
-    report.assumptions = [f"graph input '{n}' is all ones (--assume-no-padding)"
+    report.assumptions = [f"graph input '{n}' is all ones (--assume-no-padding): it reaches a mask"
                           for n in sorted(evaluator.declared_used)]
+    report.assumptions += [f"initializer '{n}', also a graph input, holds its stored value (--freeze-initializer-inputs)"
+                           for n in sorted(graph.frozen_used)]
     report.seconds = time.perf_counter() - start
     return report
 
@@ -124,7 +133,7 @@ def specialize_proto(proto: onnx.ModelProto, shapes: dict | None, dims: dict | N
 
 def fuse(model_or_path: str | os.PathLike | onnx.ModelProto, *, assume_no_padding: bool = False,
          progress: bool = False, shapes: dict[str, tuple[int, ...]] | None = None,
-         dims: dict[str, int] | None = None) -> tuple[onnx.ModelProto, FuseReport]:
+         dims: dict[str, int] | None = None, freeze_initializer_inputs: bool = False) -> tuple[onnx.ModelProto, FuseReport]:
     """Fuse every attention block into FlashFwd. Returns the fused model (a new ModelProto;
     the input is not modified) and the report. Save it with `fuse_attn.save`.
 
@@ -141,5 +150,5 @@ def fuse(model_or_path: str | os.PathLike | onnx.ModelProto, *, assume_no_paddin
     specialized = specialize_proto(proto, shapes, dims)
     graph = Graph(proto, base_dir)
     report = fuse_graph(graph, name=name, assume_no_padding=assume_no_padding, progress=progress,
-                        specialized=specialized)
+                        specialized=specialized, freeze_initializer_inputs=freeze_initializer_inputs)
     return graph.model, report

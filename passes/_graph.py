@@ -31,11 +31,19 @@ def dtype_name(dtype: int | None) -> str:
     return "unknown" if dtype is None else TensorProto.DataType.Name(dtype).lower()
 
 
+def reads_type_only(node: Node, value: Value) -> bool:
+    """Whether `node` takes only the type or shape of `value` (Shape, Size, CastLike's second input):
+    such a reader does not need the block's values (older dynamo's scale is CastLike(c, scores))."""
+    if is_op(node, "Shape", "Size"):
+        return True
+    return is_op(node, "CastLike") and node.inputs[0] is not value and value in node.inputs[1:]
+
+
 def sole_consumer(value: Value, what: str) -> Node:
-    """The one node reading `value`; anything else reading it means the block cannot disappear."""
+    """The one node reading `value`'s contents; anything else reading them means the block cannot disappear."""
     if value.is_graph_output():
         raise NotFused(f"the {what} are also a graph output ('{value.name}')")
-    consumers = value.consumers()
+    consumers = [n for n in value.consumers() if not reads_type_only(n, value)] or value.consumers()
     if len(consumers) != 1:
         others = ", ".join(describe(n) for n in consumers[1:4])
         raise NotFused(f"the {what} have another consumer ({others})", consumers[0] if consumers else None)

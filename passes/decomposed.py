@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fuse_attn.ir.evaluator import Evaluator, Unprovable
 from fuse_attn.passes.find_attention import match_attention
-from fuse_attn.passes.layout import walk_chain
+from fuse_attn.passes.layout import check_moves_nothing, walk_chain
 from fuse_attn.passes.plan import FusionPlan, Operand, plan_block
 from fuse_attn.passes.products import pv_layout, q_and_k_layouts
 
@@ -15,6 +15,8 @@ def plan_decomposed(softmax, evaluator: Evaluator, opset: int) -> FusionPlan:
     except Unprovable:
         rank = None
     match = match_attention(softmax, opset, rank)
+    if match.score_moves or match.prob_moves:
+        check_moves_nothing(match.qk.node, match.score_moves, softmax, match.prob_moves, evaluator)
     q_layout, k_layout = q_and_k_layouts(match.qk)
 
     def v_layout(labels):
@@ -24,8 +26,8 @@ def plan_decomposed(softmax, evaluator: Evaluator, opset: int) -> FusionPlan:
     if match.pv.equation is not None:
         output_perm = pv_layout(match.qk, match.pv, len(match.pv.equation[0])).output_perm
     return plan_block(
-        Operand(walk_chain(match.query, allow_scale=True), q_layout),
-        Operand(walk_chain(match.key_t, allow_scale=True), k_layout),
+        Operand(walk_chain(match.query, allow_scale=True, evaluator=evaluator), q_layout),
+        Operand(walk_chain(match.key_t, allow_scale=True, evaluator=evaluator), k_layout),
         Operand(walk_chain(match.value, allow_scale=False), v_layout),
         evaluator=evaluator,
         score_steps=lambda seq_q, seq_k: match.score_steps,

@@ -20,16 +20,20 @@ from fuse_attn.passes.products import Product, product_of
 
 # Ops that may stand between the QK MatMul and the Softmax.
 _SCORE_OPS = ("Cast", "Mul", "Div", "Add", "Sub", "Where")
+# Data movement that may stand next to a product (tf2onnx: MatMul -> Reshape -> Squeeze); the plan
+# proves it moves nothing (`layout.check_moves_nothing`).
+MOVE_OPS = ("Reshape", "Squeeze", "Unsqueeze", "Transpose", "Flatten", "Identity")
 
 
 @dataclasses.dataclass(frozen=True)
 class ScoreStep:
     """One op between MatMul(Q, Kᵀ) and Softmax, in the order they apply."""
 
-    kind: str  # "cast" | "scale" | "add" | "sub" | "where"
+    kind: str  # "cast" | "scale" | "add" | "sub" | "where" | "renorm" (softmax, Mul by operand, divide by the row sum)
     node: Node
     operand: Value | None = None  # the mask, bias or fill the op brings in
-    factor: float = 1.0  # for "scale": the multiplier (a Div's divisor is inverted)
+    factor: float | None = 1.0  # for "scale": the multiplier (a Div's divisor is inverted); None: evaluate operand
+    divides: bool = False  # for "scale": the operand is a divisor
     condition: Value | None = None  # for "where"
     scores_when_true: bool = True  # for "where": which branch carries the scores
 
@@ -42,6 +46,8 @@ class AttentionMatch:
     score_steps: tuple[ScoreStep, ...]
     dropout_p: float
     dropout_seed: int
+    score_moves: tuple[Node, ...] = ()  # data movement from the QK product to the first score step
+    prob_moves: tuple[Node, ...] = ()  # data movement from the probabilities to the PV product
 
     @property
     def query(self) -> Value:
@@ -76,6 +82,8 @@ def _reaches_matmul(value: Value, budget: int = 12) -> bool:
         return False
     if product_of(node) is not None:
         return True
+    if is_op(node, *MOVE_OPS):
+        return node.inputs[0] is not None and _reaches_matmul(node.inputs[0], budget - 1)
     if not is_op(node, *_SCORE_OPS):
         return False
     inputs = node.inputs[1:] if node.op_type == "Where" else node.inputs
@@ -90,7 +98,7 @@ def _blocking_op(value: Value, budget: int = 16) -> Node | None:
     while budget and node is not None:
         if product_of(node) is not None:
             return blocker
-        if blocker is None and not is_op(node, *_SCORE_OPS):
+        if blocker is None and not is_op(node, *_SCORE_OPS, *MOVE_OPS):
             blocker = node
         node = next((v.producer() for v in node.inputs if v is not None and v.producer() is not None), None)
         budget -= 1
@@ -122,12 +130,10 @@ def _score_step(node: Node) -> tuple[ScoreStep, Value]:
         if op == "Div" and not _reaches_matmul(node.inputs[0]):
             raise NotFused("scores are the divisor of a Div", node)
         other = node.inputs[1 - index]
-        factor = scalar_constant(other)
-        if factor is None:
-            raise NotFused(f"the scale '{other.name}' is not a scalar constant", node)
-        if op == "Div":
+        factor = scalar_constant(other)  # else a value `masks` evaluates: a scale or a multiplicative mask
+        if factor is not None and op == "Div":
             factor = 1.0 / factor if factor else float("inf")
-        return ScoreStep("scale", node, other, factor=factor), node.inputs[index]
+        return ScoreStep("scale", node, other, factor=factor, divides=op == "Div"), node.inputs[index]
     if op in ("Add", "Sub"):
         index = 0 if op == "Sub" else _pick_scores(node, [0, 1])
         if op == "Sub" and not _reaches_matmul(node.inputs[0]):
@@ -141,8 +147,9 @@ def _score_step(node: Node) -> tuple[ScoreStep, Value]:
     raise NotFused(f"{describe(node)} between the QK MatMul and the softmax is not a scale or mask", node)
 
 
-def _walk_scores(softmax: Node) -> tuple[Product, tuple[ScoreStep, ...]]:
+def _walk_scores(softmax: Node) -> tuple[Product, tuple[ScoreStep, ...], tuple[Node, ...]]:
     steps: list[ScoreStep] = []
+    moves: list[Node] = []
     value = softmax.inputs[0]
     reader = softmax
     while True:
@@ -153,7 +160,13 @@ def _walk_scores(softmax: Node) -> tuple[Product, tuple[ScoreStep, ...]]:
             raise NotFused("the softmax input is not computed from a QK MatMul", softmax)
         product = product_of(node)
         if product is not None:
-            return product, tuple(reversed(steps))
+            return product, tuple(reversed(steps)), tuple(reversed(moves))
+        if is_op(node, *MOVE_OPS):
+            moves.append(node)
+            value, reader = node.inputs[0], node
+            continue
+        if moves:  # masks are read in the softmax's layout: movement only next to the product
+            raise NotFused(f"{describe(moves[-1])} moves the scores between two score steps", moves[-1])
         step, value = _score_step(node)
         steps.append(step)
         reader = node
@@ -194,14 +207,73 @@ def _dropout_ratio(node: Node) -> tuple[float, int]:
     return ratio, node.attr("seed", 0)
 
 
-def _walk_probs(softmax: Node) -> tuple[Product, float, int]:
+def _row_sum(node: Node | None, rank: int | None) -> bool:
+    """Whether `node` is ReduceSum over the last axis, keeping it."""
+    if not is_op(node, "ReduceSum") or not node.attr("keepdims", 1):
+        return False
+    if len(node.inputs) > 1 and node.inputs[1] is not None:  # opset 13+: axes as an input
+        axis = scalar_constant(node.inputs[1])
+        axes = None if axis is None else [int(axis)]
+    else:
+        axes = node.attr("axes")
+    return axes == [-1] or (rank is not None and axes == [rank - 1])
+
+
+def _only_readers(value: Value, *readers: Node) -> bool:
+    return not value.is_graph_output() and set(value.consumers()) == set(readers)
+
+
+def _renormalized(value: Value, consumers: list[Node], rank: int | None) -> tuple[ScoreStep, Value] | None:
+    """p·m / ReduceSum(p·m, last axis) read from the Mul `consumers` hold (flax nnx's masked
+    softmax, jax2onnx: softmax, Mul by the mask, divide by the row sum): a "renorm" step on m and
+    the quotient, or None. `masks` proves m is a mask (0 where dropped, one number per row where
+    kept). jax2onnx guards rows whose sum is 0: Div(p·m, Where(sum > 0, sum, 1)), then
+    Where(sum > 0, quotient, 0). A row keeps a key wherever the mask is none or causal (a mask
+    dropping a whole row is refused), so its sum is positive and the guard passes it through."""
+    mul = consumers[0] if len(consumers) == 1 else None
+    if not is_op(mul, "Mul") or value.is_graph_output():
+        return None
+    weighted = mul.outputs[0]
+    readers = weighted.consumers()
+    total = next((n for n in readers if _row_sum(n, rank)), None)
+    div = next((n for n in readers if is_op(n, "Div")), None)
+    if total is None or div is None or div.inputs[0] is not weighted or not _only_readers(weighted, total, div):
+        return None
+    row_sum, quotient = total.outputs[0], div.outputs[0]
+    step = ScoreStep("renorm", mul, mul.inputs[1] if mul.inputs[0] is value else mul.inputs[0])
+    if div.inputs[1] is row_sum:
+        return (step, quotient) if _only_readers(row_sum, div) else None
+    test = next((n for n in row_sum.consumers() if is_op(n, "Greater") and n.inputs[0] is row_sum
+                 and scalar_constant(n.inputs[1]) == 0.0), None)
+    denominator = div.inputs[1].producer()
+    if test is None or not is_op(denominator, "Where") or denominator.inputs[:2] != [test.outputs[0], row_sum] \
+            or scalar_constant(denominator.inputs[2]) in (None, 0.0) or not _only_readers(row_sum, test, denominator) \
+            or not _only_readers(denominator.outputs[0], div):
+        return None
+    after = quotient.consumers()
+    zeroed = after[0] if len(after) == 1 and not quotient.is_graph_output() else None
+    if is_op(zeroed, "Where") and zeroed.inputs[:2] == [test.outputs[0], quotient] \
+            and scalar_constant(zeroed.inputs[2]) is not None:
+        quotient = zeroed.outputs[0]
+        return (step, quotient) if _only_readers(test.outputs[0], denominator, zeroed) else None
+    return (step, quotient) if _only_readers(test.outputs[0], denominator) else None
+
+
+def _walk_probs(softmax: Node, rank: int | None) -> tuple[Product, float, int, tuple[ScoreStep, ...], tuple[Node, ...]]:
     value = softmax.outputs[0]
     dropout_p, seed = 0.0, 0
+    renorm: list[ScoreStep] = []
+    moves: list[Node] = []
     while True:
         consumers = value.consumers()
         guarded = None if value.is_graph_output() else _nan_guard_output(value, consumers)
         if guarded is not None:
             value = guarded
+            continue
+        renormalized = None if renorm or moves else _renormalized(value, consumers, rank)
+        if renormalized is not None:
+            renorm.append(renormalized[0])
+            value = renormalized[1]
             continue
         node = sole_consumer(value, "attention probabilities")
         if is_op(node, "Cast") and cast_target(node) in FLOAT_TYPES or is_op(node, "Identity"):
@@ -210,7 +282,13 @@ def _walk_probs(softmax: Node) -> tuple[Product, float, int]:
             dropout_p, seed = _dropout_ratio(node)
             value = node.outputs[0]
         elif product_of(node) is not None and node.inputs[0] is value:
-            return product_of(node), dropout_p, seed
+            return product_of(node), dropout_p, seed, tuple(renorm), tuple(moves)
+        elif is_op(node, *MOVE_OPS) and node.inputs[0] is value:
+            moves.append(node)
+            value = node.outputs[0]
+        elif is_op(node, "Mul"):
+            raise NotFused(f"the probabilities are multiplied by {describe(node)} and not renormalised by their row "
+                           "sum (a mask after the softmax that the kernel does not apply)", node)
         else:
             raise NotFused(f"the probabilities feed {describe(node)}, not MatMul(P, V)", node)
 
@@ -219,6 +297,7 @@ def match_attention(softmax: Node, opset: int, rank: int | None) -> AttentionMat
     """The attention block around `softmax` (whose input has `rank` dims, if known), or
     NotFused saying why there is none."""
     check_softmax_axis(softmax, opset, rank)
-    qk, steps = _walk_scores(softmax)
-    pv, dropout_p, seed = _walk_probs(softmax)
-    return AttentionMatch(qk, softmax, pv, steps, dropout_p, seed)
+    qk, steps, score_moves = _walk_scores(softmax)
+    pv, dropout_p, seed, renorm, prob_moves = _walk_probs(softmax, rank)
+    # The renormalisation divides by the row sum after the softmax: a mask applied last.
+    return AttentionMatch(qk, softmax, pv, steps + renorm, dropout_p, seed, score_moves, prob_moves)

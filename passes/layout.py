@@ -23,6 +23,7 @@ import numpy as np
 from fuse_attn.ir.evaluator import Evaluator, Unprovable
 from fuse_attn.ir.graph import Node, Value
 from fuse_attn.passes._graph import NotFused, describe, is_op, scalar_constant
+from fuse_attn.passes.scales import positive_scale
 
 _MOVEMENT_OPS = ("Transpose", "Reshape", "Unsqueeze", "Squeeze", "Expand", "Tile", "Flatten", "Identity")
 _MAX_CHAIN = 24
@@ -30,19 +31,16 @@ _MAX_CHAIN = 24
 
 @dataclasses.dataclass(frozen=True)
 class Chain:
-    """values[0] is the root; nodes[i] moves values[i] into values[i + 1]; the last value is the operand."""
+    """values[0] is the root; nodes[i] moves values[i] into values[i + 1]; the last value is the operand.
+    factors[i] is the scalar nodes[i] multiplies by (1.0 for data movement)."""
 
     values: tuple[Value, ...]
     nodes: tuple[Node, ...]
+    factors: tuple[float, ...] = ()
 
     def factor_after(self, index: int) -> float:
         """The product of the scalar multipliers between values[index] and the operand."""
-        factor = 1.0
-        for node in self.nodes[index:]:
-            if is_op(node, "Mul", "Div"):
-                c = scalar_constant(node.inputs[1] if node.inputs[0] in self.values else node.inputs[0])
-                factor = factor / c if node.op_type == "Div" else factor * c
-        return factor
+        return math.prod(self.factors[index:])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,35 +66,55 @@ class Source:
         return int(self.perm != tuple(range(len(self.perm)))) + int(self.unsqueeze)
 
 
-def _scalar_operand(node: Node) -> int | None:
-    """Index of the data input of a Mul/Div by a scalar constant, else None."""
-    if is_op(node, "Div") and scalar_constant(node.inputs[1]) not in (None, 0.0):
-        return 0
-    if is_op(node, "Mul"):
-        for data, other in ((0, 1), (1, 0)):
-            if scalar_constant(node.inputs[other]) is not None and scalar_constant(node.inputs[data]) is None:
-                return data
-    return None
+def _scale_step(node: Node, evaluator: Evaluator | None) -> tuple[int, float] | None:
+    """(index of the data input, factor) of a Mul or Div by one positive number, else None.
+
+    The number is a constant or, given an evaluator, computed from constants and shapes (torch's
+    SDPA decomposition multiplies Q and Kᵀ by Sqrt(1 / Sqrt(Cast(Shape(q)[-1]))))."""
+    if not is_op(node, "Mul", "Div") or len(node.inputs) != 2 or None in node.inputs:
+        return None
+    candidates = [(0, 1)] if node.op_type == "Div" else [(0, 1), (1, 0)]
+    for data, other in candidates:  # constants first: cheap, and what most exporters write
+        factor = scalar_constant(node.inputs[other])
+        if factor is not None and scalar_constant(node.inputs[data]) is None:
+            break
+    else:
+        if evaluator is None:
+            return None
+        try:  # the scale is the operand smaller than the result (the data has the result's shape)
+            out = evaluator.shape_of(node.outputs[0])
+            smaller = [(d, o) for d, o in candidates if evaluator.shape_of(node.inputs[d]) == out
+                       and math.prod(evaluator.shape_of(node.inputs[o])) < math.prod(out)]
+        except Unprovable:
+            return None
+        if not smaller:
+            return None
+        data, other = smaller[0]
+        factor = positive_scale(node.inputs[other], evaluator)
+        if factor is None:
+            return None
+    if not (np.isfinite(factor) and factor > 0):
+        return None
+    return data, (1.0 / factor if node.op_type == "Div" else factor)
 
 
-def walk_chain(operand: Value, allow_scale: bool) -> Chain:
-    values, nodes = [operand], []
+def walk_chain(operand: Value, allow_scale: bool, evaluator: Evaluator | None = None) -> Chain:
+    values, nodes, factors = [operand], [], []
     while len(nodes) < _MAX_CHAIN:
         node = values[0].producer()
         if node is None:
             break
+        factor = 1.0
         if is_op(node, *_MOVEMENT_OPS):
             data = node.inputs[0]
-        elif allow_scale and (index := _scalar_operand(node)) is not None:
-            factor = scalar_constant(node.inputs[1 - index])
-            if not (np.isfinite(factor) and factor > 0):
-                break
-            data = node.inputs[index]
+        elif allow_scale and (step := _scale_step(node, evaluator)) is not None:
+            data, factor = node.inputs[step[0]], step[1]
         else:
             break
         values.insert(0, data)
         nodes.insert(0, node)
-    return Chain(tuple(values), tuple(nodes))
+        factors.insert(0, factor)
+    return Chain(tuple(values), tuple(nodes), tuple(factors))
 
 
 # --- moving labels ---------------------------------------------------------------------------
@@ -298,3 +316,46 @@ def choose_source(labels: list[np.ndarray], target: np.ndarray) -> Pick:
     if best is None:
         raise NotFused("no tensor feeding the attention is the kernel layout up to a transpose")
     return best[2]
+
+
+# --- data movement around the softmax -----------------------------------------------------------
+
+def _keeps_order(node: Node, evaluator: Evaluator) -> bool:
+    """Whether `node` keeps every element at its row-major position: a reshape, or a Transpose
+    that only moves size-1 axes."""
+    if node.op_type != "Transpose":
+        return True
+    shape = evaluator.shape_of(node.inputs[0])
+    perm = node.attr("perm") or list(reversed(range(len(shape))))
+    kept = [axis for axis in perm if shape[axis] != 1]
+    return kept == sorted(kept)
+
+
+def check_moves_nothing(product: Node, score_moves: tuple[Node, ...], softmax: Node,
+                        prob_moves: tuple[Node, ...], evaluator: Evaluator) -> None:
+    """The data movement from the QK product to the softmax and from the softmax to the PV
+    product, together, moves nothing: tf2onnx's einsum lowering goes (b·h, q, k) -> Reshape
+    (b, h, q, k, 1) -> Squeeze -> softmax -> Unsqueeze -> Reshape (b·h, q, k). Every element
+    keeps its row-major position and the softmax sees (.., q, k) as the product wrote them, so
+    it is the block without the movement; only the shapes are needed, not the data."""
+    try:
+        written = evaluator.shape_of(product.outputs[0])
+        for node in (*score_moves, *prob_moves):
+            if not _keeps_order(node, evaluator):
+                raise NotFused(f"{describe(node)} reorders the attention scores or probabilities (a layout "
+                               "the kernel does not compute)", node)
+        if score_moves:
+            scores = evaluator.shape_of(score_moves[-1].outputs[0])
+            if scores[-2:] != written[-2:]:
+                raise NotFused(f"{describe(score_moves[-1])} reshapes the scores' query and key axes", score_moves[-1])
+            if evaluator.shape_of(softmax.inputs[0]) != scores:
+                raise NotFused(f"the softmax input has shape {evaluator.shape_of(softmax.inputs[0])}, the "
+                               f"scores {scores} (the mask or scale broadcasts the scores)", softmax)
+        if prob_moves and evaluator.shape_of(prob_moves[-1].outputs[0]) != written:
+            raise NotFused(f"{describe(prob_moves[-1])} gives the PV product the probabilities in another layout "
+                           "than the QK product wrote the scores", prob_moves[-1])
+        if not prob_moves and evaluator.shape_of(softmax.inputs[0]) != written:
+            raise NotFused("the probabilities reach the PV product in another layout than the QK product "
+                           "wrote the scores", softmax)
+    except Unprovable as exc:
+        raise NotFused(f"cannot prove the attention layout: {exc}") from None

@@ -20,11 +20,13 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+from onnx import TensorProto
 
 from fuse_attn.ir.diagonal import NotDiagonal, Strip, as_strip, is_square, strip_of
 from fuse_attn.ir.evaluator import DependsOnInput, Evaluator, Unprovable
-from fuse_attn.passes._graph import NotFused, describe, memoized
+from fuse_attn.passes._graph import NotFused, describe, is_op, memoized
 from fuse_attn.passes.find_attention import ScoreStep
+from fuse_attn.passes.scales import scale_value, uniform
 
 # An additive term at or below this removes a score: exp(-1000 + any realistic score spread)
 # is exactly 0 in float32 and float16, as the kernel's -9984 is.
@@ -45,10 +47,13 @@ def _operand(evaluator: Evaluator, step: ScoreStep, value, what: str, strips: bo
     if isinstance(value, (np.ndarray, Strip)):  # an op's implied operand (the Attention op's causal mask)
         return value.dense() if isinstance(value, Strip) and not strips else value
     try:
-        if strips and is_square(evaluator.shape_of(value)):
-            return strip_of(evaluator, value)
-        return np.asarray(evaluator.value_of(value))
+        mask_evaluator = evaluator.for_masks()  # with the inputs --assume-no-padding vouched for
+        if strips and is_square(mask_evaluator.shape_of(value)):
+            return strip_of(mask_evaluator, value)
+        return np.asarray(mask_evaluator.value_of(value))
     except DependsOnInput as exc:
+        if exc.overridable:
+            raise NotFused(f"the {what} of {describe(step.node)} {exc}", step.node) from None
         raise NotFused(
             f"the {what} of {describe(step.node)} depends on the contents of graph input "
             f"'{exc.input_name}' (a padding mask?); if it is always all ones, pass --assume-no-padding",
@@ -81,13 +86,60 @@ def _square(array: np.ndarray | Strip, seq_q: int, seq_k: int, what: str, strips
     return np.array(slices[0])
 
 
+def _renorm_dropped(step: ScoreStep, evaluator: Evaluator, seq_q: int, seq_k: int, strips: bool) -> np.ndarray:
+    """The positions a renormalised softmax drops: softmax(s)·m / rowsum(softmax(s)·m) is the
+    softmax of s over the keys where m != 0, provided m is one number on every kept key (it
+    cancels); other weights would be an additive bias log(m)."""
+    weights = _square(_float(_operand(evaluator, step, step.operand, "mask", strips)), seq_q, seq_k, "mask", strips)
+    if not np.isfinite(weights).all() or (weights < 0).any():
+        raise NotFused("the probabilities are multiplied by negative or non-finite weights before the "
+                       "renormalisation", step.node)
+    if (weights != 0).any() and uniform(weights[weights != 0]) is None:
+        raise NotFused("the probabilities are reweighted before the renormalisation (an additive bias "
+                       "log(weight), which the kernel cannot add)", step.node)
+    return weights == 0
+
+
 def _step_key(step: ScoreStep) -> tuple:
     def ident(x):
         if isinstance(x, Strip):
             return ("strip", x.table.tobytes(), x.table.shape, x.rows, x.cols)
         return ("array", x.tobytes(), x.shape) if isinstance(x, np.ndarray) else id(x)
 
-    return (step.kind, ident(step.operand), ident(step.condition), step.factor, step.scores_when_true)
+    return (step.kind, ident(step.operand), ident(step.condition), step.factor, step.divides, step.scores_when_true)
+
+
+def _multiplier(step: ScoreStep, evaluator: Evaluator, seq_q: int, seq_k: int,
+                strips: bool) -> tuple[float, np.ndarray | None]:
+    """What a Mul or Div of the scores by a value does: one number (a scale, computed from
+    constants and shapes), or a multiplicative mask — one number where scores are kept and 0
+    where they are dropped (tf2onnx: scores·Cast(mask) + (−big)·Cast(Not(mask))).
+    Returns the factor and the positions multiplied by 0 (None: none)."""
+    try:
+        if strips and is_square(evaluator.shape_of(step.operand)):
+            array, from_shapes = strip_of(evaluator, step.operand), True
+        else:
+            array, from_shapes = np.asarray(evaluator.value_of(step.operand)), True
+    except DependsOnInput as exc:
+        # A mask from an input's contents (only with --assume-no-padding) is a cast boolean; a
+        # scale read from an input is never assumed.
+        cast = step.operand.producer()
+        if step.divides or not is_op(cast, "Cast") or evaluator.dtype_of(cast.inputs[0]) != TensorProto.BOOL:
+            raise NotFused(f"the scale '{step.operand.name}' {exc}", step.node) from None
+        array, from_shapes = _operand(evaluator, step, step.operand, "multiplicative mask", strips), False
+    except Unprovable as exc:
+        raise NotFused(f"the scale '{step.operand.name}' is neither a constant nor computed from shapes: {exc}",
+                       step.node) from None
+    values = array.table if isinstance(array, Strip) else array
+    if uniform(values) is not None:
+        factor = scale_value(step.operand, evaluator) if from_shapes else uniform(values)
+        return (1.0 / factor if factor else float("inf")) if step.divides else factor, None
+    not_one = f"the scale '{step.operand.name}' is not one number (a per-head or per-position scale)"
+    values = _float(values)
+    factor = uniform(values[values != 0])  # kept scores all get the same factor
+    if step.divides or factor is None or np.isnan(values).any():
+        raise NotFused(not_one, step.node)
+    return factor, _square(_float(array), seq_q, seq_k, "multiplicative mask", strips) == 0
 
 
 def read_scores(steps: tuple[ScoreStep, ...], evaluator: Evaluator, seq_q: int, seq_k: int) -> ScoreReading:
@@ -125,16 +177,23 @@ def _read(steps: tuple[ScoreStep, ...], evaluator: Evaluator, seq_q: int, seq_k:
     bias = None  # additive term on positions the scores still reach (None: zero everywhere)
     replaced = None  # positions a Where replaced by a constant (None: none)
     fill = None  # the constant at replaced positions (meaningless elsewhere)
+    zeroed = None  # positions whose scores a multiplicative mask multiplied by 0 (None: none)
+    renormed = None  # positions whose probabilities a renormalised softmax drops (None: none)
     for step in steps:
         if step.kind == "cast":
             continue
         if step.kind == "scale":
-            if not (np.isfinite(step.factor) and step.factor > 0):
-                raise NotFused(f"the scale factor {step.factor} is not positive and finite", step.node)
-            scale *= step.factor
+            factor, dropped = (step.factor, None) if step.factor is not None else \
+                _multiplier(step, evaluator, seq_q, seq_k, strips)
+            if not (np.isfinite(factor) and factor > 0):
+                raise NotFused(f"the scale factor {factor} is not positive and finite", step.node)
+            scale *= factor
+            times = factor if dropped is None else np.where(dropped, 0.0, factor).astype(np.float32)
             with np.errstate(invalid="ignore", over="ignore"):
-                bias = None if bias is None else bias * step.factor
-                fill = None if fill is None else fill * step.factor
+                bias = None if bias is None else bias * times
+                fill = None if fill is None else fill * times
+            if dropped is not None:
+                zeroed = dropped if zeroed is None else zeroed | dropped
         elif step.kind in ("add", "sub"):
             term = _square(_float(_operand(evaluator, step, step.operand, "additive term", strips)),
                            seq_q, seq_k, "additive term", strips)
@@ -143,6 +202,9 @@ def _read(steps: tuple[ScoreStep, ...], evaluator: Evaluator, seq_q: int, seq_k:
             with np.errstate(invalid="ignore", over="ignore"):
                 bias = term if bias is None else bias + term
                 fill = None if fill is None else fill + term
+        elif step.kind == "renorm":
+            dropped = _renorm_dropped(step, evaluator, seq_q, seq_k, strips)
+            renormed = dropped if renormed is None else renormed | dropped
         else:  # where
             cond = _square(_bool(_operand(evaluator, step, step.condition, "condition", strips)),
                            seq_q, seq_k, "mask condition", strips)
@@ -159,12 +221,19 @@ def _read(steps: tuple[ScoreStep, ...], evaluator: Evaluator, seq_q: int, seq_k:
             if (fill[replaced] > MASKED_AT_MOST).any():
                 raise NotFused("scores are replaced by a constant that is not a mask value")
             masked |= replaced
+        if renormed is not None:
+            if bias is not None and (np.isnan(bias).any() or (bias[renormed & ~masked] > 0).any()):
+                raise NotFused("scores the renormalisation drops get NaN or a positive bias before the softmax")
+            masked |= renormed
         if bias is not None:
             if np.isnan(bias[~masked]).any():
                 raise NotFused("the mask produces NaN scores")
             if (bias[~masked] != 0).any():
                 raise NotFused("the unmasked scores get an additive bias (ALiBi, relative position or another "
                                "bias), which the kernel cannot add")
+        if zeroed is not None and (zeroed & ~masked).any():
+            raise NotFused("a multiplicative mask sets scores to 0 that no additive mask then removes: "
+                           "they stay in the softmax as 0, which the kernel cannot compute")
     if strips:
         causal = np.arange(-(seq_k - 1), seq_q) < 0  # j > i
     else:

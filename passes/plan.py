@@ -13,7 +13,7 @@ import math
 import numpy as np
 
 from fuse_attn.ir import contract
-from fuse_attn.ir.evaluator import Evaluator, Unprovable
+from fuse_attn.ir.evaluator import FIRST_SEQ_SAMPLE, Evaluator, Unprovable
 from fuse_attn.ir.graph import Node, Value
 from fuse_attn.passes._graph import NotFused, dtype_name, memoized
 from fuse_attn.passes.layout import (Chain, Source, chain_labels, chain_signature, choose_source, grid_order,
@@ -133,7 +133,8 @@ def _prove_layout(q: Operand, k: Operand, v: Operand, evaluator: Evaluator) -> L
     batch, heads, head_dim, _ = q_target.shape
     kv_heads = k_target.shape[1]
     if seq_q != seq_k:
-        raise NotFused(f"seq_q {seq_q} != seq_k {seq_k} (cross attention or a KV cache); the kernel needs them equal")
+        names = _seq_names((q.chain.values[-1], k.chain.values[-1]), (seq_axis["q"], seq_axis["k"]), evaluator)
+        raise NotFused(f"seq_q {names[0]} != seq_k {names[1]} (cross attention or a KV cache); the kernel needs them equal")
     if (k_target.shape[:3] != (batch, kv_heads, head_dim) or v_target.shape[:2] != (batch, kv_heads)
             or v_target.shape[3] != head_dim or seq_v != seq_k):
         raise NotFused(f"q, k, v shapes do not agree: {(batch, heads, head_dim, seq_q)}, "
@@ -144,6 +145,25 @@ def _prove_layout(q: Operand, k: Operand, v: Operand, evaluator: Evaluator) -> L
              choose_source(labels["v"], v_target))
     return LayoutProof(batch, heads, kv_heads, head_dim, seq_q, seq_k, picks, labels["q"][-1].ndim == 3,
                        grid_order(k_heads))
+
+
+def _seq_names(operands: tuple[Value, Value], axes: tuple[int, int], evaluator: Evaluator) -> tuple[str, ...]:
+    """The model's own words for the seq lengths of q and k, which the proof found at its sample
+    binding: the number where the graph fixes it, else the symbol's name (or "symbolic"). A
+    length is symbolic when it moves with the binding."""
+    sizes = [evaluator.shape_of(value)[axis] for value, axis in zip(operands, axes)]
+    if not evaluator.binding:
+        return tuple(map(str, sizes))
+    try:
+        other = evaluator.at_seq(FIRST_SEQ_SAMPLE + 1)
+        moved = [other.shape_of(value)[axis] for value, axis in zip(operands, axes)]
+    except Unprovable:
+        return ("symbolic",) * len(sizes)
+    names = []
+    for size, again in zip(sizes, moved):
+        symbols = [name for name, sample in evaluator.binding.items() if sample == size]
+        names.append(str(size) if again == size else f"'{symbols[0]}'" if len(symbols) == 1 else "symbolic")
+    return tuple(names)
 
 
 def _check_mask_at_longer_seq(score_steps, query: Value, reading: ScoreReading, evaluator: Evaluator) -> None:

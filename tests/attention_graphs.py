@@ -57,7 +57,20 @@ DECOMPOSED_MASK_FORMS = (
     "trilu",  # ConstantOfShape(s, s, mask_value) -> Trilu(upper, k) -> Add
     "where_not",  # Where(bool constant of the *masked* positions, mask_value, scores): branches swapped
     "range_offset",  # computed with the kv length: k_pos <= q_pos + (len(k) - len(q)) (bottom-right form)
+    # exporters' forms (issue 11)
+    "mul_const",  # tf2onnx: scores·Cast(keep) + (mask value)·Cast(Not(keep)), keep a bool constant
+    "mul_range",  # the same with keep computed from shapes
+    "renorm",  # jax2onnx flax nnx: softmax, Mul by Cast(keep), Div by the guarded row sum (no mask before)
+    "renorm_plain",  # the same without the guard: p·m / ReduceSum(p·m)
+    # near misses of those forms
+    "mul_only",  # scores·Cast(keep) with no additive part: dropped scores stay in the softmax as 0
+    "renorm_nodiv",  # softmax, then Mul by the mask, not renormalised
+    "renorm_weighted",  # renormalised with weights 1 and 0.5 on kept keys: an additive bias log(w)
 )
+MULTIPLICATIVE_FORMS = ("mul_const", "mul_range", "mul_only")
+RENORM_FORMS = ("renorm", "renorm_plain", "renorm_nodiv", "renorm_weighted")
+NEAR_MISS_MASK_FORMS = ("mul_only", "renorm_nodiv", "renorm_weighted")
+INT64_MAX = 9223372036854775807
 ATTENTION_OP_MASK_FORMS = (
     "attr",  # is_causal=1 (mask causal) or no mask at all (mask none)
     "bool",  # a constant boolean attn_mask
@@ -78,8 +91,17 @@ V_TRANSPOSES = (
     "perm0213",  # (b, s, kv, d) -> (b, kv, s, d)
     "perm0231",  # near miss: V as (b, kv, d, s) (needs seq == head_dim)
 )
-SCALE_FORMS = ("div", "mul", "sqrt_both", "none", "tensor")  # "tensor": near miss, per-head scale
-KV_REPEATS = ("repeat_kv", "tile", "concat")  # tile/concat: near misses (head i uses kv head i % kv)
+SCALE_FORMS = ("div", "mul", "sqrt_both", "none", "tensor",  # "tensor": near miss, per-head scale
+               # computed from constants and shapes (exporters' forms; the default 1/sqrt(d) only):
+               "computed",  # jax einsum: Div by Sqrt(Cast(int64 d))
+               "shape_pow",  # GPT-2 TorchScript: Div by Add(ConstantOfShape([]), Pow(Cast(Shape(v)[-1]), 0.5))
+               "castlike",  # older dynamo: Mul by CastLike(constant, scores)
+               "sdpa_shape",  # torch's SDPA decomposition: Q and Kᵀ times Sqrt(1 / Sqrt(Cast(Shape(q)[-1:])))
+               "seq_shape")  # Div by Sqrt(Cast(seq from Shape(x))): a near miss under a symbolic seq
+COMPUTED_SCALES = ("computed", "shape_pow", "castlike", "sdpa_shape", "seq_shape")
+# tile/concat: near misses (head i uses kv head i % kv); repeat_kv_where: repeat_kv with its Expand
+# shape computed as TorchScript writes it, Where(Equal(shape, -1), 1, shape) (LLaMA sdpa, transformers 4.44)
+KV_REPEATS = ("repeat_kv", "tile", "concat", "repeat_kv_where")
 # training_zero: training=True with ratio 0 (still the identity); training: ratio 0.1 in training mode
 # (random, seeded): a near miss, the kernel runs in inference mode.
 DROPOUTS = ("none", "identity", "identity_ratio", "training_zero", "training")
@@ -129,6 +151,9 @@ class AttnSpec:
     window: int = 0  # sliding window size (0: max(2, seq // 4)); computed forms need it set
     v_scale: float | None = None  # Mul(V, v_scale) before MatMul(P, V): the output is scaled
     mask_src: str = "x"  # computed masks read their length from Shape(x) or Shape(input_ids) (int64 input)
+    # -- exporters' forms (issue 11) --
+    to_the_end: bool = False  # a computed mask goes through Slice(.., 0, INT64_MAX) on both axes (TorchScript)
+    score_moves: bool = False  # tf2onnx: (b·h, s, s) product -> Reshape (b, h, s, s, 1) -> Squeeze; back before PV
 
     def __post_init__(self):
         problems = self.invalid()
@@ -163,6 +188,8 @@ class AttnSpec:
         """The scale the spec asks for (before rounding to the model's dtype)."""
         if self.form == "decomposed" and self.scale_form == "none":
             return 1.0
+        if self.form == "decomposed" and self.scale_form == "seq_shape":
+            return 1.0 / math.sqrt(self.seq)
         return 1.0 / math.sqrt(self.head_dim) if self.scale is None else float(self.scale)
 
     @property
@@ -183,7 +210,7 @@ class AttnSpec:
         if self.form == "attention_op":
             return self.mask_form in ("range", "all_true")
         return self.mask not in ("none", "padding", "causal_padding") + BIAS_MASKS and \
-            self.mask_form in ("range", "range_add", "trilu", "range_offset")
+            self.mask_form in ("range", "range_add", "trilu", "range_offset", "mul_range")
 
     def invalid(self) -> list[str]:
         p = []
@@ -308,7 +335,7 @@ class AttnSpec:
         if self.mask == "strict":
             if not dec or self.mask_value != "-inf" or not self.nan_guard:
                 p.append("strict (query 0 sees nothing) is built decomposed with -inf and the NaN guard")
-        if self.mask == "anti_causal" and not (dec and self.mask_form in CONSTANT_FORMS
+        if self.mask == "anti_causal" and not (dec and self.mask_form in CONSTANT_FORMS + ("mul_const",)
                                                or not dec and self.mask_form == "bool"):
             p.append("anti_causal is a constant mask")
         if self.v_scale is not None and not dec:
@@ -319,6 +346,30 @@ class AttnSpec:
             p.append("mask_src input_ids is for computed masks")
         if self.dropout in ("training_zero", "training") and not dec:
             p.append("dropout is decomposed only")
+        if (self.scale_form in COMPUTED_SCALES or self.kv_repeat == "repeat_kv_where" or self.score_moves
+                or self.to_the_end) and not dec:
+            p.append("the exporters' forms are decomposed only")
+        if self.scale_form in COMPUTED_SCALES and (self.scale is not None or self.scale_rank):
+            p.append("computed scales are the default 1/sqrt(d), rank 0")
+        if self.to_the_end and self.mask_form not in ("range", "range_add", "mul_range", "renorm", "renorm_plain"):
+            p.append("to_the_end slices a mask computed from shapes")
+        if dec and self.mask_form in MULTIPLICATIVE_FORMS + RENORM_FORMS:
+            if self.mask not in ("causal", "shift", "sliding_window", "off_by_one", "anti_causal", "strict"):
+                p.append("multiplicative and renormalised masks express keep/drop masks")
+            if self.mask_form in ("mul_range", "renorm", "renorm_plain", "renorm_nodiv") and \
+                    self.mask not in COMPUTABLE_MASKS:
+                p.append(f"computed mask forms express only {COMPUTABLE_MASKS}")
+            if self.mask_form in MULTIPLICATIVE_FORMS and self.mask_value == "-inf":
+                p.append("a multiplicative mask's -inf·0 is NaN: use a finite mask value")
+            if self.mask_form in RENORM_FORMS and (self.nan_guard or self.softmax_cast or self.mask == "strict"):
+                p.append("renormalised softmax takes no NaN guard or cast, and keeps a key in every row")
+            if self.mask_form in RENORM_FORMS and (self.batched_heads or self.softmax_axis != -1):
+                p.append("renormalised softmax is built on (b, h, s, s) scores")
+        if self.score_moves and (self.batched_heads or self.softmax_axis != -1 or self.probs_transpose
+                                 or self.extra_consumer not in ("none", "q", "present")):
+            p.append("score_moves takes (b, h, s, s) scores on the last axis and no returned scores/probs/out")
+        if self.scale_form == "seq_shape" and self.seq_kv is not None:
+            p.append("seq_shape is self attention")
         return p
 
     # -- what the pass must do -------------------------------------------------------------------
@@ -335,7 +386,7 @@ class AttnSpec:
             c.append("scale")
         if self.softmax_axis in (2, -2):
             c.append("axis")
-        if self.kv_repeat != "repeat_kv":
+        if self.kv_repeat not in ("repeat_kv", "repeat_kv_where"):
             c.append("repeat")
         if self.extra_consumer in ("probs", "scores"):
             c.append("consumer")
@@ -352,6 +403,10 @@ class AttnSpec:
             c.append("v scale")
         if self.dropout == "training":
             c.append("dropout")
+        if self.mask_form in NEAR_MISS_MASK_FORMS and "mask" not in c:
+            c.append("mask")
+        if self.scale_form == "seq_shape" and self.symbolic_seq:
+            c.append("scale")
         return c
 
     @property
@@ -367,7 +422,7 @@ class AttnSpec:
         Every other cause must be left alone."""
         causes = set(self.near_miss_causes())
         exact = set()
-        if self.kv_repeat != "repeat_kv":
+        if self.kv_repeat not in ("repeat_kv", "repeat_kv_where"):
             exact.add("repeat")
         if (self.k_transpose == "untransposed" or self.v_transpose == "perm0231") and not self.probs_transpose:
             exact.add("transpose")
@@ -575,7 +630,7 @@ def _block_reference(spec: AttnSpec, p: BlockParams, x, mem, pad, *, scale_facto
     k0, v0 = k, v
     if spec.v_scale is not None:
         v = v * float(np.asarray(spec.v_scale).astype(DTYPES[spec.dtype][1]))
-    order = kv_order or ("repeat" if spec.kv_repeat == "repeat_kv" else "tile")
+    order = kv_order or ("repeat" if spec.kv_repeat in ("repeat_kv", "repeat_kv_where") else "tile")
     if order == "repeat":
         k, v = np.repeat(k, spec.group, axis=1), np.repeat(v, spec.group, axis=1)
     else:
@@ -595,9 +650,18 @@ def _block_reference(spec: AttnSpec, p: BlockParams, x, mem, pad, *, scale_facto
     if m in BIAS_MASKS:
         bias = p.bias if m == spec.mask else additive_bias(dataclasses.replace(spec, mask=m), sq, sk)
         scores = scores + bias
-    scores = np.where(allowed, scores, -np.inf)
     axis = spec.softmax_axis
-    probs = _softmax(scores, axis)
+    if m == spec.mask and spec.mask_form in ("mul_only", "renorm_nodiv", "renorm_weighted"):
+        # the near-miss forms: dropped scores 0 in the softmax; a mask after it, not renormalised; weights
+        probs = _softmax(np.where(allowed, scores, 0.0) if spec.mask_form == "mul_only" else scores, axis)
+        if spec.mask_form != "mul_only":
+            weights = allowed * np.where(np.arange(sk)[None, None, None, :] % 2 == 0, 1.0, 0.5) \
+                if spec.mask_form == "renorm_weighted" else allowed * 1.0
+            probs = probs * weights
+            if spec.mask_form == "renorm_weighted":
+                probs = probs / probs.sum(axis=-1, keepdims=True)
+    else:
+        probs = _softmax(np.where(allowed, scores, -np.inf), axis)
     probs = np.where(np.isnan(probs), 0.0, probs)
     pv = probs.transpose(0, 1, 3, 2) if spec.probs_transpose else probs
     o = pv @ (v.transpose(0, 1, 3, 2) if spec.v_transpose == "perm0231" else v)
@@ -677,6 +741,19 @@ def _repeat_kv(g: _Graph, spec: AttnSpec, t: str, tail: list[int | None], hint: 
                      hint + "_exp")
         seq = -1 if spec.symbolic_seq else spec.skv
         return _reshape(g, e, [spec.batch, spec.heads, *(seq if x is None else x for x in tail)], hint + "_rep")
+    if spec.kv_repeat == "repeat_kv_where":  # TorchScript: expand(b, kv, G, s, d) with a computed shape
+        u = g.op("Unsqueeze", [t, g.i64([2])], hint + "_unsq")
+        shape_t = g.op("Shape", [t], hint + "_shape")
+        dims = [g.op("Unsqueeze", [g.op("Gather", [shape_t, g.i64(axis, "axis")], hint + "_dim", axis=0),
+                                    g.i64([0])], hint + "_dim1") for axis in (0, 2, 3)]
+        size = g.op("Concat", [dims[0], g.i64([spec.kv]), g.i64([G]), dims[1], dims[2]], hint + "_size", axis=0)
+        ones = g.op("ConstantOfShape", [g.op("Shape", [size], hint + "_size_shape")], hint + "_ones",
+                    value=numpy_helper.from_array(np.ones(1, np.int64)))
+        minus = g.op("Mul", [ones, g.i64(-1, "minus_one")], hint + "_minus")
+        shape = g.op("Where", [g.op("Equal", [size, minus], hint + "_is_minus"), ones, size], hint + "_expand_shape")
+        e = g.op("Expand", [u, shape], hint + "_exp")
+        target = g.op("Concat", [dims[0], g.i64([spec.heads]), dims[1], dims[2]], hint + "_rep_shape", axis=0)
+        return g.op("Reshape", [e, target], hint + "_rep")
     if spec.kv_repeat == "tile":
         return g.op("Tile", [t, g.i64([1, G, 1, 1])], hint + "_tile")
     return g.op("Concat", [t] * G, hint + "_cat", axis=1)
@@ -721,7 +798,31 @@ def _computed_allowed(g: _Graph, spec: AttnSpec, x: str, kv: str | None = None) 
         lowest = g.op("Sub", [q_pos, g.i64(spec.window, "window")], "window_start")
         inside = g.op("Greater", [k_pos, lowest], "window_cond")
         cond = g.op("And", [cond, inside], "window_keep")
+    if spec.to_the_end:  # mask[:, :] as TorchScript writes it: ends INT64_MAX, "to the end"
+        cond = g.op("Slice", [cond, g.i64([0, 0]), g.i64([INT64_MAX, INT64_MAX]), g.i64([0, 1])], "keep_all")
     return cond
+
+
+def _renormalize(g: _Graph, spec: AttnSpec, p: str, x: str) -> str:
+    """jax2onnx's flax nnx masked softmax after Softmax(scores): p·m / rowsum(p·m), guarded for rows
+    whose sum is 0 (renorm), unguarded (renorm_plain), without the division (renorm_nodiv), or with
+    weights 1 and 0.5 on kept keys (renorm_weighted)."""
+    if spec.mask_form == "renorm_weighted":
+        allowed = allowed_keys(spec.mask, spec.seq, spec.skv, spec.window)
+        weights = np.where(allowed, np.where(np.arange(spec.skv)[None, :] % 2 == 0, 1.0, 0.5), 0.0)
+        m = g.f(weights[None, None], "renorm_weights")
+    else:
+        m = g.op("Cast", [_computed_allowed(g, spec, x)], "mask_f", to=g.onnx_dtype)
+    weighted = g.op("Mul", [p, m], "probs_masked")
+    if spec.mask_form == "renorm_nodiv":
+        return weighted
+    total = g.op("ReduceSum", [weighted, g.i64([3])], "probs_sum", keepdims=1)
+    if spec.mask_form == "renorm_plain":
+        return g.op("Div", [weighted, total], "probs_norm")
+    nonzero = g.op("Greater", [total, g.f(0.0, "zero_f")], "sum_nonzero")
+    denominator = g.op("Where", [nonzero, total, g.f(1.0, "one_f")], "probs_denominator")
+    quotient = g.op("Div", [weighted, denominator], "probs_norm")
+    return g.op("Where", [nonzero, quotient, g.f(0.0, "zero_f")], "probs_norm_zero")
 
 
 def _bias_constant(spec: AttnSpec, bias: np.ndarray) -> np.ndarray:
@@ -767,6 +868,18 @@ def _apply_mask(g: _Graph, spec: AttnSpec, scores: str, x: str, bias_const: np.n
         cond = _computed_allowed(g, spec, x)
         add = g.op("Where", [cond, g.f(0.0, "zero_f"), g.f(value, "mask_value")], "causal_mask")
         return g.op("Add", [scores, add], "masked")
+    if form in ("mul_const", "mul_range", "mul_only"):  # tf2onnx's SelectV2: x·Cast(c) + y·Cast(Not(c))
+        if form == "mul_range":
+            keep = _computed_allowed(g, spec, x)
+        else:
+            keep = g.init(np.broadcast_to(allowed, lead + allowed.shape).copy(), "keep_bool")
+        kept = g.op("Mul", [scores, g.op("Cast", [keep], "keep_f", to=g.onnx_dtype)], "kept")
+        if form == "mul_only":
+            return kept
+        dropped = g.op("Cast", [g.op("Not", [keep], "drop_bool")], "drop_f", to=g.onnx_dtype)
+        return g.op("Add", [kept, g.op("Mul", [g.f(value, "mask_value"), dropped], "drop_value")], "masked")
+    if form in RENORM_FORMS:
+        return scores  # the mask is applied after the softmax (`_renormalize`)
     if form == "trilu":
         n = g.op("Reshape", [_seq_scalar(g, _mask_len_src(spec, x)), g.i64([1])], "seq_1d")
         shape = g.op("Concat", [n, n], "mask_shape", axis=0)
@@ -822,6 +935,21 @@ def _build_block(g: _Graph, spec: AttnSpec, rng, x: str, kv_src: str, blk: int):
         effective = float(scale_array) ** 2
     elif spec.scale_form == "none":
         effective = 1.0
+    elif spec.scale_form == "computed":  # Div by Sqrt(Cast(d)) in float32, cast to the dtype
+        scale_array = stored(np.sqrt(np.float32(d)))
+        effective = 1.0 / float(scale_array)
+    elif spec.scale_form == "shape_pow":  # Div by 0 + Cast(Pow(float32(d), 0.5))
+        scale_array = stored(np.float32(d) ** np.float32(0.5))
+        effective = 1.0 / float(scale_array)
+    elif spec.scale_form == "castlike":
+        scale_array = stored(nominal)
+        effective = float(scale_array)
+    elif spec.scale_form == "sdpa_shape":  # Cast(1 / Sqrt(float32(d))), then Sqrt on Q and on Kᵀ
+        scale_array = stored(np.sqrt(np.asarray(np.float32(1.0) / np.sqrt(np.float32(d))).astype(npd)))
+        effective = float(scale_array) ** 2
+    elif spec.scale_form == "seq_shape":  # Div by Sqrt(Cast(seq)): the seq the model runs at
+        scale_array = stored(np.sqrt(np.float32(s)))
+        effective = 1.0 / float(scale_array)
     else:  # tensor: a per-head scale, not a scalar
         scale_array = stored((nominal * (1.0 + 0.25 * np.arange(h))).reshape(1, h, 1, 1))
         effective = float(scale_array.flat[0])
@@ -881,17 +1009,50 @@ def _build_block(g: _Graph, spec: AttnSpec, rng, x: str, kv_src: str, blk: int):
             c = g.f(scale_array, "sqrt_scale")
             q = g.op("Mul", [q, c], "q_scaled")
             kt = g.op("Mul", [kt, c], "k_scaled")
+        elif spec.scale_form == "sdpa_shape":  # torch.onnx (TorchScript) scaled_dot_product_attention
+            last = g.op("Slice", [g.op("Shape", [q], "q_shape"), g.i64([-1]), g.i64([INT64_MAX])], "q_last")
+            size = g.op("Cast", [last], "q_last_f", to=TensorProto.FLOAT)
+            inv = g.op("Div", [g.init(np.array([1.0], np.float32), "one_f32"), g.op("Sqrt", [size], "sqrt_d")], "inv")
+            c = g.op("Sqrt", [g.op("Cast", [inv], "scale_cast", to=g.onnx_dtype)], "sqrt_scale")
+            q = g.op("Mul", [q, c], "q_scaled")
+            kt = g.op("Mul", [kt, c], "k_scaled")
         if spec.batched_heads:  # (b, h, ., .) -> (b·h, ., .): rank-3 scores
             q = _reshape(g, q, [b * h, -1, d], "q_3d")
             kt = _reshape(g, kt, [b * h, d, -1], "kt_3d")
             vh = _reshape(g, vh, [b * h, -1, d], "v_3d")
+        if spec.score_moves:  # tf2onnx's einsum lowering: the product in 3D, the scores in 4D
+            q = _reshape(g, q, [b * h, -1, d], "q_3d")
+            kt = _reshape(g, kt, [b * h, d, -1], "kt_3d")
         scores = g.op("MatMul", [q, kt], "scores")
+        if spec.score_moves:
+            n = _seq_scalar(g, x)
+            n1 = g.op("Unsqueeze", [n, g.i64([0])], "seq_1d")
+            shape5 = g.op("Concat", [g.i64([b, h]), n1, n1, g.i64([1])], "scores_5d_shape", axis=0)
+            scores = g.op("Squeeze", [g.op("Reshape", [scores, shape5], "scores_5d"), g.i64([4])], "scores_4d")
         raw_scores = scores
         scale_const = scale_array.reshape((1,) * spec.scale_rank) if spec.scale_rank else scale_array
         if spec.scale_form == "div":
             scores = g.op("Div", [scores, g.f(scale_const, "scale_div")], "scores_scaled")
         elif spec.scale_form in ("mul", "tensor"):
             scores = g.op("Mul", [scores, g.f(scale_const, "scale_mul")], "scores_scaled")
+        elif spec.scale_form == "computed":  # jax: Sqrt(Cast(64))
+            root = g.op("Sqrt", [g.op("Cast", [g.i64(d, "head_dim")], "head_dim_f", to=TensorProto.FLOAT)], "sqrt_d")
+            scores = g.op("Div", [scores, g.op("Cast", [root], "sqrt_d_cast", to=g.onnx_dtype)], "scores_scaled")
+        elif spec.scale_form == "shape_pow":  # GPT-2: attn / torch.full([], v.size(-1) ** 0.5)
+            last = g.op("Gather", [g.op("Shape", [vh], "v_shape"), g.i64(-1, "last")], "v_last", axis=0)
+            root = g.op("Pow", [g.op("Cast", [last], "v_last_f", to=TensorProto.FLOAT),
+                                g.init(np.float32(0.5), "half")], "pow")
+            zero = g.op("ConstantOfShape", [g.i64(np.zeros(0, np.int64), "empty_shape")], "full",
+                        value=numpy_helper.from_array(np.zeros(1, g.np_dtype)))
+            scores = g.op("Div", [scores, g.op("Add", [zero, g.op("Cast", [root], "pow_cast", to=g.onnx_dtype)],
+                                               "full_value")], "scores_scaled")
+        elif spec.scale_form == "castlike":  # older dynamo: Mul(scores, CastLike(c, scores))
+            c = g.op("CastLike", [g.init(np.float32(nominal), "scale_f32"), scores], "scale_like")
+            scores = g.op("Mul", [scores, c], "scores_scaled")
+        elif spec.scale_form == "seq_shape":
+            n = g.op("Cast", [_seq_scalar(g, x)], "seq_f", to=TensorProto.FLOAT)
+            root = g.op("Cast", [g.op("Sqrt", [n], "sqrt_seq")], "sqrt_seq_cast", to=g.onnx_dtype)
+            scores = g.op("Div", [scores, root], "scores_scaled")
         scores = _apply_mask(g, spec, scores, x, bias_stored, kv_src)
         p = scores
         if spec.softmax_cast:
@@ -899,6 +1060,8 @@ def _build_block(g: _Graph, spec: AttnSpec, rng, x: str, kv_src: str, blk: int):
         p = g.op("Softmax", [p], "probs", axis=spec.softmax_axis)
         if spec.softmax_cast:
             p = g.op("Cast", [p], "probs_cast", to=g.onnx_dtype)
+        if spec.mask_form in RENORM_FORMS:
+            p = _renormalize(g, spec, p, x)
         if spec.nan_guard:
             nan = g.op("IsNaN", [p], "probs_nan")
             p = g.op("Where", [nan, g.f(0.0, "zero_f"), p], "probs_guarded")
@@ -914,7 +1077,12 @@ def _build_block(g: _Graph, spec: AttnSpec, rng, x: str, kv_src: str, blk: int):
                                  g.init(np.asarray(True), "training")], "probs_drop", seed=1234)
         if spec.probs_transpose:
             p = g.op("Transpose", [p], "probs_t", perm=[0, 1, 3, 2])
+        if spec.score_moves:  # back to (b·h, s, s) for a 3D PV product, as tf2onnx does
+            p = g.op("Reshape", [g.op("Unsqueeze", [p, g.i64([4])], "probs_5d"), g.i64([b * h, -1, sk])], "probs_3d")
+            vh = _reshape(g, vh, [b * h, -1, d], "v_3d")
         o = g.op("MatMul", [p, vh], "attn_o")
+        if spec.score_moves:
+            o = _reshape(g, o, [b, h, -1, d], "o_4d")
         params = BlockParams(wq, wk, wv, wo, scale_array, effective, bias_stored)
     attn_out = o
     if spec.batched_heads or spec.scale_rank > spec.score_rank:  # back to (b, h, s, d)
@@ -1183,6 +1351,20 @@ POSITIVE_VARIANTS: dict[str, AttnSpec] = {
     "attn_out_returned": _r(CAUSAL, extra_consumer="out"),
     "batched_heads_attn_out_returned": _r(CAUSAL, batched_heads=True, extra_consumer="out"),
     "op_attn_out_returned": _r(CAUSAL, form="attention_op", mask_form="attr", extra_consumer="out"),
+    # what other exporters emit (issue 11), each exact
+    "scale_computed_jax": _r(CAUSAL, scale_form="computed"),
+    "scale_shape_pow_gpt2": _r(CAUSAL, scale_form="shape_pow", symbolic_seq=True, mask_form="range"),
+    "scale_castlike_dynamo": _r(CAUSAL, scale_form="castlike"),
+    "scale_sdpa_shape_gqa": _r(CAUSAL, scale_form="sdpa_shape", heads=8, kv_heads=2, head_dim=4),
+    "scale_seq_shape_static": _r(CAUSAL, scale_form="seq_shape"),  # a fixed seq: one number
+    "repeat_kv_where_sdpa": _r(CAUSAL, heads=8, kv_heads=2, head_dim=4, kv_repeat="repeat_kv_where",
+                                scale_form="sdpa_shape", symbolic_seq=True, mask_form="range", to_the_end=True),
+    "to_the_end_symbolic": _r(CAUSAL, symbolic_seq=True, mask_form="range_add", mask_value="min", to_the_end=True),
+    "multiplicative_tf2onnx": _r(CAUSAL, mask_form="mul_const", mask_value="min", score_moves=True),
+    "multiplicative_range_symbolic": _r(CAUSAL, mask_form="mul_range", mask_value="-1e9", symbolic_seq=True),
+    "score_moves_no_mask_512": _r(BIDIR, score_moves=True),
+    "renorm_flax_nnx": _r(CAUSAL, mask_form="renorm"),
+    "renorm_plain_symbolic": _r(CAUSAL, mask_form="renorm_plain", symbolic_seq=True, to_the_end=True),
 }
 
 # Near misses at seq 512 (masks) so that the mask, not the seq tile, is the one cause.
@@ -1248,6 +1430,18 @@ NEAR_MISSES: dict[str, AttnSpec] = {
     "anti_causal_where_swapped": _r(MASKED, mask="anti_causal", mask_form="where_not"),
     "op_anti_causal_bool": _r(MASKED, form="attention_op", mask="anti_causal", mask_form="bool"),
     "dropout_training": _r(CAUSAL, dropout="training"),  # may fuse: FlashFwd carries dropout_p
+    # near misses of the exporters' forms (issue 11)
+    "window_next_to_to_the_end": _r(CAUSAL, symbolic_seq=True, mask="sliding_window", mask_form="range",
+                                    window=120, to_the_end=True),
+    "scale_seq_shape_symbolic": _r(CAUSAL, scale_form="seq_shape", symbolic_seq=True, mask_form="range"),
+    "multiplicative_only": _r(MASKED, mask_form="mul_only", mask_value="min"),
+    "multiplicative_off_by_one": _r(MASKED, mask="off_by_one", mask_form="mul_const", mask_value="min"),
+    "multiplicative_shift_range": _r(MASKED, mask="shift", mask_form="mul_range", mask_value="-1e4"),
+    "renorm_not_divided": _r(MASKED, mask_form="renorm_nodiv"),
+    "renorm_weighted": _r(MASKED, mask_form="renorm_weighted"),
+    "renorm_shift": _r(MASKED, mask="shift", mask_form="renorm"),
+    "score_moves_anti_causal": _r(MASKED, score_moves=True, mask_form="mul_const", mask_value="min",
+                                  mask="anti_causal"),
 }
 
 

@@ -63,7 +63,7 @@ def test_report_and_attributes(name, fused_cache):
     why = f"{name}: {describe(spec)}; report: {report.blocks}"
     assert len(report.blocks) == spec.blocks, why
     # batched heads (b·h, s, d) run as h = 1 (kv heads already repeated in the graph)
-    heads, kv_heads = (1, 1) if spec.batched_heads else (spec.heads, spec.kv)
+    heads, kv_heads = (1, 1) if spec.batched_heads or spec.score_moves else (spec.heads, spec.kv)
     for block in report.blocks:
         assert block.fused, why
         assert block.heads == heads, why

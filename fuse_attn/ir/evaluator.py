@@ -73,14 +73,31 @@ def _conflicting_sizes(op_type: str, shapes: list[tuple[int, ...]]) -> list[tupl
 
 
 class DependsOnInput(Unprovable):
-    def __init__(self, input_name: str):
-        super().__init__(f"depends on the contents of graph input '{input_name}'")
+    def __init__(self, input_name: str, overridable: bool = False):
+        super().__init__(overridable_reason(input_name) if overridable
+                         else f"depends on the contents of graph input '{input_name}'")
         self.input_name = input_name
+        self.overridable = overridable
+
+
+def overridable_reason(name: str) -> str:
+    return (f"depends on initializer '{name}', which is also a graph input: a caller may replace it "
+            "(pass --freeze-initializer-inputs to read it as the constant it holds)")
 
 
 def _is_shape_op(node: Node) -> bool:
     return node.domain in DEFAULT_DOMAINS and node.op_type in ("Shape", "Size")
 
+
+def _contents_read(node: Node) -> list[Value]:
+    """The inputs whose contents `node` reads: CastLike takes only the type of its second."""
+    if node.op_type == "CastLike" and node.domain in DEFAULT_DOMAINS:
+        return node.inputs[:1]
+    return [v for v in node.inputs if v is not None]
+
+
+# A Slice start or end this far out is clamped to the dim for every tensor a proof can handle: "to the end".
+TO_THE_END = 1 << 31
 
 BATCH_SAMPLE = 2
 # Symbolic seq lengths are proven at this size (one distinct size per symbol, so that two
@@ -166,18 +183,20 @@ class Evaluator:
 
     @classmethod
     def for_graph(cls, graph: Graph, declared_inputs=None, seq: int = FIRST_SEQ_SAMPLE,
-                  ties: dict[str, str | int] | None = None) -> "Evaluator":
-        return cls(graph, _tie(sample_binding(graph, seq), ties or {}), declared_inputs, ties)
+                  ties: dict[str, str | int] | None = None, *, mask_inputs=None) -> "Evaluator":
+        evaluator = cls(graph, _tie(sample_binding(graph, seq), ties or {}), declared_inputs, ties)
+        evaluator.mask_inputs = mask_inputs or {}
+        return evaluator
 
     @classmethod
-    def tied_for_graph(cls, graph: Graph, declared_inputs, probes: list[Value]) -> "Evaluator":
+    def tied_for_graph(cls, graph: Graph, declared_inputs, probes: list[Value], *, mask_inputs=None) -> "Evaluator":
         """An evaluator whose free symbols are tied where the graph ties them: distinct sample
         sizes that the graph cannot run with (a MatMul or broadcast between two free dims, or a
         free dim against a fixed one, say an unnamed hidden dim) are made equal, and the shapes
         of `probes` inferred again, until they infer or no tie explains the conflict."""
         ties: dict[str, str | int] = {}
         while True:
-            evaluator = cls.for_graph(graph, declared_inputs, ties=ties)
+            evaluator = cls.for_graph(graph, declared_inputs, ties=ties, mask_inputs=mask_inputs)
             conflict = probe = None
             for value in probes:
                 try:
@@ -209,10 +228,22 @@ class Evaluator:
     def at_seq(self, seq: int) -> "Evaluator":
         """The same graph with its symbolic seq lengths bound to `seq` (and up); one per seq."""
         if seq not in self._rebound:
-            other = Evaluator.for_graph(self.graph, self.declared_inputs, seq, self.ties)
+            other = Evaluator.for_graph(self.graph, self.declared_inputs, seq, self.ties, mask_inputs=self.mask_inputs)
             other.declared_used = self.declared_used
             self._rebound[seq] = other
         return self._rebound[seq]
+
+    def for_masks(self) -> "Evaluator":
+        """The evaluator of mask and bias operands: this binding, plus the inputs whose contents the
+        user vouched for (`mask_inputs`, --assume-no-padding). Nothing else a proof reads may use
+        them: a token-id input read for a Reshape is not all ones."""
+        if not self.mask_inputs:
+            return self
+        if self._for_masks is None:
+            self._for_masks = Evaluator(self.graph, self.binding, {**self.declared_inputs, **self.mask_inputs},
+                                        self.ties)
+            self._for_masks.declared_used = self.declared_used
+        return self._for_masks
 
     def varied(self) -> "Evaluator":
         """The same graph with every free symbol, batch included, bound to another size: a dim
@@ -237,6 +268,8 @@ class Evaluator:
         self.memo: dict[object, object] = {}
         self._rebound: dict[int, Evaluator] = {}
         self._varied: Evaluator | None = None
+        self.mask_inputs: dict = {}  # see `for_masks`
+        self._for_masks: Evaluator | None = None
 
     # --- shapes and dtypes ----------------------------------------------------------------
     def dim(self, d) -> int:
@@ -359,22 +392,27 @@ class Evaluator:
 
     def cone_index_constants(self, value: Value) -> list[int]:
         """The single-number integer constants `value` is computed from: the numbers position
-        arithmetic uses (a window size would be one; mask fill values are floats)."""
-        found, seen, stack = [], set(), [value]
+        arithmetic uses (a window size would be one; mask fill values are floats).
+
+        A Slice bound beyond any length a dim can have (TorchScript's INT64_MAX for `x[:, :n]`)
+        means "to the end" and is no such number; a real window constant is one wherever it is."""
+        found, seen, stack = [], set(), [(value, False)]
         while stack and len(seen) < MAX_CONE_NODES:
-            v = stack.pop()
-            if v in seen:
+            v, slice_bound = stack.pop()
+            if (v, slice_bound) in seen:
                 continue
-            seen.add(v)
+            seen.add((v, slice_bound))
             if v.is_constant():
                 if v.constant_size() == 1:
                     array = np.asarray(v.constant())
-                    if array.dtype.kind in "iu":
+                    if array.dtype.kind in "iu" and not (slice_bound and abs(int(array.reshape(()))) >= TO_THE_END):
                         found.append(int(array.reshape(())))
                 continue
             node = v.producer()
             if node is not None and not _is_shape_op(node):
-                stack.extend(i for i in node.inputs if i is not None)
+                bounds = (1, 2) if node.op_type == "Slice" and node.domain in DEFAULT_DOMAINS else ()
+                stack.extend((i, slice_bound or index in bounds) for index, i in enumerate(node.inputs)
+                             if i is not None and i in _contents_read(node))
         return found
 
     # --- values ---------------------------------------------------------------------------
@@ -393,7 +431,7 @@ class Evaluator:
         if value.is_graph_input():
             maker = self.declared_inputs.get(value.name)
             if maker is None:
-                raise DependsOnInput(value.name)
+                raise DependsOnInput(value.name, value.is_overridable())
             self.declared_used.add(value.name)
             return maker(self.shape_of(value), helper.tensor_dtype_to_np_dtype(self.dtype_of(value)))
         producer = value.producer()
@@ -428,7 +466,7 @@ class Evaluator:
                 raise Unprovable(f"'{target.name}' is computed by more than {MAX_CONE_NODES} nodes")
             if node.domain not in DEFAULT_DOMAINS:
                 raise Unprovable(f"'{target.name}' is computed by custom op {node.domain}::{node.op_type}")
-            stack.extend(v for v in node.inputs if v is not None)
+            stack.extend(_contents_read(node))
         constants = [v for v, leaf in leaves.items() if isinstance(leaf, Value)]
         if sum(v.constant_size() or 0 for v in constants) > MAX_CONE_CONSTANT_ELEMENTS:
             raise Unprovable(f"'{target.name}' is computed from large weights, not from shapes")
@@ -448,9 +486,13 @@ class Evaluator:
 
         protos = []
         for node in order:
-            proto = helper.make_node(node.op_type, [name(v) for v in node.inputs],
-                                     [name(v) for v in node.outputs])
-            proto.attribute.extend(node.proto.attribute)
+            if node.op_type == "CastLike":  # the type is all it takes from its second input
+                proto = helper.make_node("Cast", [name(node.inputs[0])], [name(v) for v in node.outputs],
+                                         to=self.dtype_of(node.inputs[1]))
+            else:
+                proto = helper.make_node(node.op_type, [name(v) for v in node.inputs],
+                                         [name(v) for v in node.outputs])
+                proto.attribute.extend(node.proto.attribute)
             protos.append(proto)
         feeds = {name(v): a for v, a in leaves.items()}
         wanted = [v for n in order for v in n.outputs if v in names]

@@ -40,8 +40,14 @@ class Value:
         return list(dict.fromkeys(self._consumers))
 
     def is_graph_input(self) -> bool:
-        """A runtime input (an initializer listed among the inputs is a constant here)."""
-        return self.name in self.graph._input_names and self.name not in self.graph._initializers
+        """A runtime input. An initializer also listed among the inputs is a default the caller
+        may replace, so it is an input too, unless the graph's overridable initializers are frozen."""
+        return self.name in self.graph._input_names and (
+            self.name not in self.graph._initializers or not self.graph.freeze_initializer_inputs)
+
+    def is_overridable(self) -> bool:
+        """An initializer also listed among the graph inputs (keep_initializers_as_inputs, IR < 4)."""
+        return self.name in self.graph._overridable
 
     def is_graph_output(self) -> bool:
         return self.name in self.graph._output_names
@@ -100,7 +106,7 @@ class Value:
 
     def is_constant(self) -> bool:
         if self.name in self.graph._initializers:
-            return True
+            return self.name not in self.graph._overridable or self.graph.freeze_initializer_inputs
         node = self._producer
         return node is not None and node.op_type == "Constant" and node.domain in DEFAULT_DOMAINS
 
@@ -118,6 +124,8 @@ class Value:
         """The constant's value, loaded now (from external data if it lives there)."""
         if not self.is_constant():
             return None
+        if self.name in self.graph._overridable:
+            self.graph.frozen_used.add(self.name)
         tensor = self.graph._initializers.get(self.name) or self._constant_tensor()
         if tensor is not None:
             return numpy_helper.to_array(tensor, base_dir=self.graph.base_dir or "")
@@ -203,6 +211,11 @@ class Graph:
         self._values: dict[str, Value] = {}
         self._initializers = {t.name: t for t in graph.initializer}
         self._input_names = {i.name for i in graph.input}
+        self._overridable = self._input_names & set(self._initializers)
+        # Read overridable initializers as the constants they hold (--freeze-initializer-inputs);
+        # `frozen_used` collects the ones a proof read.
+        self.freeze_initializer_inputs = False
+        self.frozen_used: set[str] = set()
         self._output_names = {o.name for o in graph.output}
         self._type_index: dict[str, onnx.TypeProto] | None = None
         self.nodes = [Node(self, proto) for proto in graph.node]
