@@ -172,6 +172,36 @@ def _draw_added_positive(draw, kw: dict) -> None:
         kw["v_scale"] = 1.0
     if draw(st.integers(0, 7)) == 0:
         kw["dropout"] = "training_zero"
+    _draw_exporter_forms(draw, kw)
+
+
+def _draw_exporter_forms(draw, kw: dict) -> None:
+    """What other exporters emit (issue 11), each exact: scales computed from constants and shapes,
+    repeat_kv with a computed Expand shape, masks sliced "to the end", multiplicative masks
+    (tf2onnx), renormalised softmax (jax2onnx), and the product in 3D around a 4D softmax."""
+    # float32 only: the comparison runs low-precision models upcast, which drops the graph's own Cast of
+    # a computed scale to float16 (the kernel's scale is that rounded value: right in the real model)
+    if draw(st.integers(0, 3)) == 0 and kw.get("scale") is None and not kw.get("scale_rank") \
+            and kw["dtype"] == "float32":
+        kw["scale_form"] = draw(st.sampled_from(["computed", "shape_pow", "castlike", "sdpa_shape"]
+                                                + ([] if kw["symbolic_seq"] else ["seq_shape"])))
+    if 1 < kw["kv_heads"] < kw["heads"] and draw(st.booleans()):
+        kw["kv_repeat"] = "repeat_kv_where"
+    if kw["mask"] == "causal" and draw(st.integers(0, 3)) == 0:
+        form = draw(st.sampled_from(["mul_const", "mul_range", "renorm", "renorm_plain"]))
+        if form == "mul_const" and kw["symbolic_seq"]:
+            form = "mul_range"
+        kw["mask_form"] = form
+        if form.startswith("mul") and kw.get("mask_value") == "-inf":
+            kw["mask_value"] = "min"
+        if form.startswith("renorm"):
+            kw.update(nan_guard=False, softmax_cast=False, batched_heads=False, softmax_axis=-1)
+    if kw.get("mask_form") in ("range", "range_add", "mul_range", "renorm", "renorm_plain") and draw(st.booleans()):
+        kw["to_the_end"] = True
+    if not kw.get("batched_heads") and kw["softmax_axis"] == -1 and draw(st.integers(0, 4)) == 0:
+        kw["score_moves"] = True
+        if kw["extra_consumer"] == "out":
+            kw["extra_consumer"] = "none"
 
 
 NEAR_MISS_KINDS = (
@@ -179,6 +209,10 @@ NEAR_MISS_KINDS = (
     "head_dim", "seq_tile",
     # added after wrong rewrites the generator missed (tests/test_fuse_broadcasts.py, test_symbolic_seq.py)
     "broadcast", "window_symbolic", "bottom_right_computed", "v_scale", "dropout_training",
+    # exporters' forms (issue 11): a window next to "to the end" slices, a scale that changes with the
+    # seq, a multiplicative mask without its additive part or with the wrong positions, a softmax
+    # multiplied by a mask and not renormalised, renormalised with weights, or over the wrong keys
+    "exporter_forms",
 )
 
 
@@ -242,6 +276,8 @@ def near_miss_specs(draw) -> AttnSpec:
                 base = r(base, **dec, mask_form="range" if base.causal else "add", k_transpose="perm0132",
                          scale_form="div", extra_consumer="none")
             return r(base, dropout="training")
+        if kind == "exporter_forms":
+            return _exporter_near_miss(draw, base)
         if kind == "tiled":
             heads = draw(st.sampled_from([4, 8]))
             return r(base, **dec, k_transpose=draw(st.sampled_from(["perm0132", "dynamo"])),
@@ -280,6 +316,36 @@ def near_miss_specs(draw) -> AttnSpec:
     except ValueError:
         assume(False)
     raise AssertionError(kind)
+
+
+def _exporter_near_miss(draw, base: AttnSpec) -> AttnSpec:
+    r = dataclasses.replace
+    common = dict(form="decomposed", dtype=base.dtype, k_transpose=draw(st.sampled_from(["perm0132", "dynamo"])),
+                  blocks=1, extra_consumer="none", softmax_axis=-1, softmax_cast=False, nan_guard=False,
+                  batched_heads=False, mask_batch=1, scale_rank=0, scale=None, probs_transpose=False,
+                  mask_src="x", score_moves=draw(st.booleans()), kv_repeat="repeat_kv", seq_kv=None,
+                  scale_form=draw(st.sampled_from(["div", "computed", "castlike"] if base.dtype == "float32"
+                                                  else ["div"])))
+    which = draw(st.sampled_from(["window", "seq_scale", "mul_only", "mul_mask", "renorm_nodiv", "renorm_weighted",
+                                  "renorm_mask"]))
+    if which == "window":
+        return r(base, **common, mask="sliding_window", mask_form=draw(st.sampled_from(["range", "mul_range", "renorm"])),
+                 window=draw(st.sampled_from([5, 97, 120, 300])), symbolic_seq=True, seq=16, to_the_end=True,
+                 mask_value="min")
+    if which == "seq_scale":
+        return r(base, **{**common, "scale_form": "seq_shape", "dtype": "float32"}, mask="causal", symbolic_seq=True, seq=16,
+                 mask_form=draw(st.sampled_from(["range", "mul_range"])), mask_value="min")
+    seq = draw(st.sampled_from([16, 512]))
+    small = dict(seq=seq, symbolic_seq=False, batch=1, heads=min(base.heads, 2), kv_heads=1,
+                 head_dim=4 if seq == 512 else base.head_dim, mask_value="min")
+    if which == "mul_only":
+        return r(base, **common, **small, mask="causal", mask_form="mul_only")
+    if which == "mul_mask":
+        return r(base, **common, **small, mask=draw(st.sampled_from(["off_by_one", "anti_causal", "shift"])),
+                 mask_form="mul_const")
+    if which == "renorm_mask":
+        return r(base, **common, **small, mask="shift", mask_form="renorm")
+    return r(base, **common, **small, mask="causal", mask_form=which)
 
 
 def _broadcast_near_miss(draw, base: AttnSpec) -> AttnSpec:
