@@ -140,6 +140,10 @@ class Value:
     def constant_rows(self, start: int, stop: int) -> np.ndarray | None:
         """Rows start..stop of the constant seen as (all but the last axis, last axis), read
         from raw bytes or the external data file without loading the rest; None if not stored so."""
+        if not self.is_constant():
+            return None
+        if self.name in self.graph._overridable:
+            self.graph.frozen_used.add(self.name)
         tensor = self.graph._initializers.get(self.name) or self._constant_tensor()
         if tensor is None or not tensor.dims:
             return None
