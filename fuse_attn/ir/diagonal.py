@@ -71,6 +71,15 @@ def is_square(shape: tuple[int, ...]) -> bool:
     return len(shape) >= 2 and shape[-1] > 1 and shape[-2] > 1
 
 
+def _lead_of(table: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """A strip's table broadcast to the lead axes of `shape` (lead + (rows, cols)); the table may
+    carry more leading size-1 axes than the value has (they broadcast away)."""
+    extra = table.ndim - (len(shape) - 1)
+    if extra > 0 and all(d == 1 for d in table.shape[:extra]):
+        table = table.reshape(table.shape[extra:])
+    return np.broadcast_to(table, tuple(shape[:-2]) + table.shape[-1:])
+
+
 def strip_of(evaluator: Evaluator, value: Value) -> Strip:
     """`value` (shape lead + (rows, cols)) as a strip, or NotDiagonal / Unprovable."""
     try:
@@ -257,10 +266,7 @@ class _StripWalk:
         if node.op_type == "Expand":
             lead = np.broadcast_shapes(source.table.shape[:-1], shape[:-2])
             return Strip(np.broadcast_to(source.table, lead + source.table.shape[-1:]), rows, cols)
-        table = source.table  # its lead may have more (size-1) axes than the input: broadcast's own
-        table = table.reshape(table.shape[max(0, table.ndim - (n - 1)):]) if table.ndim > n - 1 and \
-            all(d == 1 for d in table.shape[:table.ndim - (n - 1)]) else table
-        table = np.broadcast_to(table, tuple(in_shape[:-2]) + source.table.shape[-1:])
+        table = _lead_of(source.table, in_shape)
         return Strip(table.reshape(tuple(shape[:-2]) + table.shape[-1:]), rows, cols)
 
     def _transpose(self, node: Node, shape) -> Strip:
@@ -268,10 +274,7 @@ class _StripWalk:
         in_shape = self.evaluator.shape_of(node.inputs[0])
         n = len(in_shape)
         perm = list(node.attr("perm") or reversed(range(n)))
-        table = source.table  # its lead may have more (size-1) axes than the input: broadcast's own
-        table = table.reshape(table.shape[max(0, table.ndim - (n - 1)):]) if table.ndim > n - 1 and \
-            all(d == 1 for d in table.shape[:table.ndim - (n - 1)]) else table
-        table = np.broadcast_to(table, tuple(in_shape[:-2]) + source.table.shape[-1:])
+        table = _lead_of(source.table, in_shape)
         lead = [p for p in perm[:-2]]
         if sorted(lead) != list(range(n - 2)):
             raise NotDiagonal(f"Transpose '{node.name}' mixes the mask's last two axes with others")
@@ -301,10 +304,7 @@ class _StripWalk:
         source = self.operand(node.inputs[0])
         if not isinstance(source, Strip):
             raise NotDiagonal(f"Slice '{node.name}' makes a seq × seq value")
-        table = source.table  # its lead may have more (size-1) axes than the input: broadcast's own
-        table = table.reshape(table.shape[max(0, table.ndim - (n - 1)):]) if table.ndim > n - 1 and \
-            all(d == 1 for d in table.shape[:table.ndim - (n - 1)]) else table
-        table = np.broadcast_to(table, tuple(in_shape[:-2]) + source.table.shape[-1:])
+        table = _lead_of(source.table, in_shape)
         table = table[tuple(np.asarray(r) for r in np.ix_(*ranges[:-2]))] if n > 2 else table
         rows, cols = len(rows_r), len(cols_r)
         # new i' − j' = d'  is old  d = d' + r0 − c0; old table index d + source.cols − 1
