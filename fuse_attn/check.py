@@ -25,7 +25,7 @@ from fuse_attn import modelio
 from fuse_attn.coverage import MODEL_COLUMNS, Column, Row, render_markdown
 from fuse_attn.modelio import InputError
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED = 0, 1  # bad usage raises InputError: exit 2 (fuse_attn.usage)
 RESULTS_FORMAT = "fuse-attn check results"
 RESULTS_VERSION = 1
 
@@ -44,8 +44,8 @@ def collect_models(paths: list[str]) -> dict[str, str]:
         if os.path.isdir(arg):
             found = []
             for folder, dirs, files in os.walk(arg):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                found += [os.path.join(folder, f) for f in sorted(files)
+                dirs[:] = [d for d in dirs if not d.startswith(".")]  # .git, caches
+                found += [os.path.join(folder, f) for f in files
                           if f.lower().endswith(".onnx") and not f.startswith(".")]
             if not found:
                 raise InputError(f"no .onnx models found in '{arg}'")
