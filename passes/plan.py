@@ -166,29 +166,30 @@ def _seq_names(operands: tuple[Value, Value], axes: tuple[int, int], evaluator: 
     return tuple(names)
 
 
-def _check_mask_at_longer_seq(score_steps, query: Value, reading: ScoreReading, evaluator: Evaluator) -> None:
+def _check_mask_at_longer_seq(score_steps, query: Value, seq_axis: int, reading: ScoreReading,
+                              evaluator: Evaluator) -> None:
     """A symbolic seq was proven at a small sample size; a mask computed from shapes may change
     with the length (a sliding window is causal up to its window). Prove it again at a length
     past every constant its computation uses."""
-    steps = score_steps(evaluator.shape_of(query)[-2], evaluator.shape_of(query)[-2])
+    steps = score_steps(evaluator.shape_of(query)[seq_axis], evaluator.shape_of(query)[seq_axis])
     operands = [v for st in steps for v in (st.operand, st.condition) if isinstance(v, Value)]
     reach = max((abs(c) for v in operands for c in evaluator.cone_index_constants(v)), default=0)
-    longer = max(reach + 2, 2 * evaluator.shape_of(query)[-2])
+    longer = max(reach + 2, 2 * evaluator.shape_of(query)[seq_axis])
     if longer > MAX_MASK_PROOF_SEQ:
         raise NotFused(f"the mask is computed with the constant {reach} (a window?) and cannot be proven "
                        f"for symbolic seq lengths beyond {MAX_MASK_PROOF_SEQ}; export with a fixed seq")
     at_longer = evaluator.at_seq(longer)
     # The free symbol sampled at the query's length, when one is: inferring the query's shape
     # at the new binding would walk every layer before it again.
-    sample = evaluator.shape_of(query)[-2]
+    sample = evaluator.shape_of(query)[seq_axis]
     symbols = [name for name, size in evaluator.binding.items() if size == sample]
-    seq = at_longer.binding[symbols[0]] if len(symbols) == 1 else at_longer.shape_of(query)[-2]
+    seq = at_longer.binding[symbols[0]] if len(symbols) == 1 else at_longer.shape_of(query)[seq_axis]
     try:
         again = read_scores(score_steps(seq, seq), at_longer, seq, seq)
     except NotFused as exc:
         raise NotFused(f"at seq {seq}: {exc.reason}") from None
     if again != reading:
-        raise NotFused(f"the mask reads as {reading} at seq {evaluator.shape_of(query)[-2]} but {again} at seq {seq}")
+        raise NotFused(f"the mask reads as {reading} at seq {evaluator.shape_of(query)[seq_axis]} but {again} at seq {seq}")
 
 
 def plan_block(
@@ -231,11 +232,12 @@ def plan_block(
         raise NotFused(f"the attention output has shape {output_shape}, the kernel's would be {kernel_output} "
                        "(the mask or scale broadcasts the scores)")
     query = q.chain.values[-1]
-    seq = _size(query, -2, proof.seq_q, evaluator)
+    axes = kernel_axes(q, evaluator)  # where the query's batch and seq axes are (an Einsum's operand: anywhere)
+    seq = _size(query, axes[3], proof.seq_q, evaluator) if axes[3] is not None else proof.seq_q
     try:
         reading = read_scores(score_steps(proof.seq_q, proof.seq_k), evaluator, proof.seq_q, proof.seq_k)
         if isinstance(seq, str):
-            _check_mask_at_longer_seq(score_steps, query, reading, evaluator)
+            _check_mask_at_longer_seq(score_steps, query, axes[3], reading, evaluator)
     except Unprovable as exc:
         raise NotFused(f"cannot prove what the mask is: {exc}") from None
     q_src, k_src, v_src = (
@@ -269,6 +271,6 @@ def plan_block(
         q=q_src, k=k_src, v=v_src, attrs=attrs, output=output,
         squeeze_heads=proof.batched_heads,
         insert_before=insert_before,
-        batch=_size(query, 0, proof.batch, evaluator), seq=seq, head_dim=proof.head_dim, notes=notes, seed=seed,
+        batch=_size(query, axes[0], proof.batch, evaluator) if axes[0] is not None else proof.batch, seq=seq, head_dim=proof.head_dim, notes=notes, seed=seed,
         q_head_order=proof.q_head_order, output_perm=output_perm,
     )

@@ -63,3 +63,14 @@ def test_einsum_that_is_not_attention_is_left_alone(qk, pv, cause):
     _, report = fuse(model)
     (block,) = report.blocks
     assert not block.fused and cause in block.reason, block.reason
+
+
+def test_einsum_with_symbolic_batch_reads_seq_from_the_operands_seq_axis():
+    """(b, s, h, d) operands with a free batch (jax2onnx's einsum attention): seq is axis 1, not -2."""
+    model = _block("bshd", "bqhd,bkhd->bhqk", "bhqk,bkhd->bqhd")
+    for value in model.graph.input:
+        value.type.tensor_type.shape.dim[0].dim_param = "B"
+    fused, report = fuse(model)
+    (block,) = report.blocks
+    assert block.fused and block.causal and block.seq == S and block.heads == H, block
+    np.testing.assert_allclose(_run(fused, "bshd"), _run(model, "bshd"), atol=1e-5)

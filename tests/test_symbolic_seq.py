@@ -95,3 +95,38 @@ def test_every_block_of_a_symbolic_seq_model_fuses(mask_form):
     fused, report = fuse(built.model)
     assert [b.fused for b in report.blocks] == [True, True, True], [b.reason for b in report.blocks]
     assert fused_vs_original(built, fused) <= 1e-4
+
+
+def _sliced_to_the_end(model: onnx.ModelProto, ends, dtype) -> onnx.ModelProto:
+    """The mask condition sliced "to the end" as exporters write `keep[:, :]`: TorchScript with
+    INT64_MAX (int64), tf2onnx with 1e9 (int32 bounds); a 4-element variant too."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    keep = next(n for n in m.graph.node if n.op_type == "Where").input[0]
+    bounds = [numpy_helper.from_array(np.asarray(v, dtype), name) for v, name in
+              (([0], "to_end_start"), ([ends], "to_end_end"), ([1], "to_end_axis"))]
+    m.graph.initializer.extend(bounds)
+    m.graph.node.insert(len(m.graph.node) - 6, helper.make_node(
+        "Slice", [keep, "to_end_start", "to_end_end", "to_end_axis"], ["keep_to_end"]))
+    for n in m.graph.node:
+        if n.op_type == "Where":
+            n.input[0] = "keep_to_end"
+    onnx.checker.check_model(m)
+    return m
+
+
+@pytest.mark.parametrize("ends, dtype", [(9223372036854775807, np.int64), (1_000_000_000, np.int32)])
+def test_slice_to_the_end_is_no_window(ends, dtype):
+    model = _sliced_to_the_end(_block(window=None), ends, dtype)
+    fused, report = fuse(model)
+    (block,) = report.blocks
+    assert block.fused and block.causal, block.reason
+    np.testing.assert_allclose(_run(fused, 300), _run(model, 300), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int32])
+def test_window_next_to_a_slice_to_the_end_is_still_caught(dtype):
+    model = _sliced_to_the_end(_block(window=200), 9223372036854775807 if dtype == np.int64 else 10**9, dtype)
+    _, report = fuse(model)
+    (block,) = report.blocks
+    assert not block.fused and "sliding window of 200" in block.reason, block.reason

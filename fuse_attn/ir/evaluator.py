@@ -96,8 +96,9 @@ def _contents_read(node: Node) -> list[Value]:
     return [v for v in node.inputs if v is not None]
 
 
-# A Slice start or end this far out is clamped to the dim for every tensor a proof can handle: "to the end".
-TO_THE_END = 1 << 31
+# A Slice start or end this far out is clamped to the dim for every tensor a proof can handle: "to the
+# end" (TorchScript writes INT64_MAX, tf2onnx 1e9).
+TO_THE_END = 10**9
 
 BATCH_SAMPLE = 2
 # Symbolic seq lengths are proven at this size (one distinct size per symbol, so that two
@@ -346,9 +347,11 @@ class Evaluator:
         for v, name in names.items():
             dtype, shape = self._types[v]
             types[name] = helper.make_tensor_type_proto(dtype, shape)
-            if dtype == onnx.TensorProto.INT64 and len(shape) <= 1 and math.prod(shape) <= 64:
+            # shape-like operands (Reshape targets, Slice bounds): int64, or int32 as tf2onnx writes them
+            integer = {onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32}.get(dtype)
+            if integer is not None and len(shape) <= 1 and math.prod(shape) <= 64:
                 try:
-                    data[name] = numpy_helper.from_array(np.asarray(self.value_of(v), dtype=np.int64), name)
+                    data[name] = numpy_helper.from_array(np.asarray(self.value_of(v), dtype=integer), name)
                 except Unprovable:
                     pass
         try:
