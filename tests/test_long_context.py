@@ -136,6 +136,11 @@ CASES = {
                        helper.make_node("Slice", ["g4", "r0", "r1", "ax23"], ["m"])],
     "trilu_upper_k": [helper.make_node("Sub", ["rows", "cols"], ["g"]),
                       helper.make_node("Trilu", ["g", "k2"], ["m"], upper=1)],
+    "bool_vectors": [helper.make_node("Less", ["rows", "len"], ["row_ok"]),  # (S, 1) all true
+                     helper.make_node("Less", ["cols", "len"], ["col_ok"]),  # (1, S) all true
+                     helper.make_node("Equal", ["row_ok", "col_ok"], ["both"]),
+                     helper.make_node("LessOrEqual", ["cols", "rows"], ["g"]),
+                     helper.make_node("And", ["g", "both"], ["m"])],
     "expanded": [helper.make_node("Less", ["cols", "rows"], ["g"]),
                  helper.make_node("Expand", ["g", "shape4"], ["g4"]),
                  helper.make_node("Where", ["g4", "half", "zero"], ["m"])],

@@ -247,7 +247,9 @@ class _StripWalk:
         rows, cols = shape[-2:]
         inputs = [self.operand(v) for v in node.inputs]
         if node.op_type in _COMPARE | {"Add", "Sub"} and not any(isinstance(x, Strip) for x in inputs):
-            return self._affine_pair(node, inputs, rows, cols)
+            pair = self._affine_pair(node, inputs, rows, cols)
+            if pair is not None:
+                return pair
         tables = []
         for x in inputs:
             if x is None:
@@ -258,12 +260,13 @@ class _StripWalk:
                 tables.append(as_strip(x, rows, cols).table)
         return Strip(_run(node, tables, self.opset), rows, cols)
 
-    def _affine_pair(self, node: Node, inputs: list, rows: int, cols: int) -> Strip:
-        """Row index against column index: both affine with matching slopes, the result depends on i − j."""
+    def _affine_pair(self, node: Node, inputs: list, rows: int, cols: int) -> Strip | None:
+        """Row index against column index: both affine with matching slopes, the result depends on
+        i − j. None when they are not index vectors (values constant along an axis may still be)."""
         a, b = (np.asarray(x).reshape((1,) * (2 - np.ndim(x)) + np.shape(x)) for x in inputs)
         fa, fb = _affine(a, rows, cols), _affine(b, rows, cols)
         if fa is None or fb is None:
-            raise NotDiagonal(f"{node.op_type} '{node.name}' combines a row and a column that are not index vectors")
+            return None
         sign = 1 if node.op_type == "Add" else -1
         base = fa[0] + sign * fb[0]
         k_row, k_col = fa[1] + sign * fb[1], fa[2] + sign * fb[2]
