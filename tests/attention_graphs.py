@@ -812,7 +812,12 @@ def _renormalize(g: _Graph, spec: AttnSpec, p: str, x: str) -> str:
         weights = np.where(allowed, np.where(np.arange(spec.skv)[None, :] % 2 == 0, 1.0, 0.5), 0.0)
         m = g.f(weights[None, None], "renorm_weights")
     else:
-        m = g.op("Cast", [_computed_allowed(g, spec, x)], "mask_f", to=g.onnx_dtype)
+        keep = _computed_allowed(g, spec, x)
+        if spec.mask_form == "renorm":  # jax2onnx reshapes the (s, s) mask to (1, 1, s, s) first
+            n1 = g.op("Unsqueeze", [_seq_scalar(g, x), g.i64([0])], "seq_1d")
+            keep = g.op("Reshape", [keep, g.op("Concat", [g.i64([1, 1]), n1, n1], "mask_4d_shape", axis=0)],
+                        "mask_4d")
+        m = g.op("Cast", [keep], "mask_f", to=g.onnx_dtype)
     weighted = g.op("Mul", [p, m], "probs_masked")
     if spec.mask_form == "renorm_nodiv":
         return weighted
@@ -1366,6 +1371,7 @@ POSITIVE_VARIANTS: dict[str, AttnSpec] = {
     "multiplicative_range_symbolic": _r(CAUSAL, mask_form="mul_range", mask_value="-1e9", symbolic_seq=True),
     "score_moves_no_mask_512": _r(BIDIR, score_moves=True),
     "renorm_flax_nnx": _r(CAUSAL, mask_form="renorm"),
+    "renorm_flax_nnx_symbolic": _r(CAUSAL, mask_form="renorm", symbolic_seq=True, to_the_end=True),
     "renorm_plain_symbolic": _r(CAUSAL, mask_form="renorm_plain", symbolic_seq=True, to_the_end=True),
 }
 

@@ -89,3 +89,16 @@ def test_seq_mismatch_names_the_models_dims_not_sample_lengths():
     _, report = fuse_model(symbolic)
     (block,) = report.blocks
     assert not block.fused and "seq_q 'sequence_length' != seq_k 'encoder_sequence_length'" in block.reason, block
+
+
+def test_freeze_initializer_inputs_on_the_command_line(tmp_path):
+    from fuse_attn.cli import main
+
+    built = build(dataclasses.replace(CAUSAL, mask_form="add"))
+    mask = _operand(built.model, "Add", 1)
+    path = tmp_path / "model.onnx"
+    onnx.save(_as_graph_input(built.model, mask), path)
+    assert main([str(path), "-o", str(tmp_path / "a.onnx"), "-q"]) == 0
+    assert not flash_nodes(onnx.load(tmp_path / "a.onnx"))
+    assert main([str(path), "-o", str(tmp_path / "b.onnx"), "--freeze-initializer-inputs", "--verify"]) == 0
+    assert len(flash_nodes(onnx.load(tmp_path / "b.onnx"))) == 1
