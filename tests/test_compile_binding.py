@@ -377,3 +377,15 @@ def test_simulate_follows_the_installed_kernel(monkeypatch, tmp_path, capsys):
     assert compile_main([str(model_path), "--simulate", "--shape", "x=1x512x64"]) == 0
     out = capsys.readouterr().out
     assert "flash_fwd 2.20 (the installed SDK 2.20)" in out and "CPU simulator of flash_fwd 2.20 arithmetic" in out
+
+
+def test_kernel_version_other_than_the_installed_one_is_refused_without_simulate(monkeypatch, tmp_path, capsys):
+    install(monkeypatch, sdk_220([], []))
+    model_path = tmp_path / "fused.onnx"
+    onnx.save(fused_model(), model_path)
+    argv = [str(model_path), "--shape", "x=1x512x64", "-o", str(tmp_path / "m.pt"), "--kernel-version", "2.21"]
+    assert compile_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["fuse-attn: error: --kernel-version 2.21: the installed SDK's flash_fwd is 2.20 (--kernel-version "
+                   "chooses only what --simulate follows)"]
+    assert not (tmp_path / "m.pt").exists()
