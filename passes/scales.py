@@ -4,8 +4,8 @@ Exporters write the softmax scale in many ways: a constant, `Sqrt(Cast(64))` (ja
 `Add(ConstantOfShape(..), Pow(Cast(Shape(v)[-1]), 0.5))` (GPT-2, TorchScript), `CastLike(c, x)`
 (older dynamo), torch's SDPA decomposition `Sqrt(Div(1, Sqrt(Cast(Shape(q)[-1]))))` on Q and Kᵀ.
 All are one number the graph applies to every score. It is read with the evaluator (constants
-and shapes only) and must be the same number at a second binding of the symbolic dims, since
-the kernel's softmax_scale is a constant.
+and shapes only) and must be the same number with every symbolic dim bound to another size (`Evaluator.varied`),
+since the kernel's softmax_scale is a constant.
 """
 
 from __future__ import annotations
@@ -15,9 +15,6 @@ import numpy as np
 from fuse_attn.ir.evaluator import DependsOnInput, Evaluator, Unprovable
 from fuse_attn.ir.graph import Value
 from fuse_attn.passes._graph import NotFused, scalar_constant
-
-# Symbolic dims are rebound this much further to check that a computed scale does not depend on them.
-_REBIND_BY = 3
 
 
 def evaluated(value: Value, evaluator: Evaluator) -> np.ndarray:
@@ -38,14 +35,6 @@ def uniform(array: np.ndarray) -> float | None:
     return float(first) if bool((array == first).all()) else None
 
 
-def _rebound(evaluator: Evaluator) -> Evaluator:
-    key = ("scales: rebound evaluator",)
-    if key not in evaluator.memo:
-        binding = {name: size + _REBIND_BY for name, size in evaluator.binding.items()}
-        evaluator.memo[key] = Evaluator(evaluator.graph, binding)
-    return evaluator.memo[key]
-
-
 def scale_value(value: Value, evaluator: Evaluator) -> float:
     """The one number `value` holds at every entry and every binding of the symbolic dims."""
     constant = scalar_constant(value)
@@ -55,7 +44,7 @@ def scale_value(value: Value, evaluator: Evaluator) -> float:
     if factor is None:
         raise NotFused(f"the scale '{value.name}' is not one number (a per-head or per-position scale)")
     if evaluator.binding:
-        again = uniform(evaluated(value, _rebound(evaluator)))
+        again = uniform(evaluated(value, evaluator.varied()))  # every free symbol, batch too, moved
         if again != factor:
             raise NotFused(f"the scale '{value.name}' changes with the model's symbolic dims; "
                            "the kernel's softmax_scale is a constant")
