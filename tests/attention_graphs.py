@@ -1030,9 +1030,9 @@ def _build_block(g: _Graph, spec: AttnSpec, rng, x: str, kv_src: str, blk: int):
             kt = _reshape(g, kt, [b * h, d, -1], "kt_3d")
         scores = g.op("MatMul", [q, kt], "scores")
         if spec.score_moves:
-            n = _seq_scalar(g, x)
-            n1 = g.op("Unsqueeze", [n, g.i64([0])], "seq_1d")
-            shape5 = g.op("Concat", [g.i64([b, h]), n1, n1, g.i64([1])], "scores_5d_shape", axis=0)
+            n1 = g.op("Unsqueeze", [_seq_scalar(g, x), g.i64([0])], "seq_1d")
+            nk1 = g.op("Unsqueeze", [_seq_scalar(g, kv_src), g.i64([0])], "seq_kv_1d")
+            shape5 = g.op("Concat", [g.i64([b, h]), n1, nk1, g.i64([1])], "scores_5d_shape", axis=0)
             scores = g.op("Squeeze", [g.op("Reshape", [scores, shape5], "scores_5d"), g.i64([4])], "scores_4d")
         raw_scores = scores
         scale_const = scale_array.reshape((1,) * spec.scale_rank) if spec.scale_rank else scale_array
@@ -1084,7 +1084,8 @@ def _build_block(g: _Graph, spec: AttnSpec, rng, x: str, kv_src: str, blk: int):
             p = g.op("Transpose", [p], "probs_t", perm=[0, 1, 3, 2])
         if spec.score_moves:  # back to (b·h, s, s) for a 3D PV product, as tf2onnx does
             n1 = g.op("Unsqueeze", [_seq_scalar(g, x), g.i64([0])], "seq_1d")
-            shape3 = g.op("Concat", [g.i64([b * h]), n1, n1], "probs_3d_shape", axis=0)
+            nk1 = g.op("Unsqueeze", [_seq_scalar(g, kv_src), g.i64([0])], "seq_kv_1d")
+            shape3 = g.op("Concat", [g.i64([b * h]), n1, nk1], "probs_3d_shape", axis=0)
             p = g.op("Reshape", [g.op("Unsqueeze", [p, g.i64([4])], "probs_5d"), shape3], "probs_3d")
             vh = _reshape(g, vh, [b * h, -1, d], "v_3d")
         o = g.op("MatMul", [p, vh], "attn_o")
