@@ -5,8 +5,11 @@ The two products may also be Einsums (`fuse_attn.passes.products`).
 Anchored on Softmax. Walking back to the QK MatMul collects the score steps (scale, mask,
 casts) as data for `fuse_attn.passes.masks` to interpret; walking forward to the PV MatMul accepts only
 what is the identity at inference: casts, the SDPA NaN guard Where(IsNaN(p), 0, p), Identity
-and Dropout (whose training-mode ratio becomes dropout_p). Every intermediate must have this
-block as its only reader, or removing it would change what the graph computes elsewhere.
+and Dropout (whose training-mode ratio becomes dropout_p), and a renormalisation by a mask
+(p·m / rowsum(p·m), a "renorm" step `masks` reads as a mask). Data movement next to the products
+(tf2onnx's Reshape/Squeeze around a 3-D product) is collected for the plan to prove it moves
+nothing. Every intermediate must have this block as its only reader (type-only readers such as
+Shape or CastLike's second input aside), or removing it would change what the graph computes elsewhere.
 """
 
 from __future__ import annotations
