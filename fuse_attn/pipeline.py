@@ -80,15 +80,16 @@ def fuse_graph(graph: Graph, *, name: str = "model", assume_no_padding: bool = F
     graph.freeze_initializer_inputs = freeze_initializer_inputs
     # Only mask and bias operands may read these (Evaluator.for_masks).
     declared = {v.name: _ones for v in graph.inputs if not v.is_overridable()} if assume_no_padding else {}
-    anchors = [n for n in graph if is_op(n, "Softmax", "Attention")]
+    # Blocks inside If/Loop/Scan bodies too (optimum's merged decoder keeps every block in If branches).
+    anchors = [n for n in graph.all_nodes() if is_op(n, "Softmax", "Attention")]
     evaluator = Evaluator.tied_for_graph(graph, {}, [n.outputs[0] for n in anchors if n.outputs[0] is not None],
                                          mask_inputs=declared)
     report = FuseReport(model=name)
     if specialized is not None:
         report.specialized = specialized.lines()
-        drop_empty_concat_operands(list(graph), evaluator)
-    report.already_fused = sum(n.domain == contract.DOMAIN and n.op_type == contract.OP_TYPE for n in graph)
-    transposes_before = sum(is_op(n, "Transpose") for n in graph)
+        drop_empty_concat_operands(list(graph.all_nodes()), evaluator)
+    report.already_fused = sum(n.domain == contract.DOMAIN and n.op_type == contract.OP_TYPE for n in graph.all_nodes())
+    transposes_before = sum(is_op(n, "Transpose") for n in graph.all_nodes())
     function_dtype = _FunctionDtype(graph.model, graph.opset)
     if progress:  # a bar only for a person watching a terminal
         from tqdm import tqdm
@@ -105,14 +106,16 @@ def fuse_graph(graph: Graph, *, name: str = "model", assume_no_padding: bool = F
             report.blocks.append(BlockReport(op_type=anchor.op_type, name=anchor.name, fused=False,
                                              reason=exc.reason))
             continue
-        flash, _, inserted = emit_flash_fwd(graph, plan, graph.unique_name(f"FlashFwd_{report.fused}"))
+        if anchor.graph is not graph:
+            plan.notes.append(f"inside subgraph '{anchor.graph.proto.name}'")
+        flash, _, inserted = emit_flash_fwd(anchor.graph, plan, graph.unique_name(f"FlashFwd_{report.fused}"))
         report.blocks.append(_block_report(anchor, plan, flash, inserted))
     if report.fused:
         declare_flash_fwd(graph.model, function_dtype.dtype)
         remove_dead_nodes(graph)
         graph.to_model()
     report.transposes_added = sum(b.transposes_added for b in report.blocks)
-    report.transposes_net = sum(is_op(n, "Transpose") for n in graph) - transposes_before
+    report.transposes_net = sum(is_op(n, "Transpose") for n in graph.all_nodes()) - transposes_before
     report.assumptions = [f"graph input '{n}' is all ones (--assume-no-padding): it reaches a mask"
                           for n in sorted(evaluator.declared_used)]
     report.assumptions += [f"initializer '{n}', also a graph input, holds its stored value (--freeze-initializer-inputs)"

@@ -372,7 +372,10 @@ class Evaluator:
                 return
             message = f"cannot infer the shapes of {node.op_type} '{node.name}': {exc}"
             shapes = [self._types[v][1] for v in node.inputs if v is not None]
-            raise ShapeConflict(message, node, _conflicting_sizes(node.op_type, shapes)) from None
+            if self._broadcast_fixed_by_graph(node, shapes):
+                return
+            pairs = _conflicting_sizes(node.op_type, shapes)
+            raise ShapeConflict(self._conflict_message(node, pairs) or message, node, pairs) from None
         for i, out in enumerate(node.outputs):
             t = inferred.get(f"o{i}")
             if (i == 0 and out is not None and t is not None and t.tensor_type.elem_type
@@ -384,14 +387,57 @@ class Evaluator:
                 try:
                     self._types[out] = (t.tensor_type.elem_type, tuple(np.broadcast_shapes(*shapes)))
                 except ValueError as exc:
-                    raise ShapeConflict(f"cannot infer the shapes of {node.op_type} '{node.name}': {exc}",
-                                        node, _conflicting_sizes(node.op_type, shapes)) from None
+                    if self._broadcast_fixed_by_graph(node, shapes):
+                        continue
+                    pairs = _conflicting_sizes(node.op_type, shapes)
+                    raise ShapeConflict(self._conflict_message(node, pairs)
+                                        or f"cannot infer the shapes of {node.op_type} '{node.name}': {exc}",
+                                        node, pairs) from None
                 continue
             if out is None or t is None or not t.tensor_type.HasField("shape"):
                 continue
             dims = t.tensor_type.shape.dim
             if t.tensor_type.elem_type and all(d.HasField("dim_value") for d in dims):
                 self._types[out] = (t.tensor_type.elem_type, tuple(d.dim_value for d in dims))
+
+    def _conflict_message(self, node: Node, pairs: list[tuple[int, int]]) -> str | None:
+        """Sizes that disagree only because free dims were given independent sample sizes: the
+        graph ties them in a way no single tie explains (a mask of `past + sequence` keys in
+        a branch that runs without past, say). Say so, and how to fix them."""
+        if not pairs or not self.binding:
+            return None
+        a, b = pairs[0]
+        bound = ", ".join(f"{k}={v}" for k, v in self.binding.items())
+        return (f"{node.op_type} '{node.name}' combines sizes {a} and {b} at sample sizes of the free dims "
+                f"({bound}): the graph ties its free dims in a way the pass cannot solve; fix them with "
+                "--dim SYMBOL=N or --shape")
+
+    def _broadcast_fixed_by_graph(self, node: Node, shapes: list[tuple[int, ...]]) -> bool:
+        """A broadcast whose sample sizes disagree where the graph fixes the size: a ViT adds
+        its (1, 197, d) position table to tokens counted from symbolic height and width, so
+        it runs only when they come to 197, and its output has 197 whatever they are. ONNX's
+        whole-model inference gives such fixed dims; the others must agree here."""
+        if node.op_type not in _BROADCASTING or node.domain not in DEFAULT_DOMAINS or node.outputs[0] is None:
+            return False
+        inferred = self.graph.inferred_by_onnx(node.outputs[0].name)
+        if inferred is None or not inferred[0]:
+            return False
+        dtype, fixed = inferred
+        if len(fixed) != max(map(len, shapes)):
+            return False
+        dims = []
+        for axis in range(1, len(fixed) + 1):
+            sizes = {s[-axis] for s in shapes if len(s) >= axis} - {1}
+            if isinstance(fixed[-axis], int):
+                if fixed[-axis] not in sizes | {1}:  # the fixed size must be one an input has
+                    return False
+                dims.append(fixed[-axis])
+            elif len(sizes) <= 1:
+                dims.append(sizes.pop() if sizes else 1)
+            else:
+                return False
+        self._types[node.outputs[0]] = (dtype, tuple(reversed(dims)))
+        return True
 
     def cone_index_constants(self, value: Value) -> list[int]:
         """The single-number integer constants `value` is computed from: the numbers position

@@ -206,12 +206,20 @@ class Node:
 
 
 class Graph:
-    """The main graph of `model`, read lazily; `base_dir` resolves external data."""
+    """The main graph of `model`, read lazily; `base_dir` resolves external data.
 
-    def __init__(self, model: onnx.ModelProto, base_dir: str | None = None):
+    The bodies of If/Loop/Scan nodes are graphs of their own (`subgraphs`), each with this
+    graph as `parent`: a name a body reads but does not define is the outer scope's Value (its
+    body readers count among that value's consumers), so proofs and rewrites work the same in
+    a body. Names are unique across all scopes, as ONNX requires."""
+
+    def __init__(self, model: onnx.ModelProto, base_dir: str | None = None, *,
+                 body: onnx.GraphProto | None = None, parent: "Graph | None" = None):
         self.model = model
         self.base_dir = base_dir
-        graph = model.graph
+        self.parent = parent
+        self.root: Graph = self if parent is None else parent.root
+        graph = self.proto = model.graph if body is None else body
         self._values: dict[str, Value] = {}
         self._initializers = {t.name: t for t in graph.initializer}
         self._input_names = {i.name for i in graph.input}
@@ -221,13 +229,25 @@ class Graph:
         self.freeze_initializer_inputs = False
         self.frozen_used: set[str] = set()
         self._output_names = {o.name for o in graph.output}
+        # Names this scope defines; any other name is read from the enclosing scope.
+        self._local = (None if parent is None else
+                       self._input_names | set(self._initializers) | {o for n in graph.node for o in n.output if o})
         self._type_index: dict[str, onnx.TypeProto] | None = None
+        self._onnx_inferred: dict | None = None
         self.nodes = [Node(self, proto) for proto in graph.node]
         for node in self.nodes:
             self._link(node)
         self._before: dict[Node, list[Node]] = {}
         self._names = None
         self.opset = next((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), 0)
+        self.subgraphs = [Graph(model, base_dir, body=g, parent=self)
+                          for node in self.nodes if _has_subgraphs(node.proto) for g in _bodies(node.proto)]
+
+    def all_nodes(self):
+        """The nodes of this graph and of every subgraph in it."""
+        yield from self.nodes
+        for sub in self.subgraphs:
+            yield from sub.all_nodes()
 
     def _link(self, node: Node) -> None:
         for v in node.inputs:
@@ -239,31 +259,49 @@ class Graph:
 
     def _types(self) -> dict[str, onnx.TypeProto]:
         if self._type_index is None:
-            g = self.model.graph
+            g = self.proto
             self._type_index = {vi.name: vi.type for vi in (*g.value_info, *g.input, *g.output)}
         return self._type_index
 
     def __iter__(self):
         return iter(self.nodes)
 
+    def inferred_by_onnx(self, name: str) -> tuple[int, tuple[int | str | None, ...]] | None:
+        """(dtype, dims) of `name` from ONNX's whole-model symbolic shape inference, run once on
+        a types-only copy (weights are never loaded): where it gives a number, the graph fixes
+        that dim for every input it runs with (an image model's token count behind symbolic
+        height and width). None when inference says nothing about `name`."""
+        root = self.root
+        if root._onnx_inferred is None:
+            root._onnx_inferred = _infer_types_only(root.model)
+        return root._onnx_inferred.get(name)
+
     def value(self, name: str) -> Value:
         value = self._values.get(name)
         if value is None:
+            if self._local is not None and name not in self._local:
+                return self.parent.value(name)  # an outer-scope value read in this body
             value = self._values[name] = Value(self, name)
         return value
 
     @property
     def inputs(self) -> list[Value]:
-        return [self.value(i.name) for i in self.model.graph.input if i.name not in self._initializers]
+        return [self.value(i.name) for i in self.proto.input if i.name not in self._initializers]
 
     @property
     def outputs(self) -> list[Value]:
-        return [self.value(o.name) for o in self.model.graph.output]
+        return [self.value(o.name) for o in self.proto.output]
 
     # --- edits ----------------------------------------------------------------------------
     def unique_name(self, base: str) -> str:
+        """A name no scope of the model uses yet."""
+        if self is not self.root:
+            return self.root.unique_name(base)
         if self._names is None:
-            self._names = set(self._values) | {n.name for n in self.nodes} | set(self._initializers)
+            self._names = set()
+            for scope in self._scopes():
+                self._names |= set(scope._values) | {n.name for n in scope.nodes} | set(scope._initializers)
+                self._names |= {o for n in scope.nodes for o in n.proto.output}
         name, i = base, 0
         while name in self._names:
             i += 1
@@ -273,6 +311,8 @@ class Graph:
 
     def insert_before(self, anchor: Node, protos: list[onnx.NodeProto]) -> list[Node]:
         """Add nodes that will stand just before `anchor` in the written graph."""
+        if self._local is not None:
+            self._local.update(o for p in protos for o in p.output if o)
         nodes = [Node(self, p) for p in protos]
         for node in nodes:
             self._link(node)
@@ -322,6 +362,13 @@ class Graph:
         del self._values[value.name]
         value.name = name
         self._values[name] = value
+        if self._local is not None:
+            self._local.add(name)
+
+    def _scopes(self):
+        yield self
+        for sub in self.subgraphs:
+            yield from sub._scopes()
 
     def ordered_nodes(self) -> list[Node]:
         order = []
@@ -331,7 +378,12 @@ class Graph:
         return order
 
     def remove_dead(self) -> int:
-        """Drop nodes no graph output depends on, and initializers nothing reads. Returns how many nodes."""
+        """Drop nodes no graph output depends on, and initializers nothing reads, in every body
+        first (what a body still reads keeps its outer producer alive). Returns how many nodes."""
+        removed_inside = 0
+        for sub in self.subgraphs:  # written back now: the liveness below reads the bodies' protos
+            removed_inside += sub.remove_dead()
+            sub.to_model()
         live = set(self._output_names)
         kept = []
         for node in reversed(self.ordered_nodes()):
@@ -347,15 +399,17 @@ class Graph:
         for name in unused:
             del self._initializers[name]
         if unused:
-            keep = [t for t in self.model.graph.initializer if t.name not in set(unused)]
-            del self.model.graph.initializer[:]
-            self.model.graph.initializer.extend(keep)
-        return removed
+            keep = [t for t in self.proto.initializer if t.name not in set(unused)]
+            del self.proto.initializer[:]
+            self.proto.initializer.extend(keep)
+        return removed + removed_inside
 
     def to_model(self) -> onnx.ModelProto:
         """The model with every edit written back (the view's own proto, updated in place)."""
+        for sub in self.subgraphs:
+            sub.to_model()
         order = self.ordered_nodes()
-        graph = self.model.graph
+        graph = self.proto
         del graph.node[:]
         graph.node.extend(n.proto for n in order)
         declared = {vi.name for vi in graph.value_info}
@@ -374,6 +428,17 @@ class Graph:
         return self.model
 
 
+def _has_subgraphs(node: onnx.NodeProto) -> bool:
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+
+
+def _bodies(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    out = []
+    for attr in node.attribute:
+        out += [attr.g] if attr.HasField("g") else list(attr.graphs)
+    return out
+
+
 def _names_used_by_subgraphs(node: onnx.NodeProto) -> set[str]:
     """Outer-scope names read inside If/Loop/Scan bodies (they keep their producers alive)."""
     names: set[str] = set()
@@ -384,3 +449,44 @@ def _names_used_by_subgraphs(node: onnx.NodeProto) -> set[str]:
                 names.update(inner.input)
                 names |= _names_used_by_subgraphs(inner)
     return names
+
+
+# Initializers up to this many elements keep their values for shape inference (reshape targets).
+_SMALL_INITIALIZER = 64
+
+
+def _infer_types_only(model: onnx.ModelProto) -> dict[str, tuple[int, tuple[int | str | None, ...]]]:
+    from onnx import shape_inference
+
+    skeleton = onnx.ModelProto()
+    skeleton.ir_version = model.ir_version
+    skeleton.opset_import.extend(model.opset_import)
+    skeleton.functions.extend(model.functions)
+    graph = skeleton.graph
+    graph.node.extend(model.graph.node)
+    graph.input.extend(model.graph.input)
+    graph.output.extend(model.graph.output)
+    graph.value_info.extend(model.graph.value_info)
+    declared = {i.name for i in model.graph.input}
+    for tensor in model.graph.initializer:
+        if math.prod(tensor.dims) <= _SMALL_INITIALIZER and tensor.data_location != onnx.TensorProto.EXTERNAL:
+            graph.initializer.append(tensor)
+        elif tensor.name not in declared:  # a weight: its type is all inference needs
+            graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+    try:
+        inferred = shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
+    except Exception:  # inference is a hint here; without it nothing is fixed
+        return {}
+    out = {}
+    infos, pending = [], [inferred.graph]
+    while pending:  # every scope: names are unique across them
+        g = pending.pop()
+        infos += [*g.value_info, *g.output]
+        pending += [body for node in g.node for body in _bodies(node)]
+    for vi in infos:
+        tt = vi.type.tensor_type
+        if not vi.type.HasField("tensor_type") or not tt.HasField("shape"):
+            continue
+        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim)
+        out[vi.name] = (tt.elem_type, dims)
+    return out
