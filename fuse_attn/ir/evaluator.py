@@ -260,6 +260,7 @@ class Evaluator:
         self.graph = graph
         self.ties = ties or {}
         self.binding = binding
+        self._dim_expressions: dict[str, int | None] = {}
         self.declared_inputs = declared_inputs or {}
         self._cache: dict[Value, np.ndarray] = {}
         self._types: dict[Value, tuple[int, tuple[int, ...]]] = {}
@@ -279,7 +280,9 @@ class Evaluator:
         if isinstance(d, str):
             if d in self.binding:
                 return self.binding[d]
-            value = _arithmetic(d, self.binding)
+            if d not in self._dim_expressions:  # parsed once: every declared shape asks again
+                self._dim_expressions[d] = _arithmetic(d, self.binding)
+            value = self._dim_expressions[d]
             if value is not None:
                 return value
         raise Unprovable(f"a dimension is unknown ({d or '?'})")
