@@ -356,12 +356,11 @@ def _stored_strip(value: Value, shape) -> Strip:
     lead = math.prod(shape[:-2])
     tables = []
     first_row = previous = column = None
-    for start in range(0, lead * rows, _STORED_ROWS_AT_ONCE):
-        stop = min(start + _STORED_ROWS_AT_ONCE, lead * rows)
-        block = value.constant_rows(start, stop)
-        if block is None:
-            raise NotDiagonal(f"the constant '{value.name}' cannot be read by rows")
-        for row_index, row in zip(range(start, stop), block):
+    blocks = value.constant_row_blocks(_STORED_ROWS_AT_ONCE)
+    if blocks is None:
+        raise NotDiagonal(f"the constant '{value.name}' cannot be read by rows")
+    for start, block in blocks:
+        for row_index, row in zip(range(start, start + len(block)), block):
             r = row_index % rows
             if r == 0:
                 first_row, column = row.copy(), np.empty(rows, dtype=row.dtype)

@@ -137,9 +137,10 @@ class Value:
             return np.asarray(value, dtype=np.int64)
         return None  # sparse or string constants: nothing a proof here uses
 
-    def constant_rows(self, start: int, stop: int) -> np.ndarray | None:
-        """Rows start..stop of the constant seen as (all but the last axis, last axis), read
-        from raw bytes or the external data file without loading the rest; None if not stored so."""
+    def constant_row_blocks(self, rows_at_once: int):
+        """The constant seen as (all but the last axis, last axis), as (first row, block of rows)
+        pairs in order, read from the external data file a block at a time, or from raw bytes
+        (one view of them: each `raw_data` access copies the whole); None if not stored so."""
         if not self.is_constant():
             return None
         if self.name in self.graph._overridable:
@@ -148,26 +149,35 @@ class Value:
         if tensor is None or not tensor.dims:
             return None
         width = tensor.dims[-1]
+        rows = math.prod(tensor.dims[:-1])
         dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
         if dtype.kind in "OSU":  # strings: not numbers a proof reads
             return None
-        begin, length = start * width * dtype.itemsize, (stop - start) * width * dtype.itemsize
+        dtype = dtype.newbyteorder("<")
+        row_bytes = width * dtype.itemsize
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             info = {e.key: e.value for e in tensor.external_data}
             path = os.path.join(self.graph.base_dir or "", info.get("location", ""))
-            try:
+            if not os.path.isfile(path):
+                return None
+
+            def from_file():
                 with open(path, "rb") as f:
-                    f.seek(int(info.get("offset", 0)) + begin)
-                    data = f.read(length)
-            except OSError:
-                return None
-            if len(data) != length:
-                return None
-        elif tensor.HasField("raw_data"):
-            data = tensor.raw_data[begin:begin + length]
-        else:  # typed fields: already parsed into memory with the model
-            return numpy_helper.to_array(tensor).reshape(-1, width)[start:stop]
-        return np.frombuffer(data, dtype=dtype.newbyteorder("<")).reshape(stop - start, width)
+                    f.seek(int(info.get("offset", 0)))
+                    for start in range(0, rows, rows_at_once):
+                        count = min(rows_at_once, rows - start)
+                        data = f.read(count * row_bytes)
+                        if len(data) != count * row_bytes:
+                            raise ValueError(f"the external data of '{self.name}' is truncated")
+                        yield start, np.frombuffer(data, dtype=dtype).reshape(count, width)
+            return from_file()
+        if tensor.HasField("raw_data"):
+            data = memoryview(tensor.raw_data)
+            return ((start, np.frombuffer(data[start * row_bytes:min(start + rows_at_once, rows) * row_bytes],
+                                          dtype=dtype).reshape(-1, width))
+                    for start in range(0, rows, rows_at_once))
+        array = numpy_helper.to_array(tensor).reshape(-1, width)  # typed fields: parsed with the model already
+        return ((start, array[start:start + rows_at_once]) for start in range(0, rows, rows_at_once))
 
 
 class Node:
