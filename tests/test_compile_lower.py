@@ -1,4 +1,4 @@
-"""Shapes, kernel checks, and the lowering of fused models (onnx2pytorch + simulated FlashFwd)
+"""Shapes, kernel checks, and the lowering of fused models (fuse_attn.compile.lower + simulated FlashFwd)
 against onnxruntime running the same fused model through FlashFwd's reference ONNX function."""
 
 from __future__ import annotations
@@ -191,14 +191,14 @@ def test_flash_module_slices_padding():
 
 
 def test_gemm_whose_weights_are_activations():
-    """TorchScript exports feed deduplicated weights to Gemm through Identity nodes; onnx2pytorch
-    0.6.0 converts Gemm only from initializers, so the lowering supplies its own module."""
+    """TorchScript exports feed deduplicated weights to Gemm through Identity nodes: Gemm's B and
+    C may be activations as well as initializers."""
     rng = np.random.default_rng(0)
     w = numpy_helper.from_array(rng.standard_normal((8, 6)).astype(np.float32), "w")
     bias = numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "bias")
     nodes = [helper.make_node("Identity", ["w"], ["w_shared"]), helper.make_node("Identity", ["bias"], ["b_shared"]),
              helper.make_node("Gemm", ["x", "w_shared", "b_shared"], ["y"], alpha=0.5, beta=2.0, transB=1),
-             helper.make_node("Gemm", ["x", "w", "bias"], ["z"], transB=1)]  # onnx2pytorch's own Linear
+             helper.make_node("Gemm", ["x", "w", "bias"], ["z"], transB=1)]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 6])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 8]),
                                helper.make_tensor_value_info("z", TensorProto.FLOAT, [3, 8])], [w, bias])

@@ -1,6 +1,6 @@
 """`fuse-attn compile`: lower a fused ONNX model to PyTorch, bind FlashFwd to NKI flash_fwd, trace for Inf2.
 
-Heavy imports (torch, onnx2pytorch, torch-neuronx) happen inside the commands that need them.
+Heavy imports (torch, torch-neuronx) happen inside the commands that need them.
 """
 
 from fuse_attn.compile.cli import compile_main

@@ -9,22 +9,19 @@ Bad input raises modelio.InputError; `fuse_attn.usage.run` prints it.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
-import warnings
 
 import numpy as np
 import onnx
 
 from fuse_attn import modelio, verify
 from fuse_attn.compile import constraints, kernel_versions, sbuf, shapes
+from fuse_attn.compile.reference import run_onnxruntime
+from fuse_attn.compile.torch_required import TorchUnavailable, require_torch
 from fuse_attn.usage import ERROR_PREFIX, ArgumentParser, run
 
 TARGETS = ("inf2", "trn1", "trn1n", "trn2")
-TORCH_MISSING = ("compile needs PyTorch, which is not installed here: on an Inf2 instance run fuse-attn inside the "
-                 "Neuron venv (source /opt/aws_neuronx_venv_pytorch_2_9/bin/activate), whose torch belongs to "
-                 "torch-neuronx; elsewhere, for --simulate, pip install torch")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,23 +97,17 @@ def simulate_tolerance(plans: list[constraints.FlashPlan], model: onnx.ModelProt
     return verify.TOLERANCES.get(dtype, verify.BF16_TOLERANCE), f"{dtype.name}: flash_fwd without mixed precision"
 
 
-def run_onnxruntime(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    import onnxruntime as ort
-
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
-
-
 def compare_with_onnxruntime(model: onnx.ModelProto, module, feeds: dict[str, np.ndarray],
                              reference: list[np.ndarray] | None = None) -> list[tuple[str, float, float]]:
     """(output, max |lowered - onnxruntime|, that over max |onnxruntime|) per graph output."""
     import torch
 
+    from fuse_attn.compile.lower import to_torch
+
     if reference is None:
         reference = run_onnxruntime(model, feeds)
-    # onnx2pytorch's ops index with lists, which torch warns about on every call: not the user's concern.
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=UserWarning, module="onnx2pytorch")
-        got = module(*[torch.from_numpy(feeds[name]) for name in module.input_names])
+    with torch.no_grad():
+        got = module(*[to_torch(feeds[name]) for name in module.input_names])
     if not isinstance(got, (list, tuple)):
         got = [got]
     rows = []
@@ -151,9 +142,9 @@ def _compile(argv: list[str]) -> int:
     if args.output:  # checked before anything runs, as the fuse command does
         target = modelio.check_writable_file(args.output, "output", not_over=modelio.input_files(proto, args.model))
     try:
-        importlib.import_module("torch")
-    except ImportError:
-        raise modelio.InputError(TORCH_MISSING) from None
+        require_torch()  # never installed by fuse-attn: the Neuron SDK's own (2.1 or later)
+    except TorchUnavailable as e:
+        raise modelio.InputError(str(e)) from None
     try:
         model = shapes.fix_input_shapes(proto, shapes.parse_shape_args(args.shape))
     except shapes.ShapeError as e:
@@ -182,11 +173,15 @@ def _compile(argv: list[str]) -> int:
     if not plans:
         print("no FlashFwd nodes: the graph is compiled as it is")
 
-    from fuse_attn.compile.lower import lower
+    from fuse_attn.compile.lower import LoweringError, lower, to_torch
 
     attention, backend = attention_fn(args.simulate, version, api)
     print(f"attention backend: {backend}")
-    module = lower(model, plans, attention)
+    try:
+        module = lower(model, plans, attention)
+    except LoweringError as e:
+        print(f"{ERROR_PREFIX}cannot lower the model: {e}", file=sys.stderr)
+        return 1
 
     if args.simulate:
         tolerance, why = simulate_tolerance(plans, model)
@@ -209,13 +204,11 @@ def _compile(argv: list[str]) -> int:
                   "dtype), the kernel and the model disagree")
         return 0 if ok else 1
 
-    import torch
-
     from fuse_attn.compile.trace import compiler_args, trace_and_save
 
     cargs = compiler_args(args.target, args.auto_cast, args.auto_cast_type, args.compiler_arg)
     print(f"torch_neuronx.trace, compiler_args={cargs}")
-    trace_and_save(module, tuple(torch.from_numpy(feeds[name]) for name in module.input_names), cargs, target)
+    trace_and_save(module, tuple(to_torch(feeds[name]) for name in module.input_names), cargs, target)
     print(f"wrote {args.output}")
     return 0
 

@@ -1,71 +1,40 @@
-"""ONNX -> torch.nn.Module with onnx2pytorch, each FlashFwd node a call of the kernel binding.
+"""A shape-fixed ONNX model -> a torch.nn.Module whose forward is a fixed list of tensor ops.
 
-onnx2pytorch converts the default-domain graph. FlashFwd nodes are first swapped for
-placeholder nodes (same inputs and outputs), and after conversion each placeholder's module is
-replaced by a FlashFwdModule: pad seq when the plan says so, call `attention` (the NKI binding
-on Inf2, the CPU simulator with --simulate), slice the output. Gemm nodes whose weights are
-activations, which onnx2pytorch 0.6.0 cannot convert, go the same way with a Gemm module.
+Lowering walks the graph once with every input shape known (compile's `--shape`). Each node's
+rule (onnx_ops) reads its shape-like inputs into Python constants; a node whose runtime inputs
+are all known before run time (initializers, Constant, Shape of anything, and whatever is
+computed from those) is folded: evaluated here, its result a constant. Only the rest becomes a
+step of forward. So forward holds no shape arithmetic and no data-dependent Python: what
+torch_neuronx.trace records with torch-xla is one static graph, without host reads.
+
+Each FlashFwd node is a FlashFwdModule: pad seq when the plan says so, call `attention` (the NKI
+binding on Inf2, the CPU simulator with --simulate), slice the output.
 """
 
 from __future__ import annotations
 
-import importlib
-import sys
-import types
-import warnings
-from typing import Callable
+import dataclasses
+from typing import Any, Callable
 
 import onnx
 import torch
 import torch.nn.functional as F
 
-from fuse_attn.ir import contract
+from fuse_attn.compile import onnx_ops
 from fuse_attn.compile.constraints import FlashPlan
-from fuse_attn.compile.shapes import copy_model
+from fuse_attn.compile.onnx_ops import Arg, LoweringError, array_to_torch, tensor_proto_to_torch, torch_dtype
+from fuse_attn.ir import contract
 
 # attention(q, k, v, attrs, seq_tile_size) -> o (b, h, s, d), all in kernel layouts.
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, contract.FlashFwdAttrs, int], torch.Tensor]
 
+# Folded results larger than this stay steps of forward: an Expand of a constant mask to
+# (batch, heads, seq, seq) is cheaper computed on the device than stored in the module.
+FOLD_AT_MOST = 1 << 20  # elements
 
-def _torchvision_stub() -> types.ModuleType:
-    """What onnx2pytorch imports from torchvision, failing only if a model really uses it."""
+__all__ = ["Attention", "FlashFwdModule", "LoweredModule", "LoweringError", "lower", "to_torch"]
 
-    def unavailable(name):
-        def op(*args, **kwargs):
-            raise RuntimeError(f"torchvision.{name} is needed by this model but torchvision does not load here")
-
-        return op
-
-    root = types.ModuleType("torchvision")
-    root.ops = types.ModuleType("torchvision.ops")
-    root.io = types.ModuleType("torchvision.io")
-    for name in ("deform_conv2d", "roi_pool", "roi_align", "nms", "box_convert"):
-        setattr(root.ops, name, unavailable(f"ops.{name}"))
-    root.io.decode_image = unavailable("io.decode_image")
-    root.io.ImageReadMode = types.SimpleNamespace(UNCHANGED=0, GRAY=1, GRAY_ALPHA=2, RGB=3, RGB_ALPHA=4)
-    return root
-
-
-def import_onnx2pytorch():
-    """onnx2pytorch.ConvertModel. onnx2pytorch imports torchvision at import time for five image
-    ops; a torchvision built for another torch (e.g. a CUDA wheel beside a CPU torch) fails to
-    load, so then it gets a stub whose ops raise when called."""
-    if "onnx2pytorch" in sys.modules:
-        return sys.modules["onnx2pytorch"].ConvertModel
-    try:
-        importlib.import_module("torchvision.ops")
-        importlib.import_module("torchvision.io")
-    except Exception:  # noqa: BLE001 - any failure to load torchvision, OSError and RuntimeError included
-        for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
-            del sys.modules[name]
-        stub = _torchvision_stub()
-        sys.modules.update({"torchvision": stub, "torchvision.ops": stub.ops, "torchvision.io": stub.io})
-        try:
-            return importlib.import_module("onnx2pytorch").ConvertModel
-        finally:
-            for name in ("torchvision", "torchvision.ops", "torchvision.io"):
-                sys.modules.pop(name, None)
-    return importlib.import_module("onnx2pytorch").ConvertModel
+to_torch = array_to_torch  # a feed (numpy, bfloat16 included) as a torch tensor
 
 
 class FlashFwdModule(torch.nn.Module):
@@ -87,61 +56,152 @@ class FlashFwdModule(torch.nn.Module):
         return o[:, :, : plan.seq, :] if plan.pad else o
 
 
-class Gemm(torch.nn.Module):
-    """ONNX Gemm on activations: onnx2pytorch 0.6.0 converts Gemm only when B and C are
-    initializers, and TorchScript exports feed deduplicated weights through Identity nodes."""
+@dataclasses.dataclass
+class Step:
+    fn: Callable[..., Any]
+    inputs: list[str]  # keys of the forward's environment
+    outputs: list[str]
+    release: list[str] = dataclasses.field(default_factory=list)  # keys no later step reads
+    node: str = ""  # the ONNX node, for error messages and debugging
 
-    def __init__(self, alpha: float, beta: float, trans_a: int, trans_b: int):
+
+class LoweredModule(torch.nn.Module):
+    """forward(*inputs in graph order) -> the graph output, or a tuple of them."""
+
+    def __init__(self, input_names: list[str], output_keys: list[str], steps: list[Step],
+                 constants: dict[str, torch.Tensor], flash: list[FlashFwdModule]):
         super().__init__()
-        self.alpha, self.beta, self.trans_a, self.trans_b = alpha, beta, trans_a, trans_b
+        self.input_names = list(input_names)
+        self.output_keys = list(output_keys)
+        self.steps = steps
+        self.flash = torch.nn.ModuleList(flash)
+        self.constant_keys = []
+        for i, (key, value) in enumerate(constants.items()):
+            self.register_buffer(f"constant_{i}", value)
+            self.constant_keys.append((key, f"constant_{i}"))
 
-    def forward(self, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
-        y = (a.t() if self.trans_a else a) @ (b.t() if self.trans_b else b)
-        y = y * self.alpha if self.alpha != 1.0 else y
-        if c is not None:
-            y = y + (c * self.beta if self.beta != 1.0 else c)
-        return y
-
-
-def _gemm_on_activations(node: onnx.NodeProto, initializers: set[str]) -> torch.nn.Module | None:
-    if node.op_type != "Gemm" or node.domain not in ("", "ai.onnx"):
-        return None
-    if all(name in initializers for name in node.input[1:] if name):
-        return None  # onnx2pytorch's own conversion (an nn.Linear) applies
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-    return Gemm(float(attrs.get("alpha", 1.0)), float(attrs.get("beta", 1.0)), attrs.get("transA", 0), attrs.get("transB", 0))
-
-
-def _with_placeholders(model: onnx.ModelProto, modules: dict[str, torch.nn.Module]) -> onnx.ModelProto:
-    """A copy in which every node whose first output is a key of `modules` is an Identity
-    placeholder of the same inputs and outputs (its module is swapped in after conversion), and
-    without the fuse_attn domain (onnx2pytorch knows only the default one)."""
-    model = copy_model(model)
-    for node in model.graph.node:
-        if node.output[0] in modules:
-            node.op_type, node.domain = "Identity", ""
-            del node.attribute[:]
-        elif node.domain == contract.DOMAIN:
-            raise ValueError(f"{node.op_type} node {node.name or node.output[0]} has no launch plan")
-    del model.functions[:]
-    kept = [o for o in model.opset_import if o.domain != contract.DOMAIN]
-    del model.opset_import[:]
-    model.opset_import.extend(kept)
-    return model
+    def forward(self, *inputs: torch.Tensor):
+        env: dict[str, Any] = dict(zip(self.input_names, inputs))
+        for key, attr in self.constant_keys:
+            env[key] = getattr(self, attr)
+        for step in self.steps:
+            out = step.fn(*[env[k] for k in step.inputs])
+            if len(step.outputs) == 1:
+                env[step.outputs[0]] = out[0] if isinstance(out, tuple) else out
+            else:
+                env.update(zip(step.outputs, out))
+            for key in step.release:
+                del env[key]
+        outs = tuple(env[k] for k in self.output_keys)
+        return outs[0] if len(outs) == 1 else outs
 
 
-def lower(model: onnx.ModelProto, plans: list[FlashPlan], attention: Attention) -> torch.nn.Module:
-    """The shape-fixed fused `model` as a torch module, FlashFwd nodes launched through `attention`."""
-    convert_model = import_onnx2pytorch()
-    initializers = {t.name for t in model.graph.initializer}
-    modules: dict[str, torch.nn.Module] = {p.output: FlashFwdModule(p, attention) for p in plans}
-    for node in model.graph.node:
-        gemm = _gemm_on_activations(node, initializers)
-        if gemm is not None:
-            modules[node.output[0]] = gemm
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        module = convert_model(_with_placeholders(model, modules))
-    for output, replacement in modules.items():
-        setattr(module, module.mapping[output], replacement)
-    return module.eval()
+def _default_opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+
+def _as_tuple(out) -> tuple:
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def lower(model: onnx.ModelProto, plans: list[FlashPlan], attention: Attention) -> LoweredModule:
+    """The shape-fixed fused `model` as a torch module, FlashFwd nodes launched through `attention`.
+    LoweringError (one line naming the node) for what it cannot lower."""
+    graph = model.graph
+    opset = _default_opset(model)
+    by_output = {p.output: p for p in plans}
+    env: dict[str, Arg] = {}
+    for init in graph.initializer:
+        env[init.name] = Arg.constant(tensor_proto_to_torch(init), init.name)
+    input_names = [i.name for i in graph.input if i.name not in env]
+    for value in graph.input:
+        if value.name in env:
+            continue
+        tt = value.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+        if None in dims:
+            raise LoweringError(f"input {value.name!r} has a symbolic dim: fix it with --shape")
+        env[value.name] = Arg(value.name, torch.empty(dims, dtype=torch_dtype(tt.elem_type), device="meta"))
+
+    steps: list[Step] = []
+    constants: dict[str, torch.Tensor] = {}  # key -> tensor, the constants forward reads
+    flash: list[FlashFwdModule] = []
+
+    def key_of(arg: Arg) -> str:
+        if arg.value is None:
+            return arg.name
+        key = f"const:{arg.name}" if arg.name is not None else f"const:#{len(constants)}"
+        if arg.name is None or key not in constants:
+            constants[key] = arg.value
+        return key
+
+    for proto in graph.node:
+        label = f"{proto.op_type} node {proto.name or proto.output[0]!r}"
+        args = [env[n] if n else None for n in proto.input]
+        if any(a is None and n for a, n in zip(args, proto.input)):
+            raise LoweringError(f"{label}: an input is not produced before it")
+        outputs = [o for o in proto.output]
+        if proto.domain == contract.DOMAIN:
+            plan = by_output.get(proto.output[0])
+            if plan is None:
+                raise LoweringError(f"{label}: no launch plan (was the model planned with constraints.plan_model?)")
+            module = FlashFwdModule(plan, attention)
+            flash.append(module)
+            runtime = [a for a in args if a is not None]
+            q = runtime[0]
+            s = q.shape
+            metas = (torch.empty((s[0], s[1], s[3], s[2]), dtype=q.dtype, device="meta"),)
+            steps.append(Step(module, [key_of(a) for a in runtime], outputs[:1], node=label))
+            env[outputs[0]] = Arg(outputs[0], metas[0])
+            continue
+        if proto.domain not in ("", "ai.onnx") or proto.op_type not in onnx_ops.RULES:
+            raise LoweringError(f"{label}: the lowering has no rule for {proto.domain or 'ai.onnx'}.{proto.op_type}")
+        node = onnx_ops.Node(proto.op_type, proto.name, onnx_ops.node_attrs(proto), opset,
+                             sum(1 for o in proto.output if o))
+        try:
+            fn, runtime = onnx_ops.RULES[proto.op_type](node, [a for a in args] if args else [])
+            runtime = [a for a in runtime]
+            if any(a is None for a in runtime):
+                raise LoweringError("a required input is missing")
+            metas = _as_tuple(fn(*[a.meta for a in runtime])) if runtime else ()
+        except LoweringError as e:
+            raise LoweringError(f"{label}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - a torch error on these shapes: say which node
+            raise LoweringError(f"{label}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        values = None
+        if not runtime:  # a constant whatever its size (Constant, Shape, ConstantOfShape, Range)
+            values = _as_tuple(fn())
+        elif all(a.value is not None for a in runtime) and sum(m.numel() for m in metas) <= FOLD_AT_MOST:
+            try:
+                values = _as_tuple(fn(*[a.value for a in runtime]))
+            except Exception:  # noqa: BLE001 - a CPU kernel missing for this dtype: left to run time
+                values = None
+        if values is not None:
+            for name, value in zip(outputs, values):
+                if name:  # cloned: a view of an initializer would keep all of it in the module
+                    env[name] = Arg.constant(value.clone(), name)
+            continue
+        steps.append(Step(fn, [key_of(a) for a in runtime], outputs[: len(metas)], node=label))
+        for name, meta in zip(outputs, metas):
+            if name:
+                env[name] = Arg(name, meta)
+
+    output_keys = []
+    for out in graph.output:
+        arg = env.get(out.name)
+        if arg is None:
+            raise LoweringError(f"graph output {out.name!r} is not computed by any node")
+        output_keys.append(key_of(arg))
+    _mark_releases(steps, set(output_keys))
+    return LoweredModule(input_names, output_keys, steps, constants, flash).eval()
+
+
+def _mark_releases(steps: list[Step], keep: set[str]) -> None:
+    """After each step, drop the values no later step reads (constants and outputs stay)."""
+    last: dict[str, int] = {}
+    for i, step in enumerate(steps):
+        for key in step.inputs:
+            last[key] = i
+    for key, i in last.items():
+        if key not in keep and not key.startswith("const:"):
+            steps[i].release.append(key)
