@@ -162,7 +162,8 @@ def test_data_dependent_shape_is_refused_with_the_node():
 
 # bf16 outputs against the float32 reference, relative to max |output|. The model's own bf16
 # rounding between ops is most of it: the unfused model lowered to torch in bf16 (no FlashFwd)
-# is 1.8e-2 off the float32 reference on these inputs, the fused and simulated one 1.9e-2.
+# is 1.8e-2 off the float32 reference on these inputs, the fused one simulated with mixed
+# precision 1.9e-2 (2.20 arithmetic) or 1.5e-2 (2.21).
 BF16_RTOL = 3e-2
 
 
@@ -215,6 +216,6 @@ def test_bfloat16_compile_simulate_runs(tmp_path, capsys):
     onnx.save(fused, path)
     assert compile_main([str(path), "--simulate"]) == 0
     out = capsys.readouterr().out
-    assert "bfloat16" in out
-    rel = float(out.split("max |simulated - onnxruntime| = ")[1].split("(")[1].split()[0])
+    assert "bfloat16" in out and ": ok." in out
+    rel = float(out.split("max rel ")[1].split()[0])
     assert rel <= BF16_RTOL, out
