@@ -140,7 +140,7 @@ def lower(model: onnx.ModelProto, plans: list[FlashPlan], attention: Attention) 
         args = [env[n] if n else None for n in proto.input]
         if any(a is None and n for a, n in zip(args, proto.input)):
             raise LoweringError(f"{label}: an input is not produced before it")
-        outputs = [o for o in proto.output]
+        outputs = list(proto.output)
         if proto.domain == contract.DOMAIN:
             plan = by_output.get(proto.output[0])
             if plan is None:
@@ -159,8 +159,7 @@ def lower(model: onnx.ModelProto, plans: list[FlashPlan], attention: Attention) 
         node = onnx_ops.Node(proto.op_type, proto.name, onnx_ops.node_attrs(proto), opset,
                              sum(1 for o in proto.output if o))
         try:
-            fn, runtime = onnx_ops.RULES[proto.op_type](node, [a for a in args] if args else [])
-            runtime = [a for a in runtime]
+            fn, runtime = onnx_ops.RULES[proto.op_type](node, args)
             if any(a is None for a in runtime):
                 raise LoweringError("a required input is missing")
             metas = _as_tuple(fn(*[a.meta for a in runtime])) if runtime else ()
