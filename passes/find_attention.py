@@ -229,8 +229,8 @@ def _only_readers(value: Value, *readers: Node) -> bool:
 def _renormalized(value: Value, consumers: list[Node], rank: int | None) -> tuple[ScoreStep, Value] | None:
     """p·m / ReduceSum(p·m, last axis) read from the Mul `consumers` hold (flax nnx's masked
     softmax, jax2onnx: softmax, Mul by the mask, divide by the row sum): a "renorm" step on m and
-    the quotient, or None. `masks` proves m is a mask (0 where dropped, one number per row where
-    kept). jax2onnx guards rows whose sum is 0: Div(p·m, Where(sum > 0, sum, 1)), then
+    the quotient, or None. `masks` proves m is a mask (0 where dropped, one number on every kept
+    key). jax2onnx guards rows whose sum is 0: Div(p·m, Where(sum > 0, sum, 1)), then
     Where(sum > 0, quotient, 0). A row keeps a key wherever the mask is none or causal (a mask
     dropping a whole row is refused), so its sum is positive and the guard passes it through."""
     mul = consumers[0] if len(consumers) == 1 else None
@@ -273,7 +273,8 @@ def _walk_probs(softmax: Node, rank: int | None) -> tuple[Product, float, int, t
         if guarded is not None:
             value = guarded
             continue
-        renormalized = None if renorm or moves else _renormalized(value, consumers, rank)
+        # (after a training-mode dropout a renormalisation would undo its scaling: not the kernel's)
+        renormalized = None if renorm or moves or dropout_p else _renormalized(value, consumers, rank)
         if renormalized is not None:
             renorm.append(renormalized[0])
             value = renormalized[1]
