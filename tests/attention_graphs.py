@@ -368,6 +368,8 @@ class AttnSpec:
         if self.score_moves and (self.batched_heads or self.softmax_axis != -1 or self.probs_transpose
                                  or self.extra_consumer not in ("none", "q", "present")):
             p.append("score_moves takes (b, h, s, s) scores on the last axis and no returned scores/probs/out")
+        if self.score_moves and (self.mask_batch != 1 or self.scale_rank > self.score_rank):
+            p.append("score_moves reshapes the scores to the batch's own shape: no mask or scale broadcasting them")
         if self.scale_form == "seq_shape" and self.seq_kv is not None:
             p.append("seq_shape is self attention")
         return p

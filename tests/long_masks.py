@@ -33,6 +33,8 @@ class MaskSpec:
         """What the pass must do: fuse "causal", fuse with "no mask", or leave it "alone"."""
         if self.form in ("causal", "causal_trilu", "causal_additive"):
             return "causal"
+        if self.form == "shifted" and self.param >= self.seq - 1:  # j <= i + seq - 1: every key, no mask
+            return "no mask"
         return "no mask" if self.form == "none" else "alone"
 
 

@@ -355,7 +355,7 @@ def _broadcast_near_miss(draw, base: AttnSpec) -> AttnSpec:
     its shape is observable, so left alone)."""
     r = dataclasses.replace
     common = dict(form="decomposed", dtype=base.dtype, k_transpose=draw(st.sampled_from(["perm0132", "dynamo"])),
-                  blocks=1, symbolic_seq=False, softmax_cast=False, mask_src="x")
+                  blocks=1, symbolic_seq=False, softmax_cast=False, mask_src="x", score_moves=False)
     if draw(st.booleans()):
         return r(base, **common, batch=1, mask_batch=draw(st.sampled_from([2, 3])), mask="causal",
                  mask_form=draw(st.sampled_from(["add", "where", "where_not"])), mask_value="-inf",
