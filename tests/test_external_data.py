@@ -263,6 +263,31 @@ def test_rerun_into_the_same_folder_reuses_its_own_copy(built, model, tmp_path):
     np.testing.assert_allclose(run_ort(out, built["ids"]), built["ref"], rtol=1e-4, atol=1e-4)
 
 
+def test_rerun_after_linking_works_and_keeps_the_link(tmp_path):
+    """--link-external-data gives the input's data file a second hard link, which onnx's own
+    reader refuses ("potential hardlink attack"): the pass reads the constants it needs (here
+    every one, the scale included, is in the data file) itself, so the same command, and any
+    later run over that input, still works."""
+    from attention_graphs import AttnSpec, build
+
+    src = tmp_path / "in"
+    src.mkdir()
+    onnx.save(build(AttnSpec(heads=2, head_dim=16)).model, src / "model.onnx", save_as_external_data=True,
+              all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=0)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = out_dir / "fused.onnx"
+    for _ in range(2):
+        r = run_cli(str(src / "model.onnx"), "-o", str(out), "--link-external-data", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert flash_count(out) == 1
+    assert os.path.samefile(out_dir / "model.onnx.data", src / "model.onnx.data")
+    again = src / "fused-again.onnx"
+    r = run_cli(str(src / "model.onnx"), "-o", str(again), cwd=src)
+    assert r.returncode == 0, r.stderr
+    assert flash_count(again) == 1
+
+
 def test_same_size_different_bytes_is_foreign(built, model, tmp_path):
     """Same size is not enough: a data file whose bytes differ is somebody else's, left untouched,
     and the refusal comes before anything is written."""

@@ -127,8 +127,10 @@ class Value:
         if self.name in self.graph._overridable:
             self.graph.frozen_used.add(self.name)
         tensor = self.graph._initializers.get(self.name) or self._constant_tensor()
+        if tensor is not None and tensor.data_location == onnx.TensorProto.EXTERNAL:
+            return numpy_helper.to_array(self._with_external_bytes(tensor))
         if tensor is not None:
-            return numpy_helper.to_array(tensor, base_dir=self.graph.base_dir or "")
+            return numpy_helper.to_array(tensor)
         attr = self._producer.proto.attribute[0]
         value = helper.get_attribute_value(attr)
         if attr.name in ("value_float", "value_floats"):
@@ -136,6 +138,22 @@ class Value:
         if attr.name in ("value_int", "value_ints"):
             return np.asarray(value, dtype=np.int64)
         return None  # sparse or string constants: nothing a proof here uses
+
+    def _with_external_bytes(self, tensor: onnx.TensorProto) -> onnx.TensorProto:
+        """A copy of `tensor` holding its bytes, read from the data file directly (as
+        `constant_row_blocks` reads): onnx's own reader refuses a data file with more than one
+        hard link, which is what `--link-external-data` makes of the input's data file."""
+        info = {e.key: e.value for e in tensor.external_data}
+        path = os.path.join(self.graph.base_dir or "", info.get("location", ""))
+        with open(path, "rb") as f:
+            f.seek(int(info.get("offset", 0) or 0))
+            data = f.read(int(info["length"])) if info.get("length") else f.read()
+        loaded = onnx.TensorProto()
+        loaded.CopyFrom(tensor)
+        loaded.data_location = onnx.TensorProto.DEFAULT
+        del loaded.external_data[:]
+        loaded.raw_data = data
+        return loaded
 
     def constant_row_blocks(self, rows_at_once: int):
         """The constant seen as (all but the last axis, last axis), as (first row, block of rows)
