@@ -180,3 +180,18 @@ def test_symbolic_seq_llama_with_a_real_window(tmp_path, window):
         assert all(f"at seq {window + 2}: the mask is a sliding window of {window} keys" in b.reason
                    for b in report.blocks), report.blocks
     assert peak_mb < 64
+
+
+def test_identical_layers_share_one_layout_proof(tmp_path, monkeypatch):
+    import fuse_attn.passes.plan as plan
+
+    calls = []
+    prove = plan._prove_layout
+    monkeypatch.setattr(plan, "_prove_layout", lambda *a, **k: calls.append(1) or prove(*a, **k))
+    llama = _llama_graph()
+    path = str(tmp_path / "gqa.onnx")
+    llama.build_llama(path, llama.dataclasses.replace(llama.SMALL, layers=4, hidden=512, heads=8, kv_heads=2,
+                                                      seq=2048))
+    _, report = fuse(path)
+    assert [(b.fused, b.heads, b.kv_heads) for b in report.blocks] == [(True, 8, 2)] * 4, report.blocks
+    assert len(calls) == 1
