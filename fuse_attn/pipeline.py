@@ -109,6 +109,8 @@ def fuse_graph(graph: Graph, *, name: str = "model", assume_no_padding: bool = F
         if anchor.graph is not graph:
             plan.notes.append(f"inside subgraph '{anchor.graph.proto.name}'")
         flash, _, inserted = emit_flash_fwd(anchor.graph, plan, graph.unique_name(f"FlashFwd_{report.fused}"))
+        for old, new in plan.rewire_after:
+            anchor.graph.replace_uses(old, new)
         report.blocks.append(_block_report(anchor, plan, flash, inserted))
     if report.fused:
         declare_flash_fwd(graph.model, function_dtype.dtype)

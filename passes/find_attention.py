@@ -51,6 +51,8 @@ class AttentionMatch:
     dropout_seed: int
     score_moves: tuple[Node, ...] = ()  # data movement from the QK product to the first score step
     prob_moves: tuple[Node, ...] = ()  # data movement from the probabilities to the PV product
+    # Conditions of Where(cond, 0, p) on the probabilities: the identity only if all false.
+    prob_guards: tuple[Value, ...] = ()
 
     @property
     def query(self) -> Value:
@@ -189,6 +191,26 @@ def _nan_guard_output(value: Value, consumers: list[Node]) -> Value | None:
     return where.outputs[0]
 
 
+def _row_guard(value: Value, consumers: list[Node]) -> tuple[Value, Value] | None:
+    """(output, condition) of Where(cond, 0, p) when `consumers` are exactly that guard, and
+    maybe the CastLike(zero, p) that gives the zero p's type (it reads only the type): the
+    expanded ONNX Attention sets fully masked rows to 0 so. It is the identity when `cond` is
+    all false, which the plan proves."""
+    where = next((n for n in consumers if is_op(n, "Where")), None)
+    if where is None or len(where.inputs) != 3 or where.inputs[2] is not value or where.inputs[0] is value:
+        return None
+    fill = where.inputs[1]
+    others = [n for n in consumers if n is not where]
+    if others:
+        (cast_like,) = others if len(others) == 1 else (None,)
+        if (not is_op(cast_like, "CastLike") or cast_like.inputs[1] is not value or cast_like.inputs[0] is value
+                or fill is not cast_like.outputs[0] or fill.is_graph_output() or len(fill.consumers()) != 1):
+            return None
+    elif fill is value:
+        return None
+    return where.outputs[0], where.inputs[0]
+
+
 def _dropout_ratio(node: Node) -> tuple[float, int]:
     """dropout_p of a Dropout node: 0 unless its training mode is a constant true."""
     if len(node.outputs) > 1 and node.outputs[1] is not None and (
@@ -262,16 +284,23 @@ def _renormalized(value: Value, consumers: list[Node], rank: int | None) -> tupl
     return (step, quotient) if _only_readers(test.outputs[0], denominator) else None
 
 
-def _walk_probs(softmax: Node, rank: int | None) -> tuple[Product, float, int, tuple[ScoreStep, ...], tuple[Node, ...]]:
+def _walk_probs(softmax: Node, rank: int | None) -> tuple[Product, float, int, tuple[ScoreStep, ...], tuple[Node, ...],
+                                                          tuple[Value, ...]]:
     value = softmax.outputs[0]
     dropout_p, seed = 0.0, 0
     renorm: list[ScoreStep] = []
     moves: list[Node] = []
+    guards: list[Value] = []
     while True:
         consumers = value.consumers()
         guarded = None if value.is_graph_output() else _nan_guard_output(value, consumers)
         if guarded is not None:
             value = guarded
+            continue
+        row_guard = None if value.is_graph_output() else _row_guard(value, consumers)
+        if row_guard is not None:
+            value = row_guard[0]
+            guards.append(row_guard[1])
             continue
         # (after a training-mode dropout a renormalisation would undo its scaling: not the kernel's)
         renormalized = None if renorm or moves or dropout_p else _renormalized(value, consumers, rank)
@@ -286,7 +315,7 @@ def _walk_probs(softmax: Node, rank: int | None) -> tuple[Product, float, int, t
             dropout_p, seed = _dropout_ratio(node)
             value = node.outputs[0]
         elif product_of(node) is not None and node.inputs[0] is value:
-            return product_of(node), dropout_p, seed, tuple(renorm), tuple(moves)
+            return product_of(node), dropout_p, seed, tuple(renorm), tuple(moves), tuple(guards)
         elif is_op(node, *MOVE_OPS) and node.inputs[0] is value:
             moves.append(node)
             value = node.outputs[0]
@@ -302,6 +331,6 @@ def match_attention(softmax: Node, opset: int, rank: int | None) -> AttentionMat
     NotFused saying why there is none."""
     check_softmax_axis(softmax, opset, rank)
     qk, steps, score_moves = _walk_scores(softmax)
-    pv, dropout_p, seed, renorm, prob_moves = _walk_probs(softmax, rank)
+    pv, dropout_p, seed, renorm, prob_moves, guards = _walk_probs(softmax, rank)
     # The renormalisation divides by the row sum after the softmax: a mask applied last.
-    return AttentionMatch(qk, softmax, pv, steps + renorm, dropout_p, seed, score_moves, prob_moves)
+    return AttentionMatch(qk, softmax, pv, steps + renorm, dropout_p, seed, score_moves, prob_moves, guards)

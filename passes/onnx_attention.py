@@ -12,10 +12,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from onnx import TensorProto
+from onnx import TensorProto, helper, numpy_helper
 
 from fuse_attn.ir.diagonal import Strip
-from fuse_attn.ir.evaluator import Evaluator
+from fuse_attn.ir.evaluator import Evaluator, Unprovable
 from fuse_attn.ir.graph import Node, Value
 from fuse_attn.passes._graph import NotFused, describe
 from fuse_attn.passes.find_attention import ScoreStep
@@ -41,11 +41,24 @@ def _to_kernel_v(labels: np.ndarray) -> np.ndarray:
     return labels
 
 
-def _check_supported(node: Node) -> None:
-    for index, what in ((4, "past_key"), (5, "past_value"), (6, "nonpad_kv_seqlen")):
-        if _input(node, index) is not None:
-            raise NotFused(f"{describe(node)} has a {what} input (KV cache); the kernel needs seq_q == seq_k", node)
-    for index, what in ((1, "present_key"), (2, "present_value"), (3, "qk_matmul_output")):
+def _is_empty_past(value: Value, evaluator: Evaluator) -> bool:
+    """A past key/value (b, kv, past, d) whose past length is 0 at every binding of the free dims."""
+    try:
+        return all(at.shape_of(value)[-2] == 0 for at in (evaluator, evaluator.varied()))
+    except (Unprovable, IndexError):
+        return False
+
+
+def _check_supported(node: Node, evaluator: Evaluator) -> None:
+    if _input(node, 6) is not None:
+        raise NotFused(f"{describe(node)} has a nonpad_kv_seqlen input (KV cache); the kernel needs seq_q == seq_k", node)
+    for index, what in ((4, "past_key"), (5, "past_value")):
+        past = _input(node, index)
+        if past is not None and not _is_empty_past(past, evaluator):
+            raise NotFused(f"{describe(node)} has a {what} input (KV cache); the kernel needs seq_q == seq_k "
+                           "(fix its length at 0 with --dim for the prefill)", node)
+    for index, what in ((3, "qk_matmul_output"),) + (() if _input(node, 4) is not None else
+                                                      ((1, "present_key"), (2, "present_value"))):
         out = node.outputs[index] if len(node.outputs) > index else None
         if out is not None and (out.consumers() or out.is_graph_output()):
             raise NotFused(f"{describe(node)}'s {what} output is used", node)
@@ -55,12 +68,86 @@ def _check_supported(node: Node) -> None:
         if node.attr(attr, -1) >= 0:
             raise NotFused(f"{describe(node)} has a sliding window ({attr})", node)
     for value in node.inputs[:3]:
-        if value is not None and value.shape is not None and len(value.shape) != 4:
-            raise NotFused(f"{describe(node)} has {len(value.shape)}D inputs; only 4D (b, heads, s, d) is fused", node)
+        rank = None if value is None or value.shape is None else len(value.shape)
+        if rank == 3 and not (node.attr("q_num_heads") and node.attr("kv_num_heads")):
+            raise NotFused(f"{describe(node)} has 3D inputs without q_num_heads/kv_num_heads", node)
+        if rank not in (None, 3, 4):
+            raise NotFused(f"{describe(node)} has {rank}D inputs; only 3D (b, s, heads·d) or 4D (b, heads, s, d) "
+                           "is fused", node)
+
+
+def _fixed_last_dim(value: Value, evaluator: Evaluator) -> int:
+    try:
+        sizes = {at.shape_of(value)[-1] for at in (evaluator, evaluator.varied())}
+    except Unprovable as exc:
+        raise NotFused(f"cannot prove the attention layout: {exc}") from None
+    if len(sizes) != 1:
+        raise NotFused(f"the hidden size of '{value.name}' is symbolic: its heads cannot be split at a fixed size")
+    return sizes.pop()
+
+
+def _canonical(node: Node, evaluator: Evaluator) -> tuple[Node, list[tuple[Value, Value]]]:
+    """`node` as a 4D Attention without past: the same op where the inputs are 3D (b, s, h·d) —
+    an exact Reshape (b, s, h, d) and Transpose away — or the past is empty (present = the new
+    K/V). The 4D node and its reshapes are added to the graph view ahead of `node`; they become
+    part of the model only if the block fuses (their outputs have readers only then), and the
+    original node's outputs are pointed at them then (the plan's `rewire_after`)."""
+    query, key, value = node.inputs[:3]
+    three_d = query.shape is not None and len(query.shape) == 3
+    has_past = _input(node, 4) is not None or _input(node, 5) is not None
+    if not three_d and not has_past:
+        return node, []
+    graph, protos = node.graph, []
+
+    def heads_first(x: Value, heads: int, hint: str) -> str:
+        if not three_d:
+            return x.name
+        if _fixed_last_dim(x, evaluator) % heads:
+            raise NotFused(f"'{x.name}' has {_fixed_last_dim(x, evaluator)} features, not a multiple of {heads} heads")
+        shape, split, out = (graph.unique_name(f"{node.name}_{hint}_{s}") for s in ("shape", "split", "heads"))
+        dims = np.array([0, 0, heads, _fixed_last_dim(x, evaluator) // heads], dtype=np.int64)
+        protos.append(helper.make_node("Constant", [], [shape], name=shape, value=numpy_helper.from_array(dims, shape)))
+        protos.append(helper.make_node("Reshape", [x.name, shape], [split], name=split))
+        protos.append(helper.make_node("Transpose", [split], [out], name=out, perm=[0, 2, 1, 3]))
+        return out
+
+    heads, kv_heads = node.attr("q_num_heads", 0), node.attr("kv_num_heads", 0)
+    inputs = [heads_first(query, heads, "q"), heads_first(key, kv_heads, "k"), heads_first(value, kv_heads, "v")]
+    mask = _input(node, 3)
+    if mask is not None:
+        inputs.append(mask.name)
+    out4 = graph.unique_name(f"{node.name}_4d")
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.proto.attribute
+             if a.name not in ("q_num_heads", "kv_num_heads")}
+    protos.append(helper.make_node("Attention", inputs, [out4], name=graph.unique_name(f"{node.name}_4d"), **attrs))
+    if three_d:  # back to (b, s, h·dv)
+        moved, merged, merge = (graph.unique_name(f"{node.name}_{s}") for s in ("y_moved", "y_merged", "y_merge"))
+        protos.append(helper.make_node("Transpose", [out4], [moved], name=moved, perm=[0, 2, 1, 3]))
+        protos.append(helper.make_node("Constant", [], [merge], name=merge,
+                                       value=numpy_helper.from_array(np.array([0, 0, -1], dtype=np.int64), merge)))
+        protos.append(helper.make_node("Reshape", [moved, merge], [merged], name=merged))
+    else:  # a reader of the 4D output, which the kernel's output then replaces
+        merged = graph.unique_name(f"{node.name}_y")
+        protos.append(helper.make_node("Identity", [out4], [merged], name=merged))
+    presents = []
+    for index, source in ((1, inputs[1]), (2, inputs[2])):  # present K/V of an empty past: the new K/V
+        out = graph.unique_name(f"{node.name}_present_{index}")
+        protos.append(helper.make_node("Identity", [source], [out], name=out))
+        presents.append(out)
+    added = graph.insert_before(node, protos)
+    canonical = next(n for n in added if n.op_type == "Attention")
+    canonical_output = graph.value(merged)
+    # What the original node's outputs become once the block fuses: Y, and the present K/V
+    # (with an empty past, the new K/V in (b, kv, s, d)).
+    adopt = [(old, new) for old, new in zip(node.outputs, (canonical_output, graph.value(presents[0]),
+                                                            graph.value(presents[1])))
+             if old is not None and (old.consumers() or old.is_graph_output())]
+    return canonical, adopt
 
 
 def plan_onnx_attention(node: Node, evaluator: Evaluator) -> FusionPlan:
-    _check_supported(node)
+    _check_supported(node, evaluator)
+    node, adopt = _canonical(node, evaluator)
     query, key, value = node.inputs[:3]
     mask = _input(node, 3)
 
@@ -78,7 +165,7 @@ def plan_onnx_attention(node: Node, evaluator: Evaluator) -> FusionPlan:
             steps.append(ScoreStep("where", node, operand=np.array(-np.inf), condition=below))
         return tuple(steps)
 
-    return plan_block(
+    plan = plan_block(
         Operand(walk_chain(query, allow_scale=True), _to_kernel_qk),
         Operand(walk_chain(key, allow_scale=True), _to_kernel_qk),
         Operand(walk_chain(value, allow_scale=False), _to_kernel_v),
@@ -87,3 +174,5 @@ def plan_onnx_attention(node: Node, evaluator: Evaluator) -> FusionPlan:
         output=node.outputs[0],
         insert_before=node,
     )
+    plan.rewire_after = adopt
+    return plan

@@ -45,6 +45,8 @@ class FusionPlan:
     q_head_order: tuple[int, ...] | None = None
     # The block's output axes as a permutation of the kernel's (b, h, s, d) (Einsum products).
     output_perm: tuple[int, ...] | None = None
+    # (old, new): once the kernel is in, readers of `old` read `new` (an op planned in a canonical form).
+    rewire_after: list = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -240,3 +240,46 @@ def vit(image: int | str = 224, patch: int = 16, heads: int = 2, head_dim: int =
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)
     return onnx.shape_inference.infer_shapes(model)
+
+
+def conformance_attention_cases() -> dict[str, onnx.ModelProto]:
+    """ONNX's own conformance models for `Attention` (onnx.backend.test.case.node.attention),
+    the op and its expanded function body, by test name."""
+    from onnx.backend.test.case.node import collect_testcases
+
+    return {case.name: case.model for case in collect_testcases("Attention")}
+
+
+def at_seq(model: onnx.ModelProto, seq: int, symbolic: bool = False) -> onnx.ModelProto:
+    """A conformance model whose inputs are exactly Q, K, V, re-declared with seq_q = seq_k =
+    `seq` (the kernel's case; the cases themselves use 4 queries over 6 keys) and the outputs'
+    shapes left to inference. The op and its expanded body compute from Shape, so nothing
+    else changes. `symbolic`: the seq dims are the symbol `seq`."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for value in out.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        axis = 1 if len(dims) == 3 else 2  # (b, s, h·d) or (b, h, s, d)
+        dims[axis].Clear()
+        if symbolic:
+            dims[axis].dim_param = "seq"
+        else:
+            dims[axis].dim_value = seq
+    for value in out.graph.output:
+        value.type.tensor_type.ClearField("shape")
+    del out.graph.value_info[:]
+    return onnx.shape_inference.infer_shapes(out)
+
+
+def peaked_qkv(model: onnx.ModelProto, seq: int, seed: int = 0, gain: float = 1.0) -> dict[str, np.ndarray]:
+    """Inputs for `at_seq(model, seq)`: Q and K scaled so that scores (at the default scale)
+    have a std of a few units; `gain` more for a graph whose own scale is smaller."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for value in model.graph.input:
+        tt = value.type.tensor_type
+        shape = [seq if (d.dim_param == "seq") else d.dim_value for d in tt.shape.dim]
+        dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        scale = 1.0 if value.name == "V" else 2.0 * gain / np.sqrt(np.sqrt(shape[-1]))
+        feeds[value.name] = (rng.normal(size=shape) * scale).astype(dtype)
+    return feeds

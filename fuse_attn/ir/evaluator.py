@@ -253,6 +253,7 @@ class Evaluator:
             moved = {k: v * 2 if v == BATCH_SAMPLE else v + 64 for k, v in self.binding.items()}
             self._varied = Evaluator(self.graph, _tie(moved, self.ties), self.declared_inputs, self.ties)
             self._varied.declared_used = self.declared_used
+            self._varied.mask_inputs = self.mask_inputs
         return self._varied
 
     def __init__(self, graph: Graph, binding: dict[str, int], declared_inputs=None,

@@ -399,10 +399,15 @@ class Graph:
             yield from sub._scopes()
 
     def ordered_nodes(self) -> list[Node]:
-        order = []
-        for node in self.nodes:
-            order.extend(self._before.get(node, ()))
+        order: list[Node] = []
+
+        def place(node: Node) -> None:  # nodes inserted before an inserted node come first
+            for earlier in self._before.get(node, ()):
+                place(earlier)
             order.append(node)
+
+        for node in self.nodes:
+            place(node)
         return order
 
     def remove_dead(self) -> int:
