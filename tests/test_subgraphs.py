@@ -123,3 +123,42 @@ def test_a_body_reading_an_outer_intermediate_keeps_the_block():
     _, report = fuse(model)
     (block,) = report.blocks
     assert not block.fused and "another consumer" in block.reason, block.reason
+
+
+def test_loop_body_block_fuses():
+    """A block in a Loop body (trip count 2), reading the input and weights from the outer scope;
+    the body's result is a scan output."""
+    built = build(AttnSpec(kv_heads=2, seq=16))
+    inits = {t.name for t in built.model.graph.initializer}
+    nodes = []
+    for n in built.model.graph.node:
+        c = onnx.NodeProto()
+        c.CopyFrom(n)
+        c.name = f"body_{n.name}"
+        del c.input[:]
+        c.input.extend(i if i in inits | {"x"} else f"body_{i}" for i in n.input)
+        del c.output[:]
+        c.output.extend(f"body_{o}" for o in n.output)
+        nodes.append(c)
+    nodes.append(helper.make_node("Identity", ["cond_in"], ["cond_out"], name="body_cond"))
+    (y,) = built.model.graph.output
+    body = helper.make_graph(
+        nodes, "loop_body",
+        [helper.make_tensor_value_info("iteration", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info(f"body_{y.name}", y.type.tensor_type.elem_type, None)])
+    trips = helper.make_tensor("trips", TensorProto.INT64, [], [2])
+    keep = helper.make_tensor("keep", TensorProto.BOOL, [], [True])
+    loop = helper.make_node("Loop", ["trips", "keep"], ["stacked"], name="loop", body=body)
+    graph = helper.make_graph([loop], "looped", list(built.model.graph.input),
+                              [helper.make_tensor_value_info("stacked", y.type.tensor_type.elem_type, None)],
+                              initializer=[*built.model.graph.initializer, trips, keep])
+    model = helper.make_model(graph, opset_imports=list(built.model.opset_import))
+    model.ir_version = built.model.ir_version
+    fused, report = fuse(model)
+    assert report.fused == 1, [b.reason for b in report.blocks]
+    (body_out,) = [a.g for a in fused.graph.node[0].attribute if a.name == "body"]
+    assert sum(n.op_type == "FlashFwd" for n in body_out.node) == 1
+    feeds = built.inputs()
+    assert max_diff(run(model, feeds), run(fused, feeds)) <= TOL
