@@ -128,6 +128,23 @@ def kv_cache_decoder(layers: int = 2, heads: int = 4, head_dim: int = 16, vocab:
     return model
 
 
+def decoder_without_past(layers: int = 2, heads: int = 4, head_dim: int = 16, vocab: int = 50, opset: int = 14,
+                         seed: int = 0):
+    """optimum's decoder without past (`decoder_model.onnx`): input_ids and attention_mask
+    (batch_size, sequence_length), the causal and padding mask as in `kv_cache_decoder` with no
+    past; `present.{i}.key/value` are the new K/V."""
+    g = Nodes()
+    outputs = _decoder_body(g, np.random.default_rng(seed), layers=layers, heads=heads, head_dim=head_dim,
+                            vocab=vocab, with_past=False, mask_from="attention_mask", past_dim="")
+    inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch_size", "sequence_length"])
+              for n in ("input_ids", "attention_mask")]
+    graph = helper.make_graph(g.nodes, "decoder", inputs, outputs, initializer=g.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="pytorch")
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
 def merged_decoder(layers: int = 2, heads: int = 4, head_dim: int = 16, vocab: int = 50, opset: int = 14,
                    seed: int = 0, past_dim: str = "past_sequence_length"):
     """optimum's `decoder_model_merged`: one If on `use_cache_branch` (bool (1,)); the then branch

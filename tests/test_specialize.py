@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from attention_graphs import AttnSpec, build, flash_nodes, mutate_flashfwd
-from exporter_graphs import decoder_feeds, kv_cache_decoder, max_diff, run
+from exporter_graphs import decoder_feeds, decoder_without_past, kv_cache_decoder, max_diff, run
 from fuse_attn import fuse
 from fuse_attn.modelio import InputError
 from fuse_attn.specialize import ShapeError, parse_dim_args, parse_shape_args, specialize
@@ -145,3 +145,18 @@ def test_unnamed_dims_are_distinct_per_occurrence():
     model = _unnamed(_unnamed(built.model, "x", (1,)), "memory", (1,))
     _, report = fuse(model)
     assert report.fused == 0 and "seq_q" in report.blocks[0].reason, report.blocks[0].reason
+
+
+def test_unnamed_dims_the_graph_ties_are_tied():
+    """input_ids and attention_mask with unnamed seq dims: the causal mask (from input_ids' length)
+    is combined with the padding mask (attention_mask's), so the graph runs only with them equal;
+    they are tied, and the block fuses."""
+    model = decoder_without_past()
+    for info in [*model.graph.input, *model.graph.output]:
+        info.type.tensor_type.shape.dim[-2 if info.name.startswith("present") else 1].Clear()
+    fused, report = fuse(model, assume_no_padding=True)
+    assert report.fused == 2, [b.reason for b in report.blocks]
+    assert all(b.causal for b in report.blocks)
+    feeds = decoder_feeds(model, seq=24)
+    assert max_diff(run(model, feeds), run(fused, feeds)) <= TOL
+    assert max_diff(run(model, feeds), run(mutate_flashfwd(fused, flip_causal=True), feeds)) > 100 * TOL
