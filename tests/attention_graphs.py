@@ -359,8 +359,9 @@ class AttnSpec:
             if self.mask_form in ("mul_range", "renorm", "renorm_plain", "renorm_nodiv") and \
                     self.mask not in COMPUTABLE_MASKS:
                 p.append(f"computed mask forms express only {COMPUTABLE_MASKS}")
-            if self.mask_form in MULTIPLICATIVE_FORMS and self.mask_value == "-inf":
-                p.append("a multiplicative mask's -inf·0 is NaN: use a finite mask value")
+            if self.mask_form in MULTIPLICATIVE_FORMS and (self.mask_value == "-inf" or
+                                                           self.mask_value == "-1e9" and self.dtype == "float16"):
+                p.append("a multiplicative mask's -inf·0 is NaN: use a mask value finite in the dtype")
             if self.mask_form in RENORM_FORMS and (self.nan_guard or self.softmax_cast or self.mask == "strict"):
                 p.append("renormalised softmax takes no NaN guard or cast, and keeps a key in every row")
             if self.mask_form in RENORM_FORMS and (self.batched_heads or self.softmax_axis != -1):

@@ -192,7 +192,7 @@ def _draw_exporter_forms(draw, kw: dict) -> None:
         if form == "mul_const" and kw["symbolic_seq"]:
             form = "mul_range"
         kw["mask_form"] = form
-        if form.startswith("mul") and kw.get("mask_value") == "-inf":
+        if form.startswith("mul") and (kw.get("mask_value") == "-inf" or kw["dtype"] == "float16"):
             kw["mask_value"] = "min"
         if form.startswith("renorm"):
             kw.update(nan_guard=False, softmax_cast=False, batched_heads=False, softmax_axis=-1)
