@@ -1086,10 +1086,10 @@ def _build_block(g: _Graph, spec: AttnSpec, rng, x: str, kv_src: str, blk: int):
         if spec.probs_transpose:
             p = g.op("Transpose", [p], "probs_t", perm=[0, 1, 3, 2])
         if spec.score_moves:  # back to (b·h, s, s) for a 3D PV product, as tf2onnx does
-            n1 = g.op("Unsqueeze", [_seq_scalar(g, x), g.i64([0])], "seq_1d")
-            nk1 = g.op("Unsqueeze", [_seq_scalar(g, kv_src), g.i64([0])], "seq_kv_1d")
-            shape3 = g.op("Concat", [g.i64([b * h]), n1, nk1], "probs_3d_shape", axis=0)
-            p = g.op("Reshape", [g.op("Unsqueeze", [p, g.i64([4])], "probs_5d"), shape3], "probs_3d")
+            # the target read from the moved probabilities' own shape, as tf2onnx does (a Shape reader)
+            p5 = g.op("Unsqueeze", [p, g.i64([4])], "probs_5d")
+            dims = g.op("Gather", [g.op("Shape", [p5], "probs_5d_shape"), g.i64([2, 3])], "probs_qk", axis=0)
+            p = g.op("Reshape", [p5, g.op("Concat", [g.i64([b * h]), dims], "probs_3d_shape", axis=0)], "probs_3d")
             vh = _reshape(g, vh, [b * h, -1, d], "v_3d")
         o = g.op("MatMul", [p, vh], "attn_o")
         if spec.score_moves:
