@@ -46,6 +46,8 @@ def zoo_log(request):
     def write(line: str) -> None:
         with capture.global_and_fixture_disabled():
             if reporter is not None:
+                if getattr(reporter._tw, "width_of_current_line", 0):  # after -q's progress dots
+                    reporter._tw.line()
                 reporter.write_line(line)
             else:
                 print(line, file=sys.stderr, flush=True)
