@@ -473,11 +473,13 @@ def _bodies(node: onnx.NodeProto) -> list[onnx.GraphProto]:
 
 
 def _names_used_by_subgraphs(node: onnx.NodeProto) -> set[str]:
-    """Outer-scope names read inside If/Loop/Scan bodies (they keep their producers alive)."""
+    """Outer-scope names read inside If/Loop/Scan bodies (they keep their producers alive):
+    node inputs, and body outputs that name an outer value directly."""
     names: set[str] = set()
     for attr in node.attribute:
         graphs = [attr.g] if attr.HasField("g") else list(attr.graphs)
         for g in graphs:
+            names.update(o.name for o in g.output)
             for inner in g.node:
                 names.update(inner.input)
                 names |= _names_used_by_subgraphs(inner)
