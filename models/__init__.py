@@ -26,7 +26,7 @@ CACHE_ENV = "FUSE_ATTN_ZOO_CACHE"
 # Files whose content changes what an export looks like; part of every recipe hash.
 _HASHED_SOURCES = ("recipes.py", "export.py", "_compat.py")
 # Manifest keys that say what to expect of an export, not how to make it.
-_NOT_HASHED = ("expected", "note", "known_issue", "tolerance")
+_NOT_HASHED = ("expected", "note", "known_issue", "tolerance", "fuse")
 
 
 @dataclasses.dataclass
@@ -100,12 +100,29 @@ def _versions(entry: dict[str, Any]) -> dict[str, str]:
 
 
 def recipe_hash(entry: dict[str, Any]) -> str:
+    recipe = {k: v for k, v in entry.items() if k not in _NOT_HASHED}
+    if entry.get("environment"):
+        return recipe_hash_of(recipe, environment=entry["environment"])
     here = Path(__file__).parent
     h = hashlib.sha256()
-    h.update(json.dumps({k: v for k, v in entry.items() if k not in _NOT_HASHED}, sort_keys=True).encode())
+    h.update(json.dumps(recipe, sort_keys=True).encode())
     h.update(json.dumps(_versions(entry), sort_keys=True).encode())
     for name in _HASHED_SOURCES:
         h.update((here / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def recipe_hash_of(recipe: Any, *, environment: str) -> str:
+    """The hash of an export made in an exporter environment: the recipe, the environment's pins
+    and the sources that run it (the exporter script and the protocol it follows)."""
+    from . import environments
+
+    here = Path(__file__).parent
+    h = hashlib.sha256()
+    h.update(json.dumps(recipe, sort_keys=True).encode())
+    h.update(json.dumps(environments.ENVIRONMENTS[environment], sort_keys=True).encode())
+    for source in ("export_env.py", "exporters/_protocol.py", f"exporters/{environments.ENVIRONMENTS[environment]['script']}"):
+        h.update((here / source).read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -118,7 +135,7 @@ def build_all(
 ) -> list[ZooModel]:
     """Export every manifest model (or those in `only`) to `<cache>/<name>.onnx`, reusing an
     export whose recipe hash is unchanged. A failed export is returned with `.error` set."""
-    from . import export
+    from . import export, export_env
 
     cache = cache_dir(out_dir)
     cache.mkdir(parents=True, exist_ok=True)
@@ -126,5 +143,6 @@ def build_all(
     result = []
     for entry in entries(only, manifest):
         tol = float(entry.get("tolerance") or manifest["tolerance"][entry["dtype"]])
-        result.append(export.build_one(entry, cache, recipe_hash(entry), force=force, log=log, tolerance=tol))
+        build = export_env.build_one if entry.get("environment") else export.build_one
+        result.append(build(entry, cache, recipe_hash(entry), force=force, log=log, tolerance=tol))
     return result
