@@ -31,6 +31,7 @@ class Row:
     skipped: bool = False  # the recipe needs a package that is not installed
     known_issue: str | None = None  # the manifest's "known_issue": a failure the suite expects
     failure: str | None = None  # what kind of failure, shown after ❌: "wrong", "crashed", ...
+    runnable: int | None = None  # blocks the kernel can run (the manifest's; None: no manifest)
 
 
 class Column(NamedTuple):
@@ -76,6 +77,7 @@ ZOO_COLUMNS = (
     FOUND,
     FUSED,
     Column("expected fused", "---:", lambda r: f"{r.expected} of {r.expected_found}"),
+    Column("kernel can run", "---:", lambda r: _count(r.runnable)),
     MAX_ERR,
     SECONDS,
     OK,
@@ -94,12 +96,34 @@ def _summary(rows: list[Row]) -> str:
     return text + f"; {fused} of {sum(r.found or 0 for r in rows)} blocks found fused."
 
 
+def _exporter_family(label: str) -> str:
+    """"torchscript/14 (transformers 4.44.2)" -> "torchscript (transformers 4.44.2)"."""
+    name, _, rest = label.partition("/")
+    return f"{name} {rest.partition(' ')[2]}".strip()
+
+
+def render_exporter_totals(rows: list[Row]) -> str:
+    """Per exporter: models, blocks found, blocks the kernel can run, and how many are fused."""
+    totals: dict[str, list[int]] = {}
+    for r in rows:
+        t = totals.setdefault(_exporter_family(r.exporter), [0, 0, 0, 0])
+        t[0] += 1
+        t[1] += r.found or 0
+        t[2] += r.runnable or 0
+        t[3] += r.fused or 0
+    lines = ["| exporter | models | blocks found | kernel can run | fused |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {name} | {n} | {found} | {runnable} | {fused} |" for name, (n, found, runnable, fused) in totals.items()]
+    return "\n".join(lines)
+
+
 def render_markdown(rows: list[Row], *, columns: tuple[Column, ...] = ZOO_COLUMNS, details: bool = True) -> str:
     """The coverage table (and, below it, what went wrong and every not-fused reason)."""
     lines = ["| " + " | ".join(c.header for c in columns) + " |",
              "|" + "|".join(c.align for c in columns) + "|"]
     lines += ["| " + " | ".join(c.cell(r) for c in columns) + " |" for r in rows]
     lines += ["", _summary(rows)]
+    if rows and all(r.runnable is not None for r in rows):
+        lines += ["", render_exporter_totals(rows)]
     if details:
         notes = []
         for r in rows:

@@ -24,6 +24,44 @@ from .export import max_abs_err, ort_session
 from .recipes import make_inputs
 
 
+def exporter_label(entry: dict[str, Any], opset: Any) -> str:
+    """"dynamo/20"; in the exporter's own environment with another transformers,
+    "torchscript/14 (transformers 4.44.2)"."""
+    label = f"{entry['exporter']}/{opset}"
+    if entry.get("environment") == "transformers4":
+        from .environments import ENVIRONMENTS
+
+        pin = next(r for r in ENVIRONMENTS["transformers4"]["requirements"] if r.startswith("transformers=="))
+        label += f" (transformers {pin.split('==')[1]})"
+    return label
+
+
+def kernel_can_run(expected: dict[str, Any]) -> int:
+    """Blocks flash_fwd can compute: the expected fused, and the groups the manifest marks
+    `kernel_can_run` among those left alone (`not_fused`) or not found at all (`missed`)."""
+    groups = expected.get("not_fused", []) + expected.get("missed", [])
+    return expected["fused"] + sum(g["count"] for g in groups if g.get("kernel_can_run"))
+
+
+def fuse_options(entry: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's `fuse` options (assume_no_padding, shapes, dims) as `fuse()` keywords."""
+    options = dict(entry.get("fuse") or {})
+    if "shapes" in options:
+        options["shapes"] = {k: tuple(v) for k, v in options["shapes"].items()}
+    return options
+
+
+def as_declared_types(inputs: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The inputs in the element types the model declares (optimum's `use_cache_branch` is a
+    bool: the manifest gives it as a 0/1 mask)."""
+    import onnx
+    from onnx import helper
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    declared = {i.name: helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type) for i in graph.input}
+    return {k: v.astype(declared[k]) if k in declared and v.dtype != declared[k] else v for k, v in inputs.items()}
+
+
 def _tolerance(entry: dict[str, Any], manifest: dict[str, Any]) -> float:
     return float(entry.get("tolerance") or manifest.get("tolerance", {}).get(entry["dtype"], 1e-3))
 
@@ -64,10 +102,11 @@ def check_model(zm: ZooModel, *, fused_dir: Path | None = None, manifest: dict[s
     exp = entry["expected"]
     expected_nf = sum(g["count"] for g in exp.get("not_fused", []))
     opset = zm.meta.get("opset") or entry.get("opset") or "?"
-    row = Row(model=zm.name, exporter=f"{entry['exporter']}/{opset}", found=None, fused=None,
+    row = Row(model=zm.name, exporter=exporter_label(entry, opset), found=None, fused=None,
               expected=exp["fused"], expected_found=exp["fused"] + expected_nf, max_err=None, seconds=None,
               ok=False, family=entry.get("family", ""), dtype=entry["dtype"], attn_impl=entry.get("attn_impl"),
-              known_issue=entry.get("known_issue"))
+              known_issue=entry.get("known_issue"),
+              runnable=kernel_can_run(exp))
     if zm.skipped:
         row.skipped = True
         row.problems.append(f"skipped: {zm.error}")
@@ -86,7 +125,7 @@ def check_model(zm: ZooModel, *, fused_dir: Path | None = None, manifest: dict[s
 
     t0 = time.perf_counter()
     try:
-        fused_model, report = fuse(zm.path)
+        fused_model, report = fuse(zm.path, **fuse_options(entry))
     except Exception as exc:
         row.seconds = time.perf_counter() - t0
         row.problems.append(f"fuse raised {describe_exc(exc)}"[:500])
@@ -107,7 +146,7 @@ def check_model(zm: ZooModel, *, fused_dir: Path | None = None, manifest: dict[s
     fused_path = out_dir / f"{zm.name}.fused.onnx"
     try:
         save(fused_model, fused_path, source_path=zm.path)
-        inputs = make_inputs(entry["inputs"], entry["dtype"], seed=1)
+        inputs = as_declared_types(make_inputs(entry["inputs"], entry["dtype"], seed=1), zm.path)
         want = ort_session(zm.path).run(None, inputs)
         got = ort_session(fused_path).run(None, inputs)
         if len(want) != len(got):
@@ -135,6 +174,16 @@ def check_zoo(models: Iterable[ZooModel], *, fused_dir: Path | str | None = None
     return rows
 
 
+def _environment_lines() -> list[str]:
+    from .environments import ENVIRONMENTS
+
+    lines = ["Exporters whose pins clash with the zoo's run in their own venv, which the build creates "
+             "(`models/environments.py`, cached under `<zoo cache>/envs/` by its pins):", ""]
+    for name, env in ENVIRONMENTS.items():
+        lines.append(f"- `{name}`: {', '.join(env['requirements'])} (`models/exporters/{env['script']}`)")
+    return lines
+
+
 def coverage_document(rows: list[Row]) -> str:
     """The public coverage record: a heading, the versions it was measured with, the table."""
     from importlib import metadata
@@ -153,7 +202,13 @@ def coverage_document(rows: list[Row]) -> str:
         "onnxruntime on the same inputs; the pass's own time. Regenerate with "
         "`fuse-attn zoo --markdown models/COVERAGE.md`.",
         "",
+        "*Kernel can run*: the blocks flash_fwd can compute: those expected fused, and those the manifest "
+        "marks `kernel_can_run` that the pass leaves alone (its gaps, each named in the manifest). The "
+        "totals per exporter follow the table.",
+        "",
         f"Measured with {', '.join(versions)}.",
+        "",
+        *_environment_lines(),
         "",
         render_markdown(rows),
         "",
