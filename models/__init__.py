@@ -112,16 +112,17 @@ def recipe_hash(entry: dict[str, Any]) -> str:
     return h.hexdigest()[:16]
 
 
-def recipe_hash_of(recipe: Any, *, environment: str) -> str:
+def recipe_hash_of(recipe: Any, *, environment: str, sources: tuple[str, ...] = ("export_env.py",)) -> str:
     """The hash of an export made in an exporter environment: the recipe, the environment's pins
-    and the sources that run it (the exporter script and the protocol it follows)."""
+    and the sources that run it (the exporter script, the protocol it follows, and `sources`)."""
     from . import environments
 
     here = Path(__file__).parent
     h = hashlib.sha256()
     h.update(json.dumps(recipe, sort_keys=True).encode())
     h.update(json.dumps(environments.ENVIRONMENTS[environment], sort_keys=True).encode())
-    for source in ("export_env.py", "exporters/_protocol.py", f"exporters/{environments.ENVIRONMENTS[environment]['script']}"):
+    script = f"exporters/{environments.ENVIRONMENTS[environment]['script']}"
+    for source in (*sources, "exporters/_protocol.py", script):
         h.update((here / source).read_bytes())
     return h.hexdigest()[:16]
 

@@ -68,6 +68,7 @@ def build_one(entry: dict[str, Any], cache: Path, key: str, *, force: bool = Fal
 
 def _build(entry: dict[str, Any], cache: Path, path: Path, *, force: bool, log) -> dict[str, Any]:
     import numpy as np
+    import onnx
 
     from .recipes import make_inputs
 
@@ -78,7 +79,8 @@ def _build(entry: dict[str, Any], cache: Path, path: Path, *, force: bool, log) 
     params["seed"] = entry.get("seed", 0)
     inputs = make_inputs(entry["inputs"], entry["dtype"]) if env["reference"] else {}
     run = {"params": params, "inputs": entry["inputs"] if inputs else None}
-    work = cache / "runs" / f"{entry['exporter']}-{recipe_hash_of(run, environment=env_name)}"
+    # the run depends on the script and its environment only: a change here re-reads cached runs
+    work = cache / "runs" / f"{entry['exporter']}-{recipe_hash_of(run, environment=env_name, sources=())}"
     t0 = time.perf_counter()
     if force or not (work / "result.json").exists():
         shutil.rmtree(work, ignore_errors=True)
@@ -96,7 +98,8 @@ def _build(entry: dict[str, Any], cache: Path, path: Path, *, force: bool, log) 
     wanted = entry.get("params", {}).get("file") or (files[0] if len(files) == 1 else None)
     if wanted not in files:
         raise ValueError(f"the export wrote {files}; the recipe's params.file must name one of them")
-    shutil.copyfile(work / wanted, path)
+    # the zoo keeps weights inline (jax2onnx writes large constants to a .data file beside it)
+    onnx.save(onnx.load(str(work / wanted)), str(path))
     meta = {**describe(entry, path), "export_seconds": round(export_s, 2), "environment": env_name,
             "versions": result["versions"], "framework": _FRAMEWORK.get(env_name, env_name),
             "ort_vs_framework": None, "validated_by": result.get("validated_by"), "command": result.get("command")}
