@@ -33,6 +33,7 @@ def test_manifest_is_well_formed():
         else:
             assert e["exporter"] in ("dynamo", "torchscript") and e["builder"], e["name"]
         assert set(e.get("fuse", {})) <= {"assume_no_padding", "shapes", "dims"}, e["name"]
+        assert isinstance(e.get("compile_known_issue", ""), str), e["name"]
         assert e["dtype"] in MANIFEST["tolerance"], e["name"]
         assert e["inputs"], e["name"]
         exp = e["expected"]
