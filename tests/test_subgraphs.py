@@ -60,7 +60,7 @@ def test_merged_decoder_without_specialization_names_the_causes(merged):
     # With past: a KV cache. Without: the branch runs only with an empty past, which the pass
     # cannot know; the reason says how to tell it.
     assert all("seq_q" in r for n, r in reasons.items() if n.startswith("then_")), reasons
-    assert all("--dim" in r for n, r in reasons.items() if n.startswith("else_")), reasons
+    assert all("--dim past_sequence_length=0" in r for n, r in reasons.items() if n.startswith("else_")), reasons
 
 
 def _if_wrapped(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -412,9 +412,13 @@ class Evaluator:
             return None
         a, b = pairs[0]
         bound = ", ".join(f"{k}={v}" for k, v in self.binding.items())
+        # Sizes apart by exactly one symbol's sample: a branch that runs with that symbol at 0
+        # (optimum's merged decoder without past reads a mask of past + sequence keys).
+        apart = [k for k, v in self.binding.items() if v == abs(a - b) and list(self.binding.values()).count(v) == 1]
+        hint = f" (e.g. --dim {apart[0]}=0)" if apart else ""
         return (f"{node.op_type} '{node.name}' combines sizes {a} and {b} at sample sizes of the free dims "
                 f"({bound}): the graph ties its free dims in a way the pass cannot solve; fix them with "
-                "--dim SYMBOL=N or --shape")
+                f"--dim SYMBOL=N or --shape{hint}")
 
     def _broadcast_fixed_by_graph(self, node: Node, shapes: list[tuple[int, ...]]) -> bool:
         """A broadcast whose sample sizes disagree where the graph fixes the size: a ViT adds
