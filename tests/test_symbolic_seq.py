@@ -130,3 +130,25 @@ def test_window_next_to_a_slice_to_the_end_is_still_caught(dtype):
     _, report = fuse(model)
     (block,) = report.blocks
     assert not block.fused and "sliding window of 200" in block.reason, block.reason
+
+
+def test_slice_to_the_static_end_of_a_stored_buffer_is_no_window():
+    """A stored (256, 256) causal buffer sliced `[:, 0:256]` (its own length, written out) and then
+    to the seq: 256 is the fixed dim's end, not a window; the model runs at any seq up to 256."""
+    model = _block(window=None)
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    c = lambda name, value: numpy_helper.from_array(np.asarray(value), name)  # noqa: E731
+    m.graph.initializer.extend([c("buffer", np.tril(np.ones((256, 256), bool))), c("b0", np.array([0])),
+                                c("b256", np.array([256])), c("b1", np.array([1])), c("b00", np.array([0, 0])),
+                                c("b01", np.array([0, 1]))])
+    where = next(n for n in m.graph.node if n.op_type == "Where")
+    m.graph.node.insert(len(m.graph.node) - 6, helper.make_node("Slice", ["buffer", "b0", "b256", "b1"], ["full"]))
+    m.graph.node.insert(len(m.graph.node) - 6, helper.make_node("Concat", ["seq_1d", "seq_1d"], ["ends"], axis=0))
+    m.graph.node.insert(len(m.graph.node) - 6, helper.make_node("Slice", ["full", "b00", "ends", "b01"], ["keep_buf"]))
+    where.input[0] = "keep_buf"
+    onnx.checker.check_model(m)
+    fused, report = fuse(m)
+    (block,) = report.blocks
+    assert block.fused and block.causal, block.reason
+    np.testing.assert_allclose(_run(fused, 200), _run(m, 200), atol=1e-5)

@@ -451,25 +451,30 @@ class Evaluator:
         """The single-number integer constants `value` is computed from: the numbers position
         arithmetic uses (a window size would be one; mask fill values are floats).
 
-        A Slice bound beyond any length a dim can have (TorchScript's INT64_MAX for `x[:, :n]`)
-        means "to the end" and is no such number; a real window constant is one wherever it is."""
-        found, seen, stack = [], set(), [(value, False)]
+        A Slice bound at or past the dim it slices means "to the end" and is no such number:
+        past a dim the graph fixes (a stored causal buffer's 1024), or past any length a dim can
+        have (TorchScript's INT64_MAX for `x[:, :n]`, tf2onnx's 1e9). A real window constant is
+        one wherever it is."""
+        found, seen, stack = [], set(), [(value, None)]
         while stack and len(seen) < MAX_CONE_NODES:
-            v, slice_bound = stack.pop()
-            if (v, slice_bound) in seen:
+            v, end = stack.pop()  # end: a bound at least this far out is "to the end" (None: not a bound)
+            if (v, end) in seen:
                 continue
-            seen.add((v, slice_bound))
+            seen.add((v, end))
             if v.is_constant():
                 if v.constant_size() == 1:
                     array = np.asarray(v.constant())
-                    if array.dtype.kind in "iu" and not (slice_bound and abs(int(array.reshape(()))) >= TO_THE_END):
+                    if array.dtype.kind in "iu" and not (end is not None and abs(int(array.reshape(()))) >= end):
                         found.append(int(array.reshape(())))
                 continue
             node = v.producer()
             if node is not None and not _is_shape_op(node):
-                bounds = (1, 2) if node.op_type == "Slice" and node.domain in DEFAULT_DOMAINS else ()
-                stack.extend((i, slice_bound or index in bounds) for index, i in enumerate(node.inputs)
-                             if i is not None and i in _contents_read(node))
+                # The fixed dim applies to a constant that is the bound itself; arithmetic on a bound
+                # may cross a threshold below it (1500 − seq), so deeper only the far sentinel does.
+                bound = _slice_end(node) if node.op_type == "Slice" and node.domain in DEFAULT_DOMAINS else None
+                deeper = None if end is None else TO_THE_END
+                stack.extend((i, deeper if end is not None else bound if index in (1, 2) else None)
+                             for index, i in enumerate(node.inputs) if i is not None and i in _contents_read(node))
         return found
 
     # --- values ---------------------------------------------------------------------------
@@ -573,6 +578,18 @@ class Evaluator:
         for v, array in (*leaves.items(), *computed.items()):
             if v is target or array.size <= _CACHE_AT_MOST:
                 self._cache[v] = array
+
+
+def _slice_end(node: Node) -> int:
+    """How far out a bound of this Slice is "to the end": the sliced dim where the graph fixes it
+    (one axis, declared as a number), else any length a dim can have."""
+    data, axes = node.inputs[0], node.inputs[3] if len(node.inputs) > 3 else None
+    axis = 0 if axes is None else (int(np.asarray(axes.constant()).reshape(-1)[0])
+                                   if axes.is_constant() and axes.constant_size() == 1 else None)
+    shape = data.shape if data is not None else None
+    if axis is not None and shape and -len(shape) <= axis < len(shape) and isinstance(shape[axis], int):
+        return min(shape[axis], TO_THE_END)
+    return TO_THE_END
 
 
 def _topological(target: Value, nodes: set[Node]) -> list[Node]:
