@@ -6,7 +6,7 @@ Each model's forward is also checked to be one static graph: no Shape/Size/Range
 left in it (all folded at lowering), and it runs on meta tensors with FlashFwd as
 static_check.sdpa_attention (any host read raises there).
 
-Tolerances, measured on the 52 zoo models (the default seed-0 inputs): fp32 models at most
+Tolerances, measured on the zoo's models (the default seed-0 inputs): fp32 models at most
 6.1e-6 max |error| with mixed_precision off; with it on, and fp16 models either way, under 1e-2
 of max |output| (README). Asserted:
 """
