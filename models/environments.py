@@ -98,7 +98,7 @@ def run_script(name: str, python: Path, spec: dict, work: Path, timeout: float =
     spec_path.write_text(json.dumps(spec, indent=1, sort_keys=True))
     script = EXPORTER_SCRIPTS / ENVIRONMENTS[name]["script"]
     proc = subprocess.run([str(python), str(script), str(spec_path), str(work)], capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
+                          timeout=timeout, stdin=subprocess.DEVNULL, cwd=work)  # nothing lands beside the caller
     (work / "export.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         tail = [line for line in (proc.stderr or proc.stdout).strip().splitlines() if line.strip()][-1:]

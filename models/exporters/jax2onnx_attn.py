@@ -19,6 +19,7 @@ def main() -> None:
     import jax
     import jax.numpy as jnp
     import numpy as np
+    import onnx
     from flax import nnx
     from jax2onnx import to_onnx
 
@@ -51,10 +52,10 @@ def main() -> None:
     else:
         raise ValueError(f"unknown form {form!r}")
 
-    kwargs = {"return_mode": "file", "output_path": str(out / "model.onnx")}
-    if spec.get("opset"):
-        kwargs["opset"] = spec["opset"]
-    to_onnx(fn, shapes, **kwargs)
+    kwargs = {"opset": spec["opset"]} if spec.get("opset") else {}
+    # the ModelProto, saved here with its constants inline: to_onnx's own file mode spills
+    # constants over 1 MB to a .data file it refuses to overwrite
+    onnx.save(to_onnx(fn, shapes, **kwargs), str(out / "model.onnx"))
     inputs = _protocol.load_inputs(out)
     if inputs:
         # to_onnx names the inputs itself: the zoo's inputs come in the function's argument order
