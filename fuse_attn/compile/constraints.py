@@ -72,8 +72,25 @@ def _choose_tile(seq: int, preferred: int | None) -> int | None:
     return contract.seq_tile_size_for(seq)
 
 
+def _is_flash_fwd(node: onnx.NodeProto) -> bool:
+    return node.domain == contract.DOMAIN and node.op_type == contract.OP_TYPE
+
+
 def flash_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    return [n for n in model.graph.node if n.domain == contract.DOMAIN and n.op_type == contract.OP_TYPE]
+    return [n for n in model.graph.node if _is_flash_fwd(n)]
+
+
+def nested_flash_nodes(graph: onnx.GraphProto, owner: str = "") -> list[tuple[str, onnx.NodeProto]]:
+    """FlashFwd nodes inside If/Loop/Scan bodies (the pass fuses there; compile lowers only the
+    main graph), each with the name of the node whose body holds it."""
+    found = []
+    for node in graph.node:
+        if owner and _is_flash_fwd(node):
+            found.append((owner, node))
+        for attr in node.attribute:
+            for body in [attr.g] if attr.HasField("g") else attr.graphs:
+                found += nested_flash_nodes(body, f"{node.op_type} {node.name!r}")
+    return found
 
 
 def node_attrs(node: onnx.NodeProto) -> contract.FlashFwdAttrs:
@@ -146,6 +163,10 @@ def plan_model(
     if unknown and feeds is not None:
         types.update(evaluated_types(model, unknown, feeds))
     plans, problems = [], []
+    for owner, node in nested_flash_nodes(model.graph):
+        problems.append(f"{node.name}: inside the body of {owner}; compile lowers the main graph only "
+                        "(compile a model without If/Loop/Scan around its attention, e.g. optimum's "
+                        "decoder_model.onnx instead of decoder_model_merged.onnx)")
     for node in nodes:
         plan, node_problems = plan_node(node, types, mixed_precision)
         problems += node_problems
