@@ -1464,13 +1464,8 @@ FP16_NATIVE_TOL = 1e-2  # fused vs original, both run natively in float16
 
 
 def fuse_model(model: onnx.ModelProto, **kwargs):
-    """`fuse_attn.fuse(model)` -> (fused ModelProto, report); skips the test while the pass is absent."""
-    import pytest
-
-    try:
-        from fuse_attn import fuse
-    except ImportError as e:  # the pass lands in its own commit
-        pytest.skip(f"fuse_attn.fuse is not available yet: {e}")
+    """`fuse_attn.fuse(model)` -> (fused ModelProto, report)."""
+    from fuse_attn import fuse
     import onnx_ir
 
     fused, report = fuse(model, **kwargs)

@@ -235,8 +235,6 @@ def test_python_api_keeps_weights_external_and_saves_elsewhere(built, model, tmp
     fused, report = fuse_attn.fuse(str(model))
     assert report.fused == LAYERS
     assert _weights_not_external(fused) == []
-    if not hasattr(fuse_attn, "save"):
-        pytest.skip("no fuse_attn.save in this version")
     out_dir = tmp_path / "api-out"
     out_dir.mkdir()
     fuse_attn.save(fused, out_dir / "fused.onnx", source_path=model)
