@@ -241,31 +241,6 @@ def results_json(results: dict[str, dict], found_regressions: list[str], baselin
     return json.dumps(_finite(data), indent=2) + "\n"
 
 
-def write_all(texts: dict[str, str]) -> None:
-    """Write every file as one step: staged beside its target, then renamed into place; on an
-    error nothing is left behind."""
-    staged: list[tuple[str, str]] = []
-    target = ""
-    try:
-        for target, text in texts.items():
-            fd, tmp = tempfile.mkstemp(prefix=".fuse-attn-", suffix=".tmp", dir=os.path.dirname(target))
-            staged.append((tmp, target))
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-            mask = os.umask(0)
-            os.umask(mask)
-            os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600; give the usual mode of a new file
-        while staged:
-            os.replace(*staged[0])
-            staged.pop(0)
-    except OSError as exc:
-        raise InputError(f"cannot write '{target}': {exc.strerror or exc}") from exc
-    finally:
-        for tmp, _ in staged:
-            if os.path.lexists(tmp):
-                os.unlink(tmp)
-
-
 # -- the command -------------------------------------------------------------------------------
 
 def _parser() -> argparse.ArgumentParser:
@@ -323,7 +298,7 @@ def check_main(argv: list[str]) -> int:
         outputs[markdown_path] = table + "\n"
     if json_path:
         outputs[json_path] = results_json(results, found_regressions, args.baseline)
-    write_all(outputs)
+    modelio.write_together([(target, modelio.write_text(text)) for target, text in outputs.items()])
     print(table)
     ok = all(r["ok"] for r in results.values()) and not found_regressions
     return EXIT_OK if ok else EXIT_FAILED

@@ -18,6 +18,7 @@ import dataclasses
 import os
 import shutil
 import tempfile
+from typing import Callable
 
 import onnx
 from google.protobuf.message import DecodeError
@@ -202,33 +203,17 @@ def _temp_beside(target: str) -> str:
     return tmp
 
 
-def write_outputs(plan: OutputPlan, model: onnx.ModelProto, report_json: str | None = None) -> None:
-    """Write everything `plan` names as one step: all staged to temp files beside their targets,
-    then renamed into place. On an error nothing is left behind. A report of "-" is not a file
-    (the caller prints it)."""
+def write_together(writes: list[tuple[str, Callable[[str], None]]]) -> None:
+    """Each (target, write) fills a temp file beside its target; then all are renamed into place
+    as one step. On an error nothing staged is left behind."""
     staged: list[tuple[str, str]] = []  # (temp, target)
-    target = plan.model
+    target = ""
     try:
-        for src, target in plan.data:
-            os.makedirs(os.path.dirname(target), exist_ok=True)  # a location like 'weights/x.bin'
+        for target, write in writes:
+            os.makedirs(os.path.dirname(target) or ".", exist_ok=True)  # a location like 'weights/x.bin'
             tmp = _temp_beside(target)
             staged.append((tmp, target))
-            if plan.link_external_data:
-                os.unlink(tmp)
-                os.link(src, tmp)
-            else:
-                shutil.copyfile(src, tmp)
-        target = plan.model
-        tmp = _temp_beside(target)
-        staged.append((tmp, target))
-        with open(tmp, "wb") as f:
-            f.write(model.SerializeToString())
-        if plan.report not in (None, "-"):
-            target = plan.report
-            tmp = _temp_beside(target)
-            staged.append((tmp, target))
-            with open(tmp, "w") as f:
-                f.write(report_json or "")
+            write(tmp)
         while staged:
             tmp, target = staged[0]
             os.replace(tmp, target)
@@ -239,6 +224,35 @@ def write_outputs(plan: OutputPlan, model: onnx.ModelProto, report_json: str | N
         for tmp, _ in staged:
             if os.path.lexists(tmp):
                 os.unlink(tmp)
+
+
+def write_text(text: str) -> Callable[[str], None]:
+    def write(path: str) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+    return write
+
+
+def write_outputs(plan: OutputPlan, model: onnx.ModelProto, report_json: str | None = None) -> None:
+    """Write everything `plan` names as one step (`write_together`). A report of "-" is not a
+    file (the caller prints it)."""
+    def data_file(src: str) -> Callable[[str], None]:
+        def write(tmp: str) -> None:
+            if plan.link_external_data:
+                os.unlink(tmp)
+                os.link(src, tmp)
+            else:
+                shutil.copyfile(src, tmp)
+        return write
+
+    def model_file(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(model.SerializeToString())
+
+    writes = [(target, data_file(src)) for src, target in plan.data] + [(plan.model, model_file)]
+    if plan.report not in (None, "-"):
+        writes.append((plan.report, write_text(report_json or "")))
+    write_together(writes)
 
 
 def save(model: onnx.ModelProto, out_path: str | os.PathLike, *, source_path: str | os.PathLike | None = None,
