@@ -354,13 +354,7 @@ class Graph:
 
     def replace_uses(self, old: Value, new: Value) -> None:
         """Every reader of `old` reads `new`; a graph output named `old` now comes from `new`."""
-        for node in old.consumers():
-            for i, v in enumerate(node.inputs):
-                if v is old:
-                    node.inputs[i] = new
-                    node.proto.input[i] = new.name
-            new._consumers.append(node)
-        old._consumers = []
+        self.redirect_readers(old, new)
         if old.is_graph_output():
             # The output keeps its name: the new producer writes it, the old one an unused name.
             out_name, spare = old.name, self.unique_name(f"{old.name}__unfused")
