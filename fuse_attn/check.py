@@ -23,7 +23,9 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from fuse_attn import modelio
 from fuse_attn.coverage import MODEL_COLUMNS, Column, Row, render_markdown
+from fuse_attn.fuse_options import FuseOptions, add_fuse_options, fuse_options
 from fuse_attn.modelio import InputError
+from fuse_attn.specialize import Specialization
 
 EXIT_OK, EXIT_FAILED = 0, 1  # bad usage raises InputError: exit 2 (fuse_attn.usage)
 RESULTS_FORMAT = "fuse-attn check results"
@@ -124,15 +126,13 @@ def _signal_name(returncode: int) -> str:
 
 def _failed(status: str, problem: str) -> dict:
     return {"status": status, "exporter": "", "dtype": "", "found": None, "fused": None, "not_fused": [],
-            "blocks": [], "assumptions": [], "max_err": None, "outputs": [], "seconds": None,
+            "blocks": [], "assumptions": [], "specialized": [], "max_err": None, "outputs": [], "seconds": None,
             "problems": [problem]}
 
 
-def run_one(path: str, result_path: str, *, assume_no_padding: bool, timeout: float | None) -> dict:
+def run_one(path: str, result_path: str, *, options: FuseOptions, timeout: float | None) -> dict:
     """Check one model in a worker process; a crash or a timeout becomes this model's result."""
-    command = [sys.executable, "-m", "fuse_attn.check_worker", path, result_path]
-    if assume_no_padding:
-        command.append("--assume-no-padding")
+    command = [sys.executable, "-m", "fuse_attn.check_worker", path, result_path, *options.argv()]
     try:
         proc = subprocess.run(command, capture_output=True, text=True, errors="replace", timeout=timeout,
                               stdin=subprocess.DEVNULL)
@@ -150,7 +150,7 @@ def run_one(path: str, result_path: str, *, assume_no_padding: bool, timeout: fl
     return _failed("crashed", f"the worker process {how}" + (f": {last.strip()[:300]}" if last else ""))
 
 
-def run_all(models: dict[str, str], *, jobs: int, timeout: float | None, assume_no_padding: bool,
+def run_all(models: dict[str, str], *, jobs: int, timeout: float | None, options: FuseOptions,
             progress: bool) -> dict[str, dict]:
     """{name: result} for every model, checked `jobs` at a time."""
     results: dict[str, dict] = {}
@@ -161,7 +161,7 @@ def run_all(models: dict[str, str], *, jobs: int, timeout: float | None, assume_
         bar = tqdm(total=len(models), desc="checking models", unit="model", file=sys.stderr, leave=False)
     with tempfile.TemporaryDirectory(prefix="fuse-attn-check-") as scratch, ThreadPoolExecutor(jobs) as pool:
         futures = {pool.submit(run_one, path, os.path.join(scratch, f"{i}.json"),
-                               assume_no_padding=assume_no_padding, timeout=timeout): name
+                               options=options, timeout=timeout): name
                    for i, (name, path) in enumerate(models.items())}
         try:
             for future in as_completed(futures):
@@ -179,6 +179,15 @@ def run_all(models: dict[str, str], *, jobs: int, timeout: float | None, assume_
         bar.close()
     return {name: {"model": name, "path": models[name], "ok": results[name]["status"] == "ok", **results[name]}
             for name in models}
+
+
+def unused_options(options: FuseOptions, results: dict[str, dict]) -> list[str]:
+    """The --shape and --dim options that fixed no model (a misspelt name, most likely)."""
+    fixed = {line for r in results.values() for line in r.get("specialized", [])}
+    taken = [(f"--shape {name}={'x'.join(map(str, shape))}", Specialization({}, {name: shape}))
+             for name, shape in options.shapes.items()]
+    taken += [(f"--dim {name}={value}", Specialization({name: value}, {})) for name, value in options.dims.items()]
+    return [option for option, effect in taken if effect.lines()[0] not in fixed]
 
 
 # -- against the baseline ----------------------------------------------------------------------
@@ -256,8 +265,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="models checked at once (default: the number of CPUs)")
     parser.add_argument("--timeout", type=float, default=600.0, metavar="S",
                         help="seconds one model may take before it is stopped and reported (default 600; 0: none)")
-    parser.add_argument("--assume-no-padding", action="store_true",
-                        help="treat graph inputs a mask depends on (attention_mask) as all ones")
+    add_fuse_options(parser, many_models=True)  # the fuse command's own, passed to every worker
     parser.add_argument("--json", metavar="FILE", help="write the results as JSON (a later run's --baseline)")
     parser.add_argument("--markdown", metavar="FILE", help="write the coverage table as Markdown")
     parser.add_argument("--baseline", metavar="FILE",
@@ -273,6 +281,7 @@ def _cpus() -> int:
 
 def check_main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
+    options = fuse_options(args)
     if args.jobs is not None and args.jobs < 1:
         raise InputError("--jobs must be at least 1")
     jobs = args.jobs or _cpus()
@@ -286,7 +295,9 @@ def check_main(argv: list[str]) -> int:
     baseline = load_baseline(args.baseline) if args.baseline else None
 
     results = run_all(models, jobs=min(jobs, len(models)), timeout=args.timeout or None,
-                      assume_no_padding=args.assume_no_padding, progress=sys.stderr.isatty())
+                      options=options, progress=sys.stderr.isatty())
+    for option in unused_options(options, results):
+        print(f"fuse-attn check: note: {option} fixed no model", file=sys.stderr)
     found_regressions = regressions(results, baseline) if baseline is not None else []
     columns = MODEL_COLUMNS if baseline is None else (*MODEL_COLUMNS[:5], _baseline_column(baseline), *MODEL_COLUMNS[5:])
     table = render_markdown([to_row(r) for r in results.values()], columns=columns)

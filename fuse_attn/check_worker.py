@@ -1,7 +1,10 @@
 """One model of `fuse-attn check`, in its own process: fuse it in memory, verify it against the
 original in onnxruntime (as `fuse-attn --verify` does), and write the result as JSON.
 
-    python -m fuse_attn.check_worker MODEL RESULT_JSON [--assume-no-padding]
+    python -m fuse_attn.check_worker MODEL RESULT_JSON [FUSE OPTIONS]
+
+The fuse options are `fuse-attn`'s own (`fuse_attn.fuse_options`); --shape and --dim apply only
+where this model has the input or symbol they name (`specialize.applicable`).
 
 `fuse_attn.check` starts one of these per model, so a crash or a hang costs only that model.
 Nothing is written next to the model: the fused model stays in memory, and onnxruntime resolves
@@ -10,6 +13,7 @@ external data against the model's folder.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -18,8 +22,10 @@ import time
 import onnx
 
 from fuse_attn import modelio, verify
+from fuse_attn.fuse_options import FuseOptions, add_fuse_options, fuse_options
 from fuse_attn.ir.graph import Graph
-from fuse_attn.pipeline import fuse_graph
+from fuse_attn.pipeline import fuse_graph, specialize_proto
+from fuse_attn.specialize import applicable
 
 
 def _one_line(exc: BaseException) -> str:
@@ -41,13 +47,13 @@ def _dtype(proto: onnx.ModelProto) -> str:
                                                           onnx.TensorProto.DataType.Name(elem).lower())
 
 
-def check_model(path: str, *, assume_no_padding: bool = False) -> dict:
+def check_model(path: str, options: FuseOptions = FuseOptions()) -> dict:
     """What `fuse-attn check` reports for one model: status "ok", "wrong" (the fused model's
-    outputs differ beyond tolerance) or "error" (it could not be read, fused or run), with the
-    block counts, the not-fused reasons and the largest error."""
+    outputs differ beyond tolerance) or "error" (it could not be read, specialized, fused or run),
+    with the block counts, the not-fused reasons, the largest error and what --shape/--dim fixed."""
     result: dict = {"status": "error", "exporter": "", "dtype": "", "found": None, "fused": None,
-                    "not_fused": [], "blocks": [], "assumptions": [], "max_err": None, "outputs": [],
-                    "seconds": None, "problems": []}
+                    "not_fused": [], "blocks": [], "assumptions": [], "specialized": [], "max_err": None,
+                    "outputs": [], "seconds": None, "problems": []}
     try:
         original = modelio.load_proto(path)
         modelio.validate(original, path)
@@ -59,8 +65,17 @@ def check_model(path: str, *, assume_no_padding: bool = False) -> dict:
     try:
         proto = onnx.ModelProto()
         proto.CopyFrom(original)  # the pass edits its copy; the original is compared against
+        shapes, dims = applicable(proto, options.shapes, options.dims)
+        specialized = specialize_proto(proto, shapes, dims)
+    except modelio.InputError as exc:  # e.g. a --shape of the wrong rank for this model's input
+        result["problems"].append(str(exc))
+        return result
+    if specialized is not None:
+        result["specialized"] = specialized.lines()
+    try:
         graph = Graph(proto, os.path.dirname(os.path.abspath(path)))
-        report = fuse_graph(graph, name=path, assume_no_padding=assume_no_padding)
+        report = fuse_graph(graph, name=path, assume_no_padding=options.assume_no_padding, specialized=specialized,
+                            freeze_initializer_inputs=options.freeze_initializer_inputs)
         fused = graph.model
     except Exception as exc:  # the pass's own failure, reported for this model only
         result["problems"].append(f"fuse raised {_one_line(exc)}")
@@ -74,7 +89,8 @@ def check_model(path: str, *, assume_no_padding: bool = False) -> dict:
         result["status"] = "ok"
         return result
     try:
-        checks = verify.compare(original, fused, verify.random_inputs(original),
+        # Inputs at the specialized shapes (the fused model declares them), fed to both models.
+        checks = verify.compare(original, fused, verify.random_inputs(fused if specialized is not None else original),
                                 os.path.dirname(os.path.abspath(path)))
     except Exception as exc:
         result["problems"].append(f"running the original or the fused model in onnxruntime: {_one_line(exc)}")
@@ -89,10 +105,13 @@ def check_model(path: str, *, assume_no_padding: bool = False) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    model, result_path = argv[0], argv[1]
-    result = check_model(model, assume_no_padding="--assume-no-padding" in argv[2:])
-    with open(result_path, "w") as f:
+    parser = argparse.ArgumentParser(prog="python -m fuse_attn.check_worker")
+    parser.add_argument("model")
+    parser.add_argument("result_path")
+    add_fuse_options(parser, many_models=True)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    result = check_model(args.model, fuse_options(args))
+    with open(args.result_path, "w") as f:
         json.dump(result, f)
     return 0
 

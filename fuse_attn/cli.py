@@ -17,6 +17,7 @@ EXIT_OK, EXIT_VERIFY_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 def _parser() -> argparse.ArgumentParser:
     from fuse_attn import __version__
+    from fuse_attn.fuse_options import add_fuse_options
     from fuse_attn.usage import ArgumentParser
 
     parser = ArgumentParser(
@@ -33,17 +34,7 @@ def _parser() -> argparse.ArgumentParser:
                              "stderr); an existing file is replaced only if it is an earlier fuse-attn report")
     parser.add_argument("--verify", action="store_true",
                         help="run original and fused model in onnxruntime on the same random inputs")
-    parser.add_argument("--assume-no-padding", action="store_true",
-                        help="treat graph inputs whose contents reach a mask or bias (attention_mask) as all ones")
-    parser.add_argument("--shape", action="append", default=[], metavar="NAME=DxD..",
-                        help="fix an input's shape before proving, e.g. input_ids=1x2048 (0 allowed: an empty past); "
-                             "a symbolic dim named here is fixed on every input")
-    parser.add_argument("--dim", action="append", default=[], metavar="SYMBOL=N",
-                        help="fix a symbolic dim everywhere before proving, e.g. past_sequence_length=0 "
-                             "(a KV-cache decoder's prefill)")
-    parser.add_argument("--freeze-initializer-inputs", action="store_true",
-                        help="read initializers that are also listed as graph inputs (overridable defaults) "
-                             "as the constants they hold")
+    add_fuse_options(parser)
     parser.add_argument("--in-place", action="store_true", help="allow the output to overwrite the input")
     parser.add_argument("--link-external-data", action="store_true",
                         help="with the output in another folder, hard-link external weight files beside it "
@@ -55,14 +46,11 @@ def _parser() -> argparse.ArgumentParser:
 def _fuse_main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     from fuse_attn import modelio, verify
+    from fuse_attn.fuse_options import fuse_options
     from fuse_attn.ir.graph import Graph
     from fuse_attn.pipeline import fuse_graph, specialize_proto
-    from fuse_attn.specialize import ShapeError, parse_dim_args, parse_shape_args
 
-    try:
-        shapes, dims = parse_shape_args(args.shape, allow_zero=True), parse_dim_args(args.dim)
-    except ShapeError as exc:
-        raise modelio.InputError(str(exc)) from None
+    options = fuse_options(args)
     # Every path is checked before the pass runs, and nothing is written until all are good.
     proto = modelio.load_proto(args.model)
     modelio.validate(proto, args.model)
@@ -71,11 +59,11 @@ def _fuse_main(argv: list[str]) -> int:
     source = os.path.abspath(args.model)
     # With the JSON on stdout, the lines a person reads go to stderr.
     human = sys.stderr if outputs.report == "-" else sys.stdout
-    specialized = specialize_proto(proto, shapes, dims)
+    specialized = specialize_proto(proto, options.shapes, options.dims)
     graph = Graph(proto, os.path.dirname(source))
-    report = fuse_graph(graph, name=args.model, assume_no_padding=args.assume_no_padding,
+    report = fuse_graph(graph, name=args.model, assume_no_padding=options.assume_no_padding,
                         progress=sys.stderr.isatty(), specialized=specialized,
-                        freeze_initializer_inputs=args.freeze_initializer_inputs)
+                        freeze_initializer_inputs=options.freeze_initializer_inputs)
     for line in report.lines() if not args.quiet else [report.summary()]:
         print(line, file=human)
     # Read before the output is written: with --in-place it replaces the original.

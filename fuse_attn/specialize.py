@@ -1,7 +1,8 @@
 """`--shape NAME=DIMS` and `--dim SYMBOL=N`: fix a model's input shapes or named dims.
 
-Shared by `fuse-attn` (fix dims before proving: a KV-cache decoder specialized to
-`past_sequence_length=0` is its prefill) and `fuse-attn compile` (fix every dim before tracing).
+Shared by `fuse-attn` and `fuse-attn check` (fix dims before proving: a KV-cache decoder
+specialized to `past_sequence_length=0` is its prefill) and `fuse-attn compile` (fix every dim
+before tracing).
 A symbol bound here is replaced by its value wherever the model declares it — inputs, outputs,
 intermediate shapes, inside subgraphs, and inside dims written as expressions
 (`past_sequence_length + sequence_length`) — so that the specialized model says what it accepts.
@@ -110,14 +111,32 @@ def _value_infos(graph: onnx.GraphProto):
                 yield from _value_infos(body)
 
 
+def _inputs(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
+    """The graph inputs a caller feeds (not the initializers also listed as inputs)."""
+    initializers = {t.name for t in model.graph.initializer}
+    return {i.name: i for i in model.graph.input if i.name not in initializers}
+
+
+def _input_symbols(inputs: dict[str, onnx.ValueInfoProto]) -> set[str]:
+    return {s for i in inputs.values() for d in i.type.tensor_type.shape.dim if d.dim_param for s in _names(d.dim_param)}
+
+
+def applicable(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
+               dims: dict[str, int]) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
+    """The `shapes` naming an input of `model` and the `dims` naming a symbol of its inputs: what
+    `fuse-attn check` applies to each model of a folder where not every model has them."""
+    inputs = _inputs(model)
+    symbols = _input_symbols(inputs)
+    return ({n: s for n, s in shapes.items() if n in inputs}, {n: v for n, v in dims.items() if n in symbols})
+
+
 def specialize(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], dims: dict[str, int]) -> Specialization:
     """Fix `shapes` (by input name) and `dims` (by symbol) in `model`, in place."""
-    initializers = {t.name for t in model.graph.initializer}
-    inputs = {i.name: i for i in model.graph.input if i.name not in initializers}
+    inputs = _inputs(model)
     unknown = sorted(set(shapes) - set(inputs))
     if unknown:
         raise ShapeError(f"--shape names {', '.join(unknown)}, not inputs of the model (inputs: {', '.join(inputs)})")
-    declared = {s for i in inputs.values() for d in i.type.tensor_type.shape.dim if d.dim_param for s in _names(d.dim_param)}
+    declared = _input_symbols(inputs)
     missing = sorted(set(dims) - declared)
     if missing:
         raise ShapeError(f"--dim names {', '.join(missing)}, not a symbolic dim of the model's inputs "

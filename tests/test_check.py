@@ -22,10 +22,11 @@ import onnx
 import pytest
 
 from attention_graphs import AttnSpec, build, mutate_flashfwd
-
-from fuse_attn import check_worker, cli
+from exporter_graphs import kv_cache_decoder
+from fuse_attn import check, check_worker, cli
 from fuse_attn.check import to_row
 from fuse_attn.coverage import MODEL_COLUMNS, ZOO_COLUMNS, render_markdown
+from fuse_attn.fuse_options import FuseOptions, fuse_options
 
 CAUSAL_2 = AttnSpec(blocks=2, heads=2, head_dim=8)  # two blocks, both fuse
 GQA = AttnSpec(heads=4, kv_heads=2, head_dim=8, mask="none", seq=512)  # one block, fuses
@@ -296,6 +297,73 @@ def test_bad_usage(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ["empty", "junk.json", "m.onnx", "notes.md", "text.json"]
 
 
+# -- the fuse command's options, passed to every worker ---------------------------------------------
+
+def test_dim_fuses_a_kv_cache_decoder_and_leaves_other_models_alone(tmp_path):
+    """--dim past_sequence_length=0 makes the KV-cache decoder's prefill fuse (refused as exported);
+    a model without that symbol is checked as it is; a --shape no model has is a note."""
+    onnx.save(kv_cache_decoder(), tmp_path / "decoder.onnx")
+    save(CAUSAL_2, tmp_path / "causal.onnx")
+    as_exported = check_worker.check_model(str(tmp_path / "decoder.onnx"), FuseOptions(assume_no_padding=True))
+    assert as_exported["status"] == "ok" and as_exported["fused"] == 0 and as_exported["specialized"] == []
+
+    proc = run_check(tmp_path, "--jobs", "2", "--dim", "past_sequence_length=0", "--assume-no-padding",
+                     "--shape", "past_key_values.9.key=1x4x0x16", "--json", tmp_path / "r.json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stderr.splitlines() == ["fuse-attn check: note: --shape past_key_values.9.key=1x4x0x16 fixed no model"]
+    results = {m["model"]: m for m in json.loads((tmp_path / "r.json").read_text())["models"]}
+    decoder, causal = results["decoder.onnx"], results["causal.onnx"]
+    assert decoder["ok"] and (decoder["found"], decoder["fused"]) == (2, 2), decoder
+    assert decoder["specialized"] == ["past_sequence_length = 0"]
+    # Verified against the original at the specialized shapes: every output, past and present.
+    assert len(decoder["outputs"]) == 5 and all(o["ok"] for o in decoder["outputs"])
+    assert decoder["max_err"] <= decoder["outputs"][0]["tolerance"]
+    assert causal["ok"] and causal["fused"] == 2 and causal["specialized"] == []
+
+
+def test_a_shape_a_model_cannot_take_is_that_models_error(tmp_path):
+    """--shape input_ids=1x8x3 has the wrong rank for the decoder: its row is an error, the run goes
+    on for the others (which have no input_ids), and the exit code is 1."""
+    onnx.save(kv_cache_decoder(layers=1), tmp_path / "decoder.onnx")
+    save(WINDOW, tmp_path / "window.onnx")
+    proc = run_check(tmp_path, "--jobs", "2", "--shape", "input_ids=1x8x3", "--json", tmp_path / "r.json")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    results = {m["model"]: m for m in json.loads((tmp_path / "r.json").read_text())["models"]}
+    assert results["decoder.onnx"]["status"] == "error"
+    assert results["decoder.onnx"]["problems"] == ["--shape input_ids: the input has rank 2, got 3 dims (1, 8, 3)"]
+    assert results["window.onnx"]["ok"]
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("argv, mentions", [
+    (["--dim", "past_sequence_length=-1"], "--dim 'past_sequence_length=-1': expected SYMBOL=N with N >= 0"),
+    (["--dim", "past_sequence_length"], "--dim 'past_sequence_length'"),
+    (["--shape", "input_ids=1xa"], "--shape 'input_ids=1xa': expected NAME=DxDx..."),
+])
+def test_a_bad_shape_or_dim_is_one_line_before_any_worker(tmp_path, capsys, monkeypatch, argv, mentions):
+    model = save(WINDOW, tmp_path / "m.onnx")
+
+    def no_worker(*args, **kwargs):
+        raise AssertionError("a worker was started")
+
+    monkeypatch.setattr(check, "run_one", no_worker)
+    assert mentions in _main_error(capsys, model, *argv, "--json", tmp_path / "r.json")
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
+
+
+def test_check_and_fuse_define_the_fuse_options_once():
+    """`check` accepts the fuse command's options, with the same parsing, and hands them to the
+    worker as the same command-line arguments."""
+    from fuse_attn.check import _parser as check_parser
+    from fuse_attn.cli import _parser as fuse_parser
+
+    argv = ["--shape", "input_ids=1x0", "--dim", "s=3", "--assume-no-padding", "--freeze-initializer-inputs"]
+    fused = fuse_options(fuse_parser().parse_args(["m.onnx", "-o", "f.onnx", *argv]))
+    checked = fuse_options(check_parser().parse_args(["m.onnx", *argv]))
+    assert fused == checked == FuseOptions(True, {"input_ids": (1, 0)}, {"s": 3}, True)
+    assert fuse_options(check_parser().parse_args(["m.onnx", *checked.argv()])) == checked
+
+
 # -- one model, in process ---------------------------------------------------------------------------
 
 def test_a_wrong_rewrite_is_reported_wrong(tmp_path, monkeypatch):
@@ -315,6 +383,25 @@ def test_a_wrong_rewrite_is_reported_wrong(tmp_path, monkeypatch):
     assert "MISMATCH" in result["problems"][0]
     row = to_row({"model": "m.onnx", "path": str(path), "ok": False, **result})
     assert "| m.onnx |" in render_markdown([row], columns=MODEL_COLUMNS) and "❌ wrong" in render_markdown([row], columns=MODEL_COLUMNS)
+
+
+def test_a_wrong_rewrite_of_a_specialized_model_is_reported_wrong(tmp_path, monkeypatch):
+    """Verification of a --dim model feeds both models at the specialized shapes (an empty past):
+    a FlashFwd that drops the causal mask fails there."""
+    onnx.save(kv_cache_decoder(layers=1), tmp_path / "decoder.onnx")
+    options = FuseOptions(assume_no_padding=True, dims={"past_sequence_length": 0})
+    assert check_worker.check_model(str(tmp_path / "decoder.onnx"), options)["status"] == "ok"
+    real_fuse_graph = check_worker.fuse_graph
+
+    def fuse_without_causal(graph, **kwargs):
+        report = real_fuse_graph(graph, **kwargs)
+        graph.model.CopyFrom(mutate_flashfwd(graph.model, flip_causal=True))
+        return report
+
+    monkeypatch.setattr(check_worker, "fuse_graph", fuse_without_causal)
+    result = check_worker.check_model(str(tmp_path / "decoder.onnx"), options)
+    assert result["status"] == "wrong" and result["fused"] == 1, result
+    assert result["specialized"] == ["past_sequence_length = 0"]
 
 
 def test_the_zoo_table_is_the_one_in_coverage_md():
