@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto
 
+from fuse_attn.ir.evaluator import Evaluator, Unprovable, dims_text
 from fuse_attn.ir.graph import DEFAULT_DOMAINS, Node, Value
 
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
@@ -17,6 +18,25 @@ class NotFused(Exception):
         super().__init__(reason)
         self.reason = reason
         self.node = node
+
+
+def in_model_dims(evaluator: Evaluator, sizes_under) -> tuple[str, ...]:
+    """Sizes a check found, `sizes_under(evaluator)`, as its reason should quote them: found again
+    with every free dim moved, so that a size the graph fixes shows its number and one that follows
+    the free dims their name (`Evaluator.model_dims`), never the pass's own sample lengths."""
+    sizes = tuple(sizes_under(evaluator))
+    moved = None
+    if evaluator.binding:
+        try:
+            moved = tuple(sizes_under(evaluator.varied()))
+        except (Unprovable, NotFused, ValueError, TypeError):
+            pass
+    return evaluator.model_dims(sizes, moved)
+
+
+def shape_words(evaluator: Evaluator, value: Value) -> str:
+    """The shape of `value` as a reason should quote it (see `in_model_dims`)."""
+    return dims_text(in_model_dims(evaluator, lambda ev: ev.shape_of(value)))
 
 
 def is_op(node: Node | None, *op_types: str) -> bool:

@@ -20,9 +20,9 @@ import math
 
 import numpy as np
 
-from fuse_attn.ir.evaluator import Evaluator, Unprovable
+from fuse_attn.ir.evaluator import Evaluator, Unprovable, dims_text
 from fuse_attn.ir.graph import Node, Value
-from fuse_attn.passes._graph import NotFused, describe, is_op, scalar_constant
+from fuse_attn.passes._graph import NotFused, describe, in_model_dims, is_op, scalar_constant, shape_words
 from fuse_attn.passes.scales import positive_scale
 
 _MOVEMENT_OPS = ("Transpose", "Reshape", "Unsqueeze", "Squeeze", "Expand", "Tile", "Flatten", "Identity")
@@ -246,13 +246,22 @@ def chain_labels(chain: Chain, evaluator: Evaluator, seq_axis: int | None = None
             if labels[-1].shape != shape:  # a scalar Mul that broadcasts, say
                 if shrunk:
                     return chain_labels(chain, evaluator)  # not shrinkable after all: at full length
-                raise NotFused(f"{describe(node)} changes the shape to {shape}, "
-                               f"not {labels[-1].shape} as moving the data would")
+                moved = in_model_dims(evaluator, lambda ev: _moved_shape(chain, len(labels) - 1, ev))
+                raise NotFused(f"{describe(node)} changes the shape to {shape_words(evaluator, chain.values[len(labels) - 1])}, "
+                               f"not {dims_text(moved)} as moving the data would")
     except Unprovable as exc:
         raise NotFused(f"cannot prove the attention layout: {exc}") from None
     except (ValueError, TypeError) as exc:
         raise NotFused(f"cannot prove the attention layout: {describe(node)} fails at sample shapes ({exc})") from None
     return labels
+
+
+def _moved_shape(chain: Chain, count: int, evaluator: Evaluator) -> tuple[int, ...]:
+    """The shape moving the root's data through the chain's first `count` nodes gives (for a reason)."""
+    data = np.zeros(evaluator.shape_of(chain.values[0]), dtype=np.int32)
+    for node in chain.nodes[:count]:
+        data = _move(node, data, evaluator, None)
+    return data.shape
 
 
 # --- GQA -------------------------------------------------------------------------------------
@@ -349,8 +358,9 @@ def check_moves_nothing(product: Node, score_moves: tuple[Node, ...], softmax: N
             if scores[-2:] != written[-2:]:
                 raise NotFused(f"{describe(score_moves[-1])} reshapes the scores' query and key axes", score_moves[-1])
             if evaluator.shape_of(softmax.inputs[0]) != scores:
-                raise NotFused(f"the softmax input has shape {evaluator.shape_of(softmax.inputs[0])}, the "
-                               f"scores {scores} (the mask or scale broadcasts the scores)", softmax)
+                raise NotFused(f"the softmax input has shape {shape_words(evaluator, softmax.inputs[0])}, the "
+                               f"scores {shape_words(evaluator, score_moves[-1].outputs[0])} (the mask or scale "
+                               "broadcasts the scores)", softmax)
         if prob_moves and evaluator.shape_of(prob_moves[-1].outputs[0]) != written:
             raise NotFused(f"{describe(prob_moves[-1])} gives the PV product the probabilities in another layout "
                            "than the QK product wrote the scores", prob_moves[-1])

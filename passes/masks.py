@@ -24,7 +24,8 @@ from onnx import TensorProto
 
 from fuse_attn.ir.diagonal import NotDiagonal, Strip, as_strip, is_square, strip_of
 from fuse_attn.ir.evaluator import DependsOnInput, Evaluator, Unprovable
-from fuse_attn.passes._graph import NotFused, describe, is_op, memoized
+from fuse_attn.ir.graph import Value
+from fuse_attn.passes._graph import NotFused, describe, is_op, memoized, shape_words
 from fuse_attn.passes.find_attention import ScoreStep
 from fuse_attn.passes.scales import scale_value, uniform
 
@@ -63,7 +64,8 @@ def _operand(evaluator: Evaluator, step: ScoreStep, value, what: str, strips: bo
         raise NotFused(f"cannot prove what the {what} of {describe(step.node)} is: {exc}", step.node) from None
 
 
-def _square(array: np.ndarray | Strip, seq_q: int, seq_k: int, what: str, strips: bool) -> np.ndarray:
+def _square(array: np.ndarray | Strip, seq_q: int, seq_k: int, what: str, strips: bool,
+            source: tuple[Evaluator, object] | None = None) -> np.ndarray:
     """`array` broadcast to (..., seq_q, seq_k) and reduced to one (seq_q, seq_k) slice, or with
     `strips` to one strip of seq_q + seq_k − 1 diagonals, provided every batch and head slice is the same."""
     if strips:
@@ -76,9 +78,9 @@ def _square(array: np.ndarray | Strip, seq_q: int, seq_k: int, what: str, strips
     try:
         full = np.broadcast_to(array, np.broadcast_shapes(array.shape, (seq_q, seq_k)))
     except ValueError:
-        raise NotFused(f"the {what} of shape {array.shape} does not broadcast to the scores") from None
+        raise NotFused(f"the {what} of shape {_shape_words(array, source)} does not broadcast to the scores") from None
     if full.shape[-2:] != (seq_q, seq_k):
-        raise NotFused(f"the {what} of shape {array.shape} does not broadcast to the scores")
+        raise NotFused(f"the {what} of shape {_shape_words(array, source)} does not broadcast to the scores")
     slices = full.reshape(-1, seq_q, seq_k)
     if len(slices) > 1 and not (slices == slices[:1]).all():
         raise NotFused(f"the {what} differs between batch entries or heads (a per-head position bias "
@@ -86,11 +88,20 @@ def _square(array: np.ndarray | Strip, seq_q: int, seq_k: int, what: str, strips
     return np.array(slices[0])
 
 
+def _shape_words(array: np.ndarray, source: tuple[Evaluator, object] | None) -> str:
+    """The operand's shape for a reason: in the model's words when it is a graph value (`source`)."""
+    evaluator, value = source if source is not None else (None, None)
+    if not isinstance(value, Value):
+        return str(array.shape)
+    return shape_words(evaluator.for_masks(), value)
+
+
 def _renorm_dropped(step: ScoreStep, evaluator: Evaluator, seq_q: int, seq_k: int, strips: bool) -> np.ndarray:
     """The positions a renormalised softmax drops: softmax(s)·m / rowsum(softmax(s)·m) is the
     softmax of s over the keys where m != 0, provided m is one number on every kept key (it
     cancels); other weights would be an additive bias log(m)."""
-    weights = _square(_float(_operand(evaluator, step, step.operand, "mask", strips)), seq_q, seq_k, "mask", strips)
+    weights = _square(_float(_operand(evaluator, step, step.operand, "mask", strips)), seq_q, seq_k, "mask", strips,
+                      (evaluator, step.operand))
     if not np.isfinite(weights).all() or (weights < 0).any():
         raise NotFused("the probabilities are multiplied by negative or non-finite weights before the "
                        "renormalisation", step.node)
@@ -139,7 +150,8 @@ def _multiplier(step: ScoreStep, evaluator: Evaluator, seq_q: int, seq_k: int,
     factor = uniform(values[values != 0])  # kept scores all get the same factor
     if step.divides or factor is None or np.isnan(values).any():
         raise NotFused(not_one, step.node)
-    return factor, _square(_float(array), seq_q, seq_k, "multiplicative mask", strips) == 0
+    return factor, _square(_float(array), seq_q, seq_k, "multiplicative mask", strips,
+                           (evaluator, step.operand)) == 0
 
 
 def read_scores(steps: tuple[ScoreStep, ...], evaluator: Evaluator, seq_q: int, seq_k: int) -> ScoreReading:
@@ -196,7 +208,7 @@ def _read(steps: tuple[ScoreStep, ...], evaluator: Evaluator, seq_q: int, seq_k:
                 zeroed = dropped if zeroed is None else zeroed | dropped
         elif step.kind in ("add", "sub"):
             term = _square(_float(_operand(evaluator, step, step.operand, "additive term", strips)),
-                           seq_q, seq_k, "additive term", strips)
+                           seq_q, seq_k, "additive term", strips, (evaluator, step.operand))
             if step.kind == "sub":
                 term = -term
             with np.errstate(invalid="ignore", over="ignore"):
@@ -207,10 +219,10 @@ def _read(steps: tuple[ScoreStep, ...], evaluator: Evaluator, seq_q: int, seq_k:
             renormed = dropped if renormed is None else renormed | dropped
         else:  # where
             cond = _square(_bool(_operand(evaluator, step, step.condition, "condition", strips)),
-                           seq_q, seq_k, "mask condition", strips)
+                           seq_q, seq_k, "mask condition", strips, (evaluator, step.condition))
             dropped = ~cond if step.scores_when_true else cond
             value = _square(_float(_operand(evaluator, step, step.operand, "fill value", strips)),
-                            seq_q, seq_k, "fill value", strips)
+                            seq_q, seq_k, "fill value", strips, (evaluator, step.operand))
             fill = value if fill is None else np.where(dropped, value, fill)
             replaced = dropped if replaced is None else replaced | dropped
     with np.errstate(invalid="ignore"):

@@ -13,9 +13,9 @@ import math
 import numpy as np
 
 from fuse_attn.ir import contract
-from fuse_attn.ir.evaluator import FIRST_SEQ_SAMPLE, Evaluator, Unprovable
+from fuse_attn.ir.evaluator import Evaluator, Unprovable, dims_text
 from fuse_attn.ir.graph import Node, Value
-from fuse_attn.passes._graph import NotFused, dtype_name, memoized
+from fuse_attn.passes._graph import NotFused, dtype_name, in_model_dims, memoized
 from fuse_attn.passes.layout import (Chain, Source, chain_labels, chain_signature, choose_source, grid_order,
                                      kv_heads_of)
 from fuse_attn.passes.masks import ScoreReading, read_scores
@@ -119,53 +119,54 @@ def kernel_axes(op: Operand, evaluator: Evaluator) -> tuple[int | None, ...]:
     return tuple(_PROBE.index(n) if n > 1 else None for n in moved.shape)
 
 
-def _prove_layout(q: Operand, k: Operand, v: Operand, evaluator: Evaluator) -> LayoutProof:
+def _kernel_targets(q: Operand, k: Operand, v: Operand, evaluator: Evaluator):
+    """The labels of q, k, v, their seq lengths and their kernel-layout targets under `evaluator`."""
     # Seq is axis 3 of the kernel's q and k (b, h, d, s) and axis 2 of its v (b, kv, s, d).
     axes = {name: kernel_axes(op, evaluator) for name, op in (("q", q), ("k", k), ("v", v))}
     seq_axis = {"q": axes["q"][3], "k": axes["k"][3], "v": axes["v"][2]}
     labels = {name: chain_labels(op.chain, evaluator, seq_axis[name]) for name, op in (("q", q), ("k", k), ("v", v))}
     # The real lengths (labels may carry seq shrunk, see chain_labels).
-    seq_q, seq_k, seq_v = (evaluator.shape_of(op.chain.values[-1])[seq_axis[name]] if seq_axis[name] is not None else 1
-                           for name, op in (("q", q), ("k", k), ("v", v)))
+    seqs = tuple(evaluator.shape_of(op.chain.values[-1])[seq_axis[name]] if seq_axis[name] is not None else 1
+                 for name, op in (("q", q), ("k", k), ("v", v)))
     q_target = q.to_kernel_layout(labels["q"][-1])
     k_target, k_heads = kv_heads_of(k.to_kernel_layout(labels["k"][-1]), "key")
     v_target, v_heads = kv_heads_of(v.to_kernel_layout(labels["v"][-1]), "value")
+    return seq_axis, labels, seqs, (q_target, k_target, v_target), (k_heads, v_heads)
+
+
+def _kernel_shapes(targets, seqs) -> tuple[tuple[int, ...], ...]:
+    """q, k, v as the kernel takes them: (b, h, d, s), (b, kv, d, s), (b, kv, s, d), at their real seq."""
+    (q_target, k_target, v_target), (seq_q, seq_k, seq_v) = targets, seqs
+    return (q_target.shape[:3] + (seq_q,), k_target.shape[:3] + (seq_k,),
+            v_target.shape[:2] + (seq_v, v_target.shape[3]))
+
+
+def _prove_layout(q: Operand, k: Operand, v: Operand, evaluator: Evaluator) -> LayoutProof:
+    seq_axis, labels, seqs, targets, (k_heads, v_heads) = _kernel_targets(q, k, v, evaluator)
+    (q_target, k_target, v_target), (seq_q, seq_k, seq_v) = targets, seqs
     if k_heads != v_heads:
         raise NotFused("keys and values share kv heads differently across q heads")
     batch, heads, head_dim, _ = q_target.shape
     kv_heads = k_target.shape[1]
     if seq_q != seq_k:
-        names = _seq_names((q.chain.values[-1], k.chain.values[-1]), (seq_axis["q"], seq_axis["k"]), evaluator)
+        operands = (q.chain.values[-1], k.chain.values[-1])
+        names = in_model_dims(evaluator, lambda ev: tuple(ev.shape_of(value)[seq_axis[name]]
+                                                           for value, name in zip(operands, "qk")))
         raise NotFused(f"seq_q {names[0]} != seq_k {names[1]} (cross attention or a KV cache); the kernel needs them equal")
     if (k_target.shape[:3] != (batch, kv_heads, head_dim) or v_target.shape[:2] != (batch, kv_heads)
             or v_target.shape[3] != head_dim or seq_v != seq_k):
-        raise NotFused(f"q, k, v shapes do not agree: {(batch, heads, head_dim, seq_q)}, "
-                       f"{k_target.shape[:3] + (seq_k,)}, {v_target.shape[:2] + (seq_v, v_target.shape[3])}")
+        def shapes(ev):
+            _, _, seqs_there, targets_there, _ = _kernel_targets(q, k, v, ev)
+            return tuple(size for shape in _kernel_shapes(targets_there, seqs_there) for size in shape)
+        words = in_model_dims(evaluator, shapes)
+        raise NotFused(f"q, k, v shapes do not agree: {dims_text(words[:4])}, {dims_text(words[4:8])}, "
+                       f"{dims_text(words[8:])}")
     if head_dim > contract.MAX_HEAD_DIM:
         raise NotFused(f"head dim {head_dim} > {contract.MAX_HEAD_DIM}, the kernel's limit")
     picks = (choose_source(labels["q"], q_target), choose_source(labels["k"], k_target),
              choose_source(labels["v"], v_target))
     return LayoutProof(batch, heads, kv_heads, head_dim, seq_q, seq_k, picks, labels["q"][-1].ndim == 3,
                        grid_order(k_heads))
-
-
-def _seq_names(operands: tuple[Value, Value], axes: tuple[int, int], evaluator: Evaluator) -> tuple[str, ...]:
-    """The model's own words for the seq lengths of q and k, which the proof found at its sample
-    binding: the number where the graph fixes it, else the symbol's name (or "symbolic"). A
-    length is symbolic when it moves with the binding."""
-    sizes = [evaluator.shape_of(value)[axis] for value, axis in zip(operands, axes)]
-    if not evaluator.binding:
-        return tuple(map(str, sizes))
-    try:
-        other = evaluator.at_seq(FIRST_SEQ_SAMPLE + 1)
-        moved = [other.shape_of(value)[axis] for value, axis in zip(operands, axes)]
-    except Unprovable:
-        return ("symbolic",) * len(sizes)
-    names = []
-    for size, again in zip(sizes, moved):
-        symbols = [name for name, sample in evaluator.binding.items() if sample == size]
-        names.append(str(size) if again == size else f"'{symbols[0]}'" if len(symbols) == 1 else "symbolic")
-    return tuple(names)
 
 
 def _check_mask_at_longer_seq(score_steps, query: Value, seq_axis: int, reading: ScoreReading,
@@ -222,17 +223,22 @@ def plan_block(
     proof: LayoutProof = memoized(evaluator.memo, key, lambda: _prove_layout(q, k, v, evaluator))
     # What replaces the block must have the block's shape: a mask or scale that broadcasts the
     # scores to more batch entries or dims would make the original output larger than the kernel's.
-    kernel_output = ((proof.batch * proof.heads, proof.seq_q, proof.head_dim) if proof.batched_heads
-                     else (proof.batch, proof.heads, proof.seq_q, proof.head_dim))
-    if output_perm is not None:
-        kernel_output = tuple(kernel_output[i] for i in output_perm)
+    def kernel_output_of(proof: LayoutProof) -> tuple[int, ...]:
+        shape = ((proof.batch * proof.heads, proof.seq_q, proof.head_dim) if proof.batched_heads
+                 else (proof.batch, proof.heads, proof.seq_q, proof.head_dim))
+        return shape if output_perm is None else tuple(shape[i] for i in output_perm)
+    kernel_output = kernel_output_of(proof)
     try:
         output_shape = evaluator.shape_of(output)
     except Unprovable as exc:
         raise NotFused(f"cannot prove the attention output's shape: {exc}") from None
     if output_shape != kernel_output:
-        raise NotFused(f"the attention output has shape {output_shape}, the kernel's would be {kernel_output} "
-                       "(the mask or scale broadcasts the scores)")
+        def shapes(ev):
+            found = memoized(ev.memo, key, lambda: _prove_layout(q, k, v, ev))
+            return ev.shape_of(output) + kernel_output_of(found)
+        words = in_model_dims(evaluator, shapes)
+        raise NotFused(f"the attention output has shape {dims_text(words[:len(output_shape)])}, the kernel's would be "
+                       f"{dims_text(words[len(output_shape):])} (the mask or scale broadcasts the scores)")
     query = q.chain.values[-1]
     axes = kernel_axes(q, evaluator)  # where the query's batch and seq axes are (an Einsum's operand: anywhere)
     seq = _size(query, axes[3], proof.seq_q, evaluator) if axes[3] is not None else proof.seq_q

@@ -131,6 +131,11 @@ def sample_binding(graph: Graph, seq: int = FIRST_SEQ_SAMPLE) -> dict[str, int]:
     return binding
 
 
+def dims_text(dims: tuple[str, ...]) -> str:
+    """A shape as `Evaluator.model_dims` words it: (batch_size, 12, 'sequence_length', 64)."""
+    return f"({', '.join(dims)})"
+
+
 def _expression_symbols(dim: str) -> tuple[str, ...]:
     """The symbols of a dim written as arithmetic, or () for a plain name."""
     try:
@@ -273,6 +278,36 @@ class Evaluator:
         self._varied: Evaluator | None = None
         self.mask_inputs: dict = {}  # see `for_masks`
         self._for_masks: Evaluator | None = None
+
+    # --- the model's words for sample sizes ------------------------------------------------
+    def model_dims(self, sizes: tuple[int, ...], moved: tuple[int, ...] | None = None) -> tuple[str, ...]:
+        """Sizes a proof found at this binding, as a reason should quote them: a size the graph
+        fixes as its number, one that follows the free dims by their name or expression
+        ('past_sequence_length + sequence_length'), else "symbolic". `moved` are the same sizes
+        at `varied()` (None when they could not be found there): a size that stays is fixed."""
+        if not self.binding:
+            return tuple(map(str, sizes))
+        return tuple(self._model_dim(size, again) for size, again in zip(sizes, moved or (None,) * len(sizes)))
+
+    def _model_dim(self, size: int, again: int | None) -> str:
+        if again == size:
+            return str(size)
+        varied = self.varied()
+        free = [s for s in self.binding if s not in self.ties]
+        # The graph's own spellings first: free symbols, then the expressions its inputs and outputs declare.
+        declared = dict.fromkeys(d for v in (*self.graph.inputs, *self.graph.outputs) for d in (v.shape or ())
+                                 if isinstance(d, str) and _expression_symbols(d))
+        tiers = [free, list(declared),
+                 # Then what exporters compute from them: a sum of two (past + new tokens), a multiple (batch · heads).
+                 [f"{a} + {b}" for i, a in enumerate(free) for b in free[i + 1:]],
+                 [f"{size // self.binding[s]}*{s}" for s in free if size % self.binding[s] == 0 and size > self.binding[s]]]
+        for tier in tiers if again is not None else tiers[:2]:  # unchecked: only the graph's own spellings
+            matches = [c for c in tier if _size_at(c, self.binding) == size
+                       and (again is None or _size_at(c, varied.binding) == again)]
+            if matches:
+                # Two symbols alike at both bindings (a batch dim under two names) cannot be told apart.
+                return f"'{matches[0]}'" if len(matches) == 1 or again is None else "symbolic"
+        return str(size) if again is None else "symbolic"
 
     # --- shapes and dtypes ----------------------------------------------------------------
     def dim(self, d) -> int:
@@ -615,6 +650,10 @@ def _topological(target: Value, nodes: set[Node]) -> list[Node]:
 
 _OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
               ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod}
+
+
+def _size_at(dim: str, binding: dict[str, int]) -> int | None:
+    return binding[dim] if dim in binding else _arithmetic(dim, binding)
 
 
 def _arithmetic(expression: str, binding: dict[str, int]) -> int | None:
