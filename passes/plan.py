@@ -187,12 +187,14 @@ def _check_mask_at_longer_seq(score_steps, query: Value, seq_axis: int, reading:
     sample = evaluator.shape_of(query)[seq_axis]
     symbols = [name for name, size in evaluator.binding.items() if size == sample]
     seq = at_longer.binding[symbols[0]] if len(symbols) == 1 else at_longer.shape_of(query)[seq_axis]
+    # Both lengths are the pass's own: say so, with the dim's name, so they read as where it looked.
+    (name,) = in_model_dims(evaluator, lambda ev: (ev.shape_of(query)[seq_axis],))
     try:
         again = read_scores(score_steps(seq, seq), at_longer, seq, seq)
     except NotFused as exc:
-        raise NotFused(f"at seq {seq}: {exc.reason}") from None
+        raise NotFused(f"with seq {name} at {seq}: {exc.reason}") from None
     if again != reading:
-        raise NotFused(f"the mask reads as {reading} at seq {evaluator.shape_of(query)[seq_axis]} but {again} at seq {seq}")
+        raise NotFused(f"the mask reads as {reading} with seq {name} at {sample} but {again} at {seq}")
 
 
 def plan_block(

@@ -177,7 +177,7 @@ def test_symbolic_seq_llama_with_a_real_window(tmp_path, window):
         assert [(b.fused, b.causal, b.seq) for b in report.blocks] == [(True, True, "seq")] * 2, report.blocks
     else:
         assert [b.fused for b in report.blocks] == [False, False]
-        assert all(f"at seq {window + 2}: the mask is a sliding window of {window} keys" in b.reason
+        assert all(f"with seq 'seq' at {window + 2}: the mask is a sliding window of {window} keys" in b.reason
                    for b in report.blocks), report.blocks
     assert peak_mb < 64
 

@@ -100,3 +100,10 @@ def test_model_dims_names_what_follows_the_free_dims():
         "16", "'sequence_length'", "'past_sequence_length + sequence_length'", "'4*batch_size'", "symbolic")
     fixed = Evaluator.for_graph(Graph(_qkv_model(128)))
     assert fixed.model_dims((128, 96), None) == ("128", "96")
+
+
+def test_a_mask_proven_again_at_a_longer_seq_says_which_dim_it_moved():
+    """The longer length is the pass's own; the reason names the dim it moved to get there."""
+    spec = NEAR_MISSES["sliding_window_symbolic_120"]
+    (reason,) = _reasons(build(spec).model)
+    assert reason.startswith("with seq 'seq' at ") and "sliding window of 120 keys" in reason, reason
