@@ -236,8 +236,7 @@ def plan_block(
         raise NotFused(f"cannot prove the attention output's shape: {exc}") from None
     if output_shape != kernel_output:
         def shapes(ev):
-            found = memoized(ev.memo, key, lambda: _prove_layout(q, k, v, ev))
-            return ev.shape_of(output) + kernel_output_of(found)
+            return ev.shape_of(output) + kernel_output_of(_prove_layout(q, k, v, ev))
         words = in_model_dims(evaluator, shapes)
         raise NotFused(f"the attention output has shape {dims_text(words[:len(output_shape)])}, the kernel's would be "
                        f"{dims_text(words[len(output_shape):])} (the mask or scale broadcasts the scores)")

@@ -107,3 +107,14 @@ def test_a_mask_proven_again_at_a_longer_seq_says_which_dim_it_moved():
     spec = NEAR_MISSES["sliding_window_symbolic_120"]
     (reason,) = _reasons(build(spec).model)
     assert reason.startswith("with seq 'seq' at ") and "sliding window of 120 keys" in reason, reason
+
+
+def test_shape_words_quote_a_values_shape_in_the_models_dims():
+    """What the mask-broadcast, softmax-input and layout-move reasons print for a graph value."""
+    from fuse_attn.passes._graph import shape_words
+    graph = Graph(exporter_graphs.kv_cache_decoder())
+    evaluator = Evaluator.for_graph(graph)
+    assert shape_words(evaluator, graph.value("past_key_values.0.key")) == "('batch_size', 4, 'past_sequence_length', 16)"
+    assert shape_words(evaluator, graph.value("attention_mask")) == "('batch_size', 'past_sequence_length + sequence_length')"
+    fixed = Graph(_qkv_model(128))
+    assert shape_words(Evaluator.for_graph(fixed), fixed.value("v")) == "(1, 4, 128, 32)"

@@ -132,7 +132,7 @@ def sample_binding(graph: Graph, seq: int = FIRST_SEQ_SAMPLE) -> dict[str, int]:
 
 
 def dims_text(dims: tuple[str, ...]) -> str:
-    """A shape as `Evaluator.model_dims` words it: (batch_size, 12, 'sequence_length', 64)."""
+    """A shape as `Evaluator.model_dims` words it: ('batch_size', 12, 'sequence_length', 64)."""
     return f"({', '.join(dims)})"
 
 
