@@ -18,7 +18,10 @@ FLOORS = {  # folder -> the project modules it may import (prefixes)
 
 def project_imports(path: Path) -> list[str]:
     """Every `fuse_attn...` module `path` imports; relative imports resolved against its package."""
-    package = {"passes": "fuse_attn.passes"}.get(path.parent.name, ".".join(path.parent.relative_to(ROOT).parts))
+    if path.parent.name == "passes":  # the folder installs under the project's namespace
+        package = "fuse_attn.passes"
+    else:
+        package = ".".join(path.parent.relative_to(ROOT).parts)
     found = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
