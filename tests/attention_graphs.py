@@ -1116,58 +1116,27 @@ def _build_block(g: _Graph, spec: AttnSpec, rng, x: str, kv_src: str, blk: int):
 # --- running and comparing --------------------------------------------------------------------------
 
 
+LOW_PRECISION = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
+
+
 def as_float32(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The same model with every float16/bfloat16 tensor, type and Cast target made float32.
+    """The same model with every float16/bfloat16 tensor, type and Cast target made float32
+    (compile's own reference widening, `fuse_attn.compile.reference.as_float32`, for both dtypes).
 
     onnxruntime's CPU provider has no bfloat16 kernels for MatMul, Add, Softmax, ...; the upcast
     model computes the same graph in float32 on the dtype-rounded weights, so an original and a
     fused model can still be compared exactly. Float16 models are compared this way too (plus a
     looser native run), so that fp16 rounding does not hide a structural difference.
     """
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    low = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
+    from fuse_attn.compile import reference
 
-    def fix_tensor(t: onnx.TensorProto):
-        if t.data_type in low:
-            arr = numpy_helper.to_array(t).astype(np.float32)
-            t.CopyFrom(numpy_helper.from_array(arr, t.name))
-
-    def fix_type(tp: onnx.TypeProto):
-        if tp.HasField("tensor_type") and tp.tensor_type.elem_type in low:
-            tp.tensor_type.elem_type = TensorProto.FLOAT
-
-    def fix_nodes(nodes):
-        for n in nodes:
-            for a in n.attribute:
-                if n.op_type in ("Cast", "EyeLike", "RandomNormal", "RandomUniform") and a.name in ("to", "dtype") \
-                        and a.i in low:
-                    a.i = TensorProto.FLOAT
-                if a.type == onnx.AttributeProto.TENSOR:
-                    fix_tensor(a.t)
-                if a.type == onnx.AttributeProto.GRAPH:
-                    fix_graph(a.g)
-                for sub in a.graphs:
-                    fix_graph(sub)
-
-    def fix_graph(gr: onnx.GraphProto):
-        for t in gr.initializer:
-            fix_tensor(t)
-        for vi in list(gr.input) + list(gr.output) + list(gr.value_info):
-            fix_type(vi.type)
-        fix_nodes(gr.node)
-
-    fix_graph(m.graph)
-    for f in m.functions:
-        fix_nodes(f.node)
-        for vi in f.value_info:
-            fix_type(vi.type)
-    return m
+    return reference.as_float32(model, LOW_PRECISION)
 
 
 def feeds_as_float32(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {k: v.astype(np.float32) if v.dtype in (np.float16, ml_dtypes.bfloat16) else v
-            for k, v in feeds.items()}
+    from fuse_attn.compile import reference
+
+    return reference.feeds_as_float32(feeds, LOW_PRECISION)
 
 
 def run_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

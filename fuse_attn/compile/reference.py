@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from fuse_attn.compile.shapes import copy_model
 
@@ -26,22 +26,23 @@ def has_bfloat16(model: onnx.ModelProto) -> bool:
         any(a.name == "to" and a.i == _WIDENED for n in g.node for a in n.attribute)
 
 
-def as_float32(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of `model` with every bfloat16 tensor, type, Cast target and constant made float32."""
+def as_float32(model: onnx.ModelProto, widened: tuple[int, ...] = (_WIDENED,)) -> onnx.ModelProto:
+    """A copy of `model` with every tensor, type, Cast target and constant of a `widened` dtype
+    (bfloat16 by default) made float32."""
     model = copy_model(model)
 
     def widen_tensor(t: onnx.TensorProto):
-        if t.data_type == _WIDENED:
+        if t.data_type in widened:
             t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name))
 
     def widen_type(tp: onnx.TypeProto):
-        if tp.HasField("tensor_type") and tp.tensor_type.elem_type == _WIDENED:
+        if tp.HasField("tensor_type") and tp.tensor_type.elem_type in widened:
             tp.tensor_type.elem_type = TensorProto.FLOAT
 
     def widen_nodes(nodes):
         for n in nodes:
             for a in n.attribute:
-                if a.name in ("to", "dtype") and a.type == onnx.AttributeProto.INT and a.i == _WIDENED:
+                if a.name in ("to", "dtype") and a.type == onnx.AttributeProto.INT and a.i in widened:
                     a.i = TensorProto.FLOAT
                 if a.type == onnx.AttributeProto.TENSOR:
                     widen_tensor(a.t)
@@ -63,8 +64,9 @@ def as_float32(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def feeds_as_float32(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {k: v.astype(np.float32) if v.dtype.name == "bfloat16" else v for k, v in feeds.items()}
+def feeds_as_float32(feeds: dict[str, np.ndarray], widened: tuple[int, ...] = (_WIDENED,)) -> dict[str, np.ndarray]:
+    names = {helper.tensor_dtype_to_np_dtype(t).name for t in widened}
+    return {k: v.astype(np.float32) if v.dtype.name in names else v for k, v in feeds.items()}
 
 
 def run_onnxruntime(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
