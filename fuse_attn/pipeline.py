@@ -30,8 +30,7 @@ def _existing_function_dtype(model: onnx.ModelProto) -> int | None:
     """The dtype an already shipped FlashFwd function body (opset < 15) is written for."""
     for function in model.functions:
         if function.domain == contract.DOMAIN and function.name == contract.OP_TYPE:
-            return next((a.i for n in function.node if n.op_type == "Cast" for a in n.attribute
-                         if a.name == "to" and n.input[0] == "scale_f"), None)
+            return contract.function_dtype(function)
     return None
 
 

@@ -59,3 +59,11 @@ def test_function_needs_a_dtype_below_15():
         contract.make_function(14)
     with pytest.raises(ValueError, match="opset"):
         contract.make_function(contract.MIN_OPSET - 1, onnx.TensorProto.FLOAT)
+
+
+@pytest.mark.parametrize("dtype", [onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16])
+def test_a_shipped_function_says_which_dtype_it_serves(dtype):
+    """A model fused before at opset 14 carries a one-dtype body: fusing it again reads that dtype
+    back from the body (`contract.function_dtype`); the generic body (CastLike) serves any."""
+    assert contract.function_dtype(contract.make_function(14, dtype)) == dtype
+    assert contract.function_dtype(contract.make_function(17)) is None

@@ -200,6 +200,16 @@ class _Body:
         ]
 
 
+_SCALE_F = "scale_f"  # the float attribute the body casts to the data dtype (read by function_dtype)
+
+
+def function_dtype(function: onnx.FunctionProto) -> int | None:
+    """The data dtype a body written by `make_function` below GENERIC_FUNCTION_OPSET serves
+    (the Cast of its scale); None for the generic body (CastLike)."""
+    return next((a.i for n in function.node if n.op_type == "Cast" and n.input[0] == _SCALE_F
+                 for a in n.attribute if a.name == "to"), None)
+
+
 def make_function(opset: int, dtype: int | None = None) -> onnx.FunctionProto:
     """The reference semantics of FlashFwd, in the default domain at `opset` (>= MIN_OPSET),
     so that the model keeps its own opset. Below GENERIC_FUNCTION_OPSET there is no CastLike:
@@ -228,8 +238,8 @@ def make_function(opset: int, dtype: int | None = None) -> onnx.FunctionProto:
         helper.make_node("Reshape", ["heads", "axis1"], ["heads_1d"]),
         # q (b, h, d, s) -> (b, h, s, d), scaled before QK^T as the kernel does.
         helper.make_node("Transpose", ["q"], ["q_bhsd"], perm=[0, 1, 3, 2]),
-        _attr_const("scale_f", "softmax_scale", "value_float"),
-        body.cast_like_data("scale_f", "scale"),
+        _attr_const(_SCALE_F, "softmax_scale", "value_float"),
+        body.cast_like_data(_SCALE_F, "scale"),
         helper.make_node("Mul", ["q_bhsd", "scale"], ["q_scaled"]),
         *body.repeat_kv("k", "k_rep"),
         helper.make_node("MatMul", ["q_scaled", "k_rep"], ["scores"]),  # (b, h, s, s)
