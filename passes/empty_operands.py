@@ -13,9 +13,6 @@ from fuse_attn.ir.evaluator import Evaluator, Unprovable
 from fuse_attn.ir.graph import Node, Value
 from fuse_attn.passes._graph import is_op
 
-# A second binding of the free dims, far from the first: a zero extent seen at both is fixed.
-_OTHER_SEQ = 200
-
 
 def _is_empty_along(value: Value, axis: int, evaluators: tuple[Evaluator, ...]) -> bool:
     try:
@@ -38,7 +35,7 @@ def _sole_nonempty(node: Node, evaluators: tuple[Evaluator, ...]) -> Value | Non
 def drop_empty_concat_operands(nodes, evaluator: Evaluator) -> int:
     """Point readers of every Concat whose other operands are empty at its non-empty operand.
     Returns how many Concats were bypassed."""
-    evaluators = (evaluator, evaluator.at_seq(_OTHER_SEQ))
+    evaluators = (evaluator, evaluator.varied())  # a zero extent seen at both bindings is fixed
     bypassed = 0
     for node in nodes:
         if not is_op(node, "Concat") or not node.outputs[0].consumers():
