@@ -143,6 +143,7 @@ def specialize(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], dims:
                          f"(symbols: {', '.join(sorted(declared)) or 'none'})")
     symbols = dict(dims)
     fixed_unnamed: dict[tuple[str, int], int] = {}
+    expressions: list[tuple[str, int, str, int]] = []  # (input, axis, dim expression, size given)
     for name, shape in shapes.items():
         input_dims = inputs[name].type.tensor_type.shape.dim
         if len(input_dims) != len(shape):
@@ -156,11 +157,12 @@ def specialize(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], dims:
                     raise ShapeError(f"--shape {name}: dim {dim.dim_param!r} is already bound to "
                                      f"{symbols[dim.dim_param]}, got {value}")
             elif dim.dim_param:
-                bound = _substitute(dim.dim_param, symbols)
-                if bound != value:
-                    raise ShapeError(f"--shape {name}: dim {i} is {dim.dim_param!r}; fix its symbols with --dim")
+                expressions.append((name, i, dim.dim_param, value))
             else:
                 fixed_unnamed[(name, i)] = value
+    for name, i, expression, value in expressions:  # once every --shape has bound its plain symbols
+        if _substitute(expression, symbols) != value:
+            raise ShapeError(f"--shape {name}: dim {i} is {expression!r}; fix its symbols with --dim")
     for (name, i), value in fixed_unnamed.items():
         inputs[name].type.tensor_type.shape.dim[i].dim_value = value
     for info in _value_infos(model.graph):

@@ -160,3 +160,21 @@ def test_unnamed_dims_the_graph_ties_are_tied():
     feeds = decoder_feeds(model, seq=24)
     assert max_diff(run(model, feeds), run(fused, feeds)) <= TOL
     assert max_diff(run(model, feeds), run(mutate_flashfwd(fused, flip_causal=True), feeds)) > 100 * TOL
+
+
+def test_a_shape_with_an_expression_dim_binds_in_any_order():
+    """`--shape` values for an input whose dim is `past + seq`, given before the inputs that bind
+    past and seq, are checked once every plain symbol is bound (and refused when they disagree)."""
+    def model():
+        g = helper.make_graph([helper.make_node("Identity", ["m"], ["y"])], "g",
+                              [helper.make_tensor_value_info("m", TensorProto.INT64, ["b", "past + seq"]),
+                               helper.make_tensor_value_info("k", TensorProto.FLOAT, ["b", "past"]),
+                               helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "seq"])],
+                              [helper.make_tensor_value_info("y", TensorProto.INT64, ["b", "past + seq"])])
+        return helper.make_model(g)
+
+    m = model()
+    assert specialize(m, {"m": (1, 8), "k": (1, 3), "ids": (1, 5)}, {}).symbols == {"b": 1, "past": 3, "seq": 5}
+    assert [d.dim_value for d in m.graph.output[0].type.tensor_type.shape.dim] == [1, 8]
+    with pytest.raises(ShapeError, match="'past \\+ seq'"):
+        specialize(model(), {"m": (1, 9), "k": (1, 3), "ids": (1, 5)}, {})
