@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, shape_inference
 
-from fuse_attn.specialize import ShapeError, parse_shape_args  # noqa: F401 (compile's --shape)
+from fuse_attn.specialize import ShapeError, parse_shape_args, specialize  # noqa: F401 (compile's --shape)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,39 +40,14 @@ def real_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
 def fix_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
     """A copy of `model` whose run-time inputs all have static dims; raises ShapeError naming the input."""
     model = copy_model(model)
-    inputs = real_inputs(model.graph)
-    by_name = {i.name: i for i in inputs}
-    unknown = sorted(set(shapes) - set(by_name))
-    if unknown:
-        raise ShapeError(f"--shape names {', '.join(unknown)}, not inputs of the model (inputs: {', '.join(by_name)})")
-
-    # Symbols bound by the shapes given, so that other inputs sharing them are fixed too.
-    symbols: dict[str, int] = {}
-    for name, shape in shapes.items():
-        dims = by_name[name].type.tensor_type.shape.dim
-        if len(dims) != len(shape):
-            raise ShapeError(f"--shape {name}: the input has rank {len(dims)}, got {len(shape)} dims {shape}")
-        for i, (dim, value) in enumerate(zip(dims, shape)):
-            if dim.HasField("dim_value") and dim.dim_value != value:
-                raise ShapeError(f"--shape {name}: dim {i} is fixed at {dim.dim_value} in the model, got {value}")
-            if dim.HasField("dim_param") and symbols.setdefault(dim.dim_param, value) != value:
-                raise ShapeError(f"--shape {name}: dim {dim.dim_param!r} is already bound to {symbols[dim.dim_param]}, got {value}")
-
-    for inp in inputs:
-        missing = []
-        for i, dim in enumerate(inp.type.tensor_type.shape.dim):
-            if dim.HasField("dim_value"):
-                continue
-            value = shapes[inp.name][i] if inp.name in shapes else symbols.get(dim.dim_param)
-            if value is None:
-                missing.append(dim.dim_param or f"dim {i}")
-                continue
-            dim.Clear()
-            dim.dim_value = value
+    specialize(model, shapes, {})  # the fuse command's --shape: names, ranks, symbols shared by inputs
+    for inp in real_inputs(model.graph):
+        dims = inp.type.tensor_type.shape.dim
+        missing = [dim.dim_param or f"dim {i}" for i, dim in enumerate(dims) if not dim.HasField("dim_value")]
         if missing:
             raise ShapeError(
                 f"input {inp.name!r} has unknown dims {missing}: pass --shape {inp.name}="
-                + "x".join(str(d.dim_value) if d.HasField("dim_value") else "N" for d in inp.type.tensor_type.shape.dim)
+                + "x".join(str(d.dim_value) if d.HasField("dim_value") else "N" for d in dims)
             )
     # Shapes recorded for intermediate values may still be symbolic: drop them and infer anew.
     del model.graph.value_info[:]
