@@ -4,6 +4,11 @@ the fused model its meaning on any runtime, and the binding to NKI `flash_fwd`.
 Layouts follow the kernel (../shared/seed/flash_fwd.txt):
   q (b, h, d, s), k (b, kv, d, s), v (b, kv, s, d), optional seed (1,) int32 -> o (b, h, s, d).
 Launch grid [b, kv]; kv head j serves q heads j*G .. j*G+G-1 with G = h // kv (HF repeat_kv order).
+
+A key mask rides in the head dim (`key_bias_column`): q' = [q; 1], k' = [k; bias/scale],
+v' = [v; 0], so the kernel's own product scale·q'ᵀk' = scale·qᵀk + bias adds one term per
+(batch entry, key), and o = o'[..., :d]. The op itself is unchanged (the column is data); the
+attribute tells compile which column to extend when it pads keys.
 """
 
 from __future__ import annotations
@@ -50,6 +55,8 @@ class FlashFwdAttrs:
     dropout_p: float = 0.0
     mixed_precision: bool = True
     seq_tile_size: int | None = None  # None: the seq length is symbolic until compile time
+    # 1: the last head-dim index of q, k, v is the key-bias column (q 1, v 0, k bias/scale per key).
+    key_bias_column: bool = False
 
     def as_onnx_attributes(self) -> dict[str, object]:
         attrs: dict[str, object] = {
@@ -62,6 +69,8 @@ class FlashFwdAttrs:
         }
         if self.seq_tile_size is not None:
             attrs["seq_tile_size"] = int(self.seq_tile_size)
+        if self.key_bias_column:
+            attrs["key_bias_column"] = 1
         return attrs
 
     @classmethod
@@ -75,6 +84,7 @@ class FlashFwdAttrs:
             dropout_p=float(attrs.get("dropout_p", 0.0)),
             mixed_precision=bool(attrs.get("mixed_precision", 1)),
             seq_tile_size=None if tile is None else int(tile),
+            key_bias_column=bool(attrs.get("key_bias_column", 0)),
         )
 
 
@@ -128,6 +138,7 @@ _ATTR_TYPES = {
     "seq_tile_size": onnx.AttributeProto.INT,
     "num_heads": onnx.AttributeProto.INT,
     "num_kv_heads": onnx.AttributeProto.INT,
+    "key_bias_column": onnx.AttributeProto.INT,  # data layout only: the body computes the same product
 }
 
 
