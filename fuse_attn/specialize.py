@@ -10,10 +10,11 @@ intermediate shapes, inside subgraphs, and inside dims written as expressions
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 
 import onnx
+
+from fuse_attn.ir import dim_expr
 
 
 class ShapeError(ValueError):
@@ -58,34 +59,15 @@ def parse_dim_args(args: list[str]) -> dict[str, int]:
 
 def _names(expression: str) -> set[str]:
     """The symbols a dim_param uses: itself, or the names of an arithmetic expression."""
-    try:
-        tree = ast.parse(expression, mode="eval")
-    except SyntaxError:
-        return {expression}
-    return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} or {expression}
+    return set(dim_expr.parse(expression).symbols)
 
 
 def _substitute(expression: str, values: dict[str, int]) -> int | str:
     """`expression` with bound symbols replaced: an int when nothing free is left."""
-    if expression in values:
-        return values[expression]
     try:
-        tree = ast.parse(expression, mode="eval")
-    except SyntaxError:
-        return expression
-    if not any(isinstance(n, ast.Name) and n.id in values for n in ast.walk(tree)):
-        return expression
-
-    class Bind(ast.NodeTransformer):
-        def visit_Name(self, node):
-            return ast.Constant(values[node.id]) if node.id in values else node
-
-    bound = ast.fix_missing_locations(Bind().visit(tree))
-    try:
-        value = eval(compile(bound, "<dim>", "eval"), {"__builtins__": {}}, {})  # only +, -, *, //, constants
-    except NameError:
-        return ast.unparse(bound)
-    return int(value) if isinstance(value, int) else expression
+        return dim_expr.parse(expression).substitute(values)
+    except ValueError:
+        raise ShapeError(f"dim {expression!r} has no size with {values}") from None
 
 
 @dataclasses.dataclass
@@ -152,7 +134,7 @@ def specialize(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], dims:
             if dim.HasField("dim_value"):
                 if dim.dim_value != value:
                     raise ShapeError(f"--shape {name}: dim {i} is fixed at {dim.dim_value} in the model, got {value}")
-            elif dim.dim_param and _names(dim.dim_param) == {dim.dim_param}:
+            elif dim.dim_param and dim_expr.parse(dim.dim_param).is_symbol:
                 if symbols.setdefault(dim.dim_param, value) != value:
                     raise ShapeError(f"--shape {name}: dim {dim.dim_param!r} is already bound to "
                                      f"{symbols[dim.dim_param]}, got {value}")

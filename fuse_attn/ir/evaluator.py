@@ -11,16 +11,14 @@ concrete input shapes and evaluated shape operands), never invented.
 
 from __future__ import annotations
 
-import ast
 import math
-import operator
 import warnings
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from fuse_attn.ir import contract
+from fuse_attn.ir import contract, dim_expr
 from fuse_attn.ir.graph import DEFAULT_DOMAINS, Graph, Node, Value
 
 # A cone this large is real computation, not mask or shape plumbing; refusing keeps proofs cheap.
@@ -120,7 +118,7 @@ def sample_binding(graph: Graph, seq: int = FIRST_SEQ_SAMPLE) -> dict[str, int]:
                 continue
             # A dim written as arithmetic ('past_sequence_length + sequence_length') is not free
             # itself: its symbols are, and it follows from them.
-            for symbol in _expression_symbols(dim) or (dim,):
+            for symbol in dim_expr.parse(dim).symbols:
                 if symbol in binding:
                     continue
                 if axis == 0:
@@ -134,17 +132,6 @@ def sample_binding(graph: Graph, seq: int = FIRST_SEQ_SAMPLE) -> dict[str, int]:
 def dims_text(dims: tuple[str, ...]) -> str:
     """A shape as `Evaluator.model_dims` words it: ('batch_size', 12, 'sequence_length', 64)."""
     return f"({', '.join(dims)})"
-
-
-def _expression_symbols(dim: str) -> tuple[str, ...]:
-    """The symbols of a dim written as arithmetic, or () for a plain name."""
-    try:
-        tree = ast.parse(dim, mode="eval").body
-    except SyntaxError:
-        return ()
-    if isinstance(tree, ast.Name):
-        return ()
-    return tuple(dict.fromkeys(n.id for n in ast.walk(tree) if isinstance(n, ast.Name)))
 
 
 MAX_TIES = 16
@@ -296,14 +283,14 @@ class Evaluator:
         free = [s for s in self.binding if s not in self.ties]
         # The graph's own spellings first: free symbols, then the expressions its inputs and outputs declare.
         declared = dict.fromkeys(d for v in (*self.graph.inputs, *self.graph.outputs) for d in (v.shape or ())
-                                 if isinstance(d, str) and _expression_symbols(d))
+                                 if isinstance(d, str) and not dim_expr.parse(d).is_symbol)
         tiers = [free, list(declared),
                  # Then what exporters compute from them: a sum of two (past + new tokens), a multiple (batch · heads).
                  [f"{a} + {b}" for i, a in enumerate(free) for b in free[i + 1:]],
                  [f"{size // self.binding[s]}*{s}" for s in free if size % self.binding[s] == 0 and size > self.binding[s]]]
         for tier in tiers if again is not None else tiers[:2]:  # unchecked: only the graph's own spellings
-            matches = [c for c in tier if _size_at(c, self.binding) == size
-                       and (again is None or _size_at(c, varied.binding) == again)]
+            matches = [c for c in tier if dim_expr.parse(c).evaluate(self.binding) == size
+                       and (again is None or dim_expr.parse(c).evaluate(varied.binding) == again)]
             if matches:
                 # Two symbols alike at both bindings (a batch dim under two names) cannot be told apart.
                 return f"'{matches[0]}'" if len(matches) == 1 or again is None else "symbolic"
@@ -317,9 +304,9 @@ class Evaluator:
             if d in self.binding:
                 return self.binding[d]
             if d not in self._dim_expressions:  # parsed once: every declared shape asks again
-                self._dim_expressions[d] = _arithmetic(d, self.binding)
+                self._dim_expressions[d] = dim_expr.parse(d).evaluate(self.binding)
             value = self._dim_expressions[d]
-            if value is not None:
+            if value is not None and value >= 0:  # arithmetic below zero is no size
                 return value
         raise Unprovable(f"a dimension is unknown ({d or '?'})")
 
@@ -646,31 +633,3 @@ def _topological(target: Value, nodes: set[Node]) -> list[Node]:
             if producer in nodes and producer not in done:
                 stack.append((producer, False))
     return order
-
-
-_OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
-              ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod}
-
-
-def _size_at(dim: str, binding: dict[str, int]) -> int | None:
-    return binding[dim] if dim in binding else _arithmetic(dim, binding)
-
-
-def _arithmetic(expression: str, binding: dict[str, int]) -> int | None:
-    """A dim written as arithmetic over symbols (dynamo writes 's0 + 1', '2*s1'), or None."""
-    try:
-        tree = ast.parse(expression, mode="eval").body
-    except SyntaxError:
-        return None
-
-    def walk(node):
-        if isinstance(node, ast.Constant) and isinstance(node.value, int):
-            return node.value
-        if isinstance(node, ast.Name) and node.id in binding:
-            return binding[node.id]
-        if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
-            left, right = walk(node.left), walk(node.right)
-            return None if left is None or right is None else _OPERATORS[type(node.op)](left, right)
-        return None
-
-    return walk(tree)

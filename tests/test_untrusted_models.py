@@ -1,0 +1,135 @@
+"""A model file is data, never code (issue 18).
+
+Each test prepares a file the way an attacker would — a dim_param that is Python, external data
+reached through a symlink, names that carry terminal escapes, sizes that ask for huge
+allocations — and checks that fuse-attn treats it as data: nothing runs, nothing outside the
+model's folder is read or copied, no escape byte reaches the terminal, and bad input is one
+line with exit 2.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import onnx
+import pytest
+
+from attention_graphs import AttnSpec, build
+from fuse_attn.ir import dim_expr
+
+REPO_PACKAGES = [Path(__file__).resolve().parents[1] / d for d in ("fuse_attn", "passes", "models")]
+
+
+def cli(*args, cwd=None, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "FUSE_ATTN_DEBUG"}
+    return subprocess.run([sys.executable, "-m", "fuse_attn.cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=cwd)
+
+
+def one_error_line(proc: subprocess.CompletedProcess, *, mentions: str = "") -> str:
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("fuse-attn: error: "), proc.stderr
+    assert mentions in lines[0], lines[0]
+    return lines[0]
+
+
+# --- dim_params are parsed as data ----------------------------------------------------------------------------
+
+
+def payload(marker: Path) -> str:
+    """The issue's dim: valid Python that runs a shell command when evaluated."""
+    return ("batch + 0 * [c for c in ().__class__.__base__.__subclasses__() if c.__name__ == '_wrap_close']"
+            f"[0].__init__.__globals__['system']('touch {marker}')")
+
+
+def payload_model(folder: Path, marker: Path) -> Path:
+    """An attention model whose input declares `batch` and whose output declares the payload."""
+    model = build(AttnSpec(heads=2, head_dim=16)).model
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    model.graph.output[0].type.tensor_type.shape.dim[0].dim_param = payload(marker)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "payload.onnx"
+    onnx.save(model, path)
+    return path
+
+
+def test_the_payload_is_an_opaque_symbol(tmp_path):
+    expression = dim_expr.parse(payload(tmp_path / "x"))
+    assert expression.is_symbol and expression.symbols == (payload(tmp_path / "x"),)
+    assert expression.evaluate({"batch": 1}) is None
+
+
+def test_fuse_with_dim_runs_nothing(tmp_path):
+    marker = tmp_path / "ran"
+    src = payload_model(tmp_path / "m", marker)
+    proc = cli(src, "-o", tmp_path / "out.onnx", "--dim", "batch=1")
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode == 0, proc.stderr
+    assert not marker.exists()
+    # The input's symbol was fixed; the opaque output dim is left as the name it is.
+    out = onnx.load(tmp_path / "out.onnx")
+    assert out.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+    assert out.graph.output[0].type.tensor_type.shape.dim[0].dim_param == payload(marker)
+
+
+def test_compile_with_shape_runs_nothing(tmp_path):
+    pytest.importorskip("torch")
+    marker = tmp_path / "ran"
+    src = payload_model(tmp_path / "m", marker)
+    proc = cli("compile", src, "--simulate", "--shape", "x=1x16x32")
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert not marker.exists()
+
+
+def test_check_with_dim_runs_nothing_in_its_workers(tmp_path):
+    marker = tmp_path / "ran"
+    payload_model(tmp_path / "m", marker)
+    proc = cli("check", tmp_path / "m", "--dim", "batch=1", "--jobs", "1", "--json", tmp_path / "r.json")
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert not marker.exists()
+    assert "payload.onnx" in proc.stdout
+
+
+@pytest.mark.parametrize("text", ["a" * 200_000, "(" * 100_000 + "a" + ")" * 100_000, "a+" * 100_000 + "a",
+                                  "9" * 200_000 + " + a", "-" * 200_000])
+def test_absurd_dims_are_opaque_symbols_at_once(text):
+    start = time.perf_counter()
+    expression = dim_expr.parse(text)
+    assert expression.is_symbol and expression.symbols == (text,)
+    assert time.perf_counter() - start < 1.0
+
+
+def test_the_parser_takes_arithmetic_only():
+    binding = {"a": 7, "b": 2, "past": 0, "seq": 10}
+    assert dim_expr.parse("(a + b) * 3 - a // b % 2").evaluate(binding) == 26
+    assert dim_expr.parse("past + seq").symbols == ("past", "seq")
+    assert dim_expr.parse("past + seq").substitute({"past": 0}) == "0 + seq"
+    assert dim_expr.parse("a // past").evaluate(binding) is None  # no size, no ZeroDivisionError
+    assert dim_expr.parse("a" + " * a" * 40).evaluate(binding) is None  # past int64
+    for text in ("a / b", "a ** b", "-a", "f(a)", "a.b", "a[0]", "a if b else 1", "3", "2 * 4", "lambda: 1"):
+        assert dim_expr.parse(text).is_symbol, text
+
+
+def test_an_expression_dim_with_no_size_is_one_error_line(tmp_path):
+    model = build(AttnSpec(heads=2, head_dim=16)).model
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    model.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "4 // batch"
+    onnx.save(model, tmp_path / "m.onnx")
+    one_error_line(cli(tmp_path / "m.onnx", "-o", tmp_path / "out.onnx", "--dim", "batch=0"), mentions="4 // batch")
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_no_eval_or_exec_in_the_package():
+    """No model text can be run: the package calls no eval, exec or compile() at all."""
+    called = re.compile(r"(?<![\w.])(eval|exec|compile)\s*\(|__import__\s*\(")
+    found = [f"{path}:{n}: {line.strip()}" for package in REPO_PACKAGES for path in sorted(package.rglob("*.py"))
+             for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+             if called.search(line.split("#")[0])]
+    assert not found, found
