@@ -23,7 +23,7 @@ from typing import Callable
 import onnx
 from google.protobuf.message import DecodeError
 
-from fuse_attn.ir import contract
+from fuse_attn.ir import contract, external_data
 from fuse_attn.report import is_fuse_attn_report
 
 
@@ -31,31 +31,30 @@ class InputError(Exception):
     """Bad input or usage: the CLI prints the message on one line and exits 2."""
 
 
-def _external_locations(proto: onnx.ModelProto) -> dict[str, int]:
-    """Every external data file the model's tensors name, with the bytes they need from it."""
-    needed: dict[str, int] = {}
-    tensors = list(proto.graph.initializer)
-    tensors += [a.t for n in proto.graph.node for a in n.attribute if a.HasField("t")]
-    for tensor in tensors:
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        info = {e.key: e.value for e in tensor.external_data}
-        location = info.get("location", "")
-        end = int(info.get("offset", 0) or 0) + int(info.get("length", 0) or 0)
-        needed[location] = max(needed.get(location, 0), end)
-    return needed
+def _external_locations(proto: onnx.ModelProto) -> list[str]:
+    """Every external data file the model's tensors name (in every graph and function)."""
+    return list(dict.fromkeys(e.value for t in external_data.external_tensors(proto)
+                              for e in t.external_data if e.key == "location"))
 
 
-def _check_external_data(proto: onnx.ModelProto, base_dir: str) -> None:
-    for location, end in _external_locations(proto).items():
-        if os.path.isabs(location) or ".." in location.replace("\\", "/").split("/"):
-            raise InputError(f"external data location '{location}' points outside the model's folder")
-        path = os.path.join(base_dir, location)
-        if not os.path.isfile(path):
-            raise InputError(f"external data file '{path}' is missing")
-        if os.path.getsize(path) < end:
-            raise InputError(f"external data file '{path}' is truncated ({os.path.getsize(path)} bytes, "
-                             f"tensors need {end})")
+def check_external_data(proto: onnx.ModelProto, base_dir: str | None) -> dict[str, str]:
+    """Every external data location of `proto` resolved inside `base_dir` (symlinks followed),
+    a regular file holding each tensor's byte range; location -> real path. Else one InputError."""
+    try:
+        return external_data.check(proto, base_dir)
+    except external_data.ExternalDataError as exc:
+        raise InputError(str(exc)) from None
+
+
+def load_external_data(proto: onnx.ModelProto, path: str | os.PathLike) -> None:
+    """Read the weights of the model at `path` into `proto`, from inside its folder only (and
+    from hard-linked data files too, which onnx's own loader refuses)."""
+    try:
+        external_data.load_all(proto, os.path.dirname(os.path.abspath(path)))
+    except external_data.ExternalDataError as exc:
+        raise InputError(str(exc)) from None
+    except OSError as exc:
+        raise InputError(f"cannot read the external data of '{path}': {exc.strerror or exc}") from None
 
 
 def load_proto(path: str | os.PathLike) -> onnx.ModelProto:
@@ -68,7 +67,7 @@ def load_proto(path: str | os.PathLike) -> onnx.ModelProto:
         raise InputError(f"'{path}' is not a readable ONNX model ({type(exc).__name__}: {exc})") from None
     except OSError as exc:
         raise InputError(f"cannot read '{path}': {exc.strerror or exc}") from None
-    _check_external_data(proto, os.path.dirname(os.path.abspath(path)))
+    check_external_data(proto, os.path.dirname(os.path.abspath(path)))
     return proto
 
 
@@ -155,7 +154,9 @@ def plan_outputs(proto: onnx.ModelProto, source_path: str | os.PathLike | None, 
     may already be there only as the same file or a byte-identical copy (an earlier run's)."""
     source = os.path.abspath(os.fspath(source_path)) if source_path is not None else None
     source_dir = os.path.dirname(source) if source else None
-    locations = list(_external_locations(proto)) if source_dir else []
+    # Copied from where each location really is, once checked to be inside the model's folder.
+    real = check_external_data(proto, source_dir) if source_dir else {}
+    locations = list(real)
     weights = {f"the input's weights file '{loc}'": os.path.join(source_dir, loc) for loc in locations}
     keep = dict(weights)
     if source and not in_place:
@@ -165,7 +166,7 @@ def plan_outputs(proto: onnx.ModelProto, source_path: str | os.PathLike | None, 
 
     if source_dir and not _same_path(source_dir, os.path.dirname(target)):
         for location in locations:
-            src, dst = os.path.join(source_dir, location), os.path.join(os.path.dirname(target), location)
+            src, dst = real[location], os.path.join(os.path.dirname(target), location)
             if _same_path(dst, target):
                 raise InputError(f"the output '{output}' is where its weights file '{location}' goes; "
                                  "choose another name")

@@ -133,3 +133,143 @@ def test_no_eval_or_exec_in_the_package():
              for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
              if called.search(line.split("#")[0])]
     assert not found, found
+
+
+# --- external data only from inside the model's folder ----------------------------------------------------------
+
+
+DATA = "ext.onnx.data"
+
+
+def external_model(folder: Path) -> Path:
+    """An attention model with every tensor in one data file beside it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "ext.onnx"
+    onnx.save(build(AttnSpec(heads=2, head_dim=16)).model, path, save_as_external_data=True,
+              all_tensors_to_one_file=True, location=DATA, size_threshold=0)
+    return path
+
+
+def edit_external(path: Path, edit) -> None:
+    """Apply `edit(tensor_info: dict, tensor)` to each external tensor's key/value pairs and save."""
+    model = onnx.load(path, load_external_data=False)
+    for tensor in model.graph.initializer:
+        info = {e.key: e.value for e in tensor.external_data}
+        edit(info, tensor)
+        del tensor.external_data[:]
+        for key, value in info.items():
+            tensor.external_data.add(key=key, value=value)
+    onnx.save(model, path)
+
+
+@pytest.fixture
+def symlinked_secret(tmp_path) -> tuple[Path, Path]:
+    """The model's data file moved outside its folder (a private file of the same size) and a
+    symlink to it left in its place: the model and the secret's path."""
+    src = external_model(tmp_path / "m")
+    secret = tmp_path / "private" / "id_rsa"
+    secret.parent.mkdir()
+    os.replace(src.parent / DATA, secret)
+    os.symlink(secret, src.parent / DATA)
+    return src, secret
+
+
+def test_fuse_refuses_a_data_file_symlinked_outside(symlinked_secret, tmp_path):
+    src, secret = symlinked_secret
+    out = tmp_path / "published" / "fused.onnx"
+    out.parent.mkdir()
+    one_error_line(cli(src, "-o", out), mentions="resolves outside the model's folder")
+    assert os.listdir(out.parent) == []
+    one_error_line(cli(src, "-o", out, "--link-external-data"), mentions="outside")
+    one_error_line(cli(src, "-o", src.parent / "fused.onnx", "--verify"), mentions="outside")
+    assert sorted(os.listdir(out.parent)) == [] and sorted(os.listdir(src.parent)) == ["ext.onnx", DATA]
+
+
+def test_fuse_refuses_a_folder_symlinked_outside(tmp_path):
+    src = external_model(tmp_path / "m")
+    (tmp_path / "elsewhere").mkdir()
+    os.replace(src.parent / DATA, tmp_path / "elsewhere" / DATA)
+    os.symlink(tmp_path / "elsewhere", src.parent / "weights")
+    edit_external(src, lambda info, _: info.update(location=f"weights/{DATA}"))
+    one_error_line(cli(src, "-o", tmp_path / "out.onnx"), mentions="outside")
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_a_symlink_that_stays_inside_is_read(tmp_path):
+    src = external_model(tmp_path / "m")
+    os.replace(src.parent / DATA, src.parent / "real.data")
+    os.symlink("real.data", src.parent / DATA)
+    out = tmp_path / "out" / "fused.onnx"
+    out.parent.mkdir()
+    proc = cli(src, "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    assert not (out.parent / DATA).is_symlink()  # a copy of the bytes, as for any data file
+    assert (out.parent / DATA).read_bytes() == (src.parent / "real.data").read_bytes()
+
+
+def test_check_and_compile_refuse_a_data_file_symlinked_outside(symlinked_secret, tmp_path):
+    src, secret = symlinked_secret
+    proc = cli("check", src.parent, "--jobs", "1", "--json", tmp_path / "r.json")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "resolves outside the model's folder" in proc.stdout
+    pytest.importorskip("torch")
+    one_error_line(cli("compile", src, "--simulate", "--shape", "x=1x16x32"), mentions="outside")
+
+
+def test_a_data_location_that_is_not_a_regular_file_is_refused(tmp_path):
+    src = external_model(tmp_path / "m")
+    os.unlink(src.parent / DATA)
+    os.mkfifo(src.parent / DATA)  # a read would block forever
+    one_error_line(cli(src, "-o", tmp_path / "out.onnx"), mentions="not a regular file")
+    os.unlink(src.parent / DATA)
+    os.mkdir(src.parent / DATA)
+    one_error_line(cli(src, "-o", tmp_path / "out.onnx"), mentions="not a regular file")
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def _first_only(edit):
+    done = []
+
+    def apply(info, tensor):
+        if not done:
+            edit(info, tensor)
+            done.append(tensor.name)
+    return apply
+
+
+@pytest.mark.parametrize("edit, mentions", [
+    (lambda info, t: info.update(offset=str(10**12)), "truncated"),
+    (lambda info, t: info.update(offset="-8"), "not a byte count"),
+    (lambda info, t: info.update(length="12abc"), "not a byte count"),
+    (lambda info, t: info.update(length="9" * 5000), "not a byte count"),
+    (lambda info, t: info.update(length="4"), "declares"),
+    (lambda info, t: info.update(offset="0"), "overlap"),
+])
+def test_byte_ranges_are_checked_against_the_file(tmp_path, edit, mentions):
+    src = external_model(tmp_path / "m")
+    model = onnx.load(src, load_external_data=False)
+    offsets = [int({e.key: e.value for e in t.external_data}.get("offset", 0)) for t in model.graph.initializer]
+    second = sorted(offsets)[1]  # the overlap case moves the tensor at this offset onto the first
+    edit_external(src, _first_only(edit) if mentions != "overlap" else
+                  lambda info, t: int(info.get("offset", 0)) == second and edit(info, t))
+    one_error_line(cli(src, "-o", tmp_path / "out.onnx"), mentions=mentions)
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_external_data_inside_a_subgraph_is_checked_too(tmp_path):
+    """An If branch's constant that names a file outside the folder (it was not looked at)."""
+    from onnx import TensorProto, helper
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "secret").write_bytes(b"\0" * 64)
+    leak = TensorProto(name="leak", data_type=TensorProto.FLOAT, dims=[16], data_location=TensorProto.EXTERNAL)
+    leak.external_data.add(key="location", value=str(tmp_path / "secret"))
+    branch = helper.make_graph([helper.make_node("Constant", [], ["c"], value=leak)], "b", [],
+                               [helper.make_tensor_value_info("c", TensorProto.FLOAT, [16])])
+    graph = helper.make_graph([helper.make_node("If", ["cond"], ["y"], then_branch=branch, else_branch=branch)], "g",
+                              [helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [16])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m" / "if.onnx")
+    (tmp_path / "out").mkdir()
+    one_error_line(cli(tmp_path / "m" / "if.onnx", "-o", tmp_path / "out" / "if.onnx"), mentions="outside")
+    assert os.listdir(tmp_path / "out") == []

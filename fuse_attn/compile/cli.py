@@ -9,7 +9,6 @@ Bad input raises modelio.InputError; `fuse_attn.usage.run` prints it.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import numpy as np
@@ -120,11 +119,9 @@ def compare_with_onnxruntime(model: onnx.ModelProto, module, feeds: dict[str, np
 
 def _load(path: str) -> onnx.ModelProto:
     """The model with its weights, bad input as the fuse command reports it."""
-    from onnx.external_data_helper import load_external_data_for_model
-
     proto = modelio.load_proto(path)
     modelio.validate(proto, path)
-    load_external_data_for_model(proto, os.path.dirname(os.path.abspath(path)))
+    modelio.load_external_data(proto, path)
     return proto
 
 

@@ -11,11 +11,12 @@ proof asks for one, and weights in external data are never touched. Edits are ke
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+from fuse_attn.ir import external_data
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 
@@ -128,7 +129,10 @@ class Value:
             self.graph.frozen_used.add(self.name)
         tensor = self.graph._initializers.get(self.name) or self._constant_tensor()
         if tensor is not None and tensor.data_location == onnx.TensorProto.EXTERNAL:
-            return numpy_helper.to_array(self._with_external_bytes(tensor))
+            try:
+                return numpy_helper.to_array(self._with_external_bytes(tensor))
+            except external_data.ExternalDataError:  # outside the model's folder, or no such bytes
+                return None
         if tensor is not None:
             return numpy_helper.to_array(tensor)
         attr = self._producer.proto.attribute[0]
@@ -143,11 +147,7 @@ class Value:
         """A copy of `tensor` holding its bytes, read from the data file directly (as
         `constant_row_blocks` reads): onnx's own reader refuses a data file with more than one
         hard link, which is what `--link-external-data` makes of the input's data file."""
-        info = {e.key: e.value for e in tensor.external_data}
-        path = os.path.join(self.graph.base_dir or "", info.get("location", ""))
-        with open(path, "rb") as f:
-            f.seek(int(info.get("offset", 0) or 0))
-            data = f.read(int(info["length"])) if info.get("length") else f.read()
+        data = external_data.read(self.graph.base_dir, tensor)
         loaded = onnx.TensorProto()
         loaded.CopyFrom(tensor)
         loaded.data_location = onnx.TensorProto.DEFAULT
@@ -174,14 +174,14 @@ class Value:
         dtype = dtype.newbyteorder("<")
         row_bytes = width * dtype.itemsize
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            info = {e.key: e.value for e in tensor.external_data}
-            path = os.path.join(self.graph.base_dir or "", info.get("location", ""))
-            if not os.path.isfile(path):
+            try:
+                path, offset, _ = external_data.extent(self.graph.base_dir, tensor)
+            except external_data.ExternalDataError:
                 return None
 
             def from_file():
                 with open(path, "rb") as f:
-                    f.seek(int(info.get("offset", 0)))
+                    f.seek(offset)
                     for start in range(0, rows, rows_at_once):
                         count = min(rows_at_once, rows - start)
                         data = f.read(count * row_bytes)
