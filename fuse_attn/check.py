@@ -25,6 +25,7 @@ from fuse_attn import modelio
 from fuse_attn.coverage import MODEL_COLUMNS, Column, Row, render_markdown
 from fuse_attn.fuse_options import FuseOptions, add_fuse_options, fuse_options
 from fuse_attn.modelio import InputError
+from fuse_attn.printable import printable
 from fuse_attn.specialize import Specialization
 
 EXIT_OK, EXIT_FAILED = 0, 1  # bad usage raises InputError: exit 2 (fuse_attn.usage)
@@ -302,7 +303,7 @@ def check_main(argv: list[str]) -> int:
     columns = MODEL_COLUMNS if baseline is None else (*MODEL_COLUMNS[:5], _baseline_column(baseline), *MODEL_COLUMNS[5:])
     table = render_markdown([to_row(r) for r in results.values()], columns=columns)
     if baseline is not None:
-        table += "\n\n" + (f"Worse than the baseline '{args.baseline}':\n\n" + "\n".join(f"- {r}" for r in found_regressions)
+        table += "\n\n" + (f"Worse than the baseline '{args.baseline}':\n\n" + "\n".join(printable(f"- {r}") for r in found_regressions)
                            if found_regressions else f"Nothing worse than the baseline '{args.baseline}'.")
     outputs = {}
     if markdown_path:

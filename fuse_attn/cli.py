@@ -49,6 +49,7 @@ def _fuse_main(argv: list[str]) -> int:
     from fuse_attn.fuse_options import fuse_options
     from fuse_attn.ir.graph import Graph
     from fuse_attn.pipeline import fuse_graph, specialize_proto
+    from fuse_attn.printable import printable
 
     options = fuse_options(args)
     # Every path is checked before the pass runs, and nothing is written until all are good.
@@ -65,7 +66,7 @@ def _fuse_main(argv: list[str]) -> int:
                         progress=sys.stderr.isatty(), specialized=specialized,
                         freeze_initializer_inputs=options.freeze_initializer_inputs)
     for line in report.lines() if not args.quiet else [report.summary()]:
-        print(line, file=human)
+        print(printable(line), file=human)
     # Read before the output is written: with --in-place it replaces the original.
     original = modelio.load_proto(args.model) if args.verify and report.fused else None
     # Nothing fused: the model goes through exactly as it came.
@@ -79,7 +80,7 @@ def _fuse_main(argv: list[str]) -> int:
         feeds = verify.random_inputs(graph.model if specialized is not None else original)
         checks = verify.compare(original, graph.model, feeds, os.path.dirname(source))
         for check in checks:
-            print(check.line(), file=human)
+            print(printable(check.line()), file=human)
         if not all(c.ok for c in checks):
             return EXIT_VERIFY_FAILED
     return EXIT_OK

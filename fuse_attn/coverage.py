@@ -11,6 +11,8 @@ import dataclasses
 from collections import Counter
 from typing import Callable, NamedTuple
 
+from fuse_attn.printable import printable, table_cell
+
 
 @dataclasses.dataclass
 class Row:
@@ -120,7 +122,7 @@ def render_markdown(rows: list[Row], *, columns: tuple[Column, ...] = ZOO_COLUMN
     """The coverage table (and, below it, what went wrong and every not-fused reason)."""
     lines = ["| " + " | ".join(c.header for c in columns) + " |",
              "|" + "|".join(c.align for c in columns) + "|"]
-    lines += ["| " + " | ".join(c.cell(r) for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(table_cell(c.cell(r)) for c in columns) + " |" for r in rows]
     lines += ["", _summary(rows)]
     if rows and all(r.runnable is not None for r in rows):
         lines += ["", render_exporter_totals(rows)]
@@ -128,13 +130,13 @@ def render_markdown(rows: list[Row], *, columns: tuple[Column, ...] = ZOO_COLUMN
         notes = []
         for r in rows:
             if r.known_issue and not r.ok:
-                notes.append(f"- **{r.model}** (known issue: {r.known_issue})")
+                notes.append(printable(f"- **{r.model}** (known issue: {r.known_issue})"))
             for p in r.problems:
-                notes.append(f"- **{r.model}**: {p}")
+                notes.append(printable(f"- **{r.model}**: {p}"))
         if notes:
             lines += ["", "Problems:", "", *notes]
         reasons = Counter(reason for r in rows for reason in r.not_fused)
         if reasons:
             lines += ["", "Blocks left unfused, by reason:", ""]
-            lines += [f"- {n} × {reason}" for reason, n in reasons.most_common()]
+            lines += [printable(f"- {n} × {reason}") for reason, n in reasons.most_common()]
     return "\n".join(lines)

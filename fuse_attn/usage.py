@@ -14,6 +14,7 @@ import traceback
 from typing import Callable, NoReturn
 
 from fuse_attn.modelio import InputError
+from fuse_attn.printable import printable
 
 ERROR_PREFIX = "fuse-attn: error: "
 EXIT_BAD_INPUT = 2
@@ -45,7 +46,7 @@ def run(command: Callable[[list[str]], int], argv: list[str]) -> int:
     except InputError as exc:
         if debugging():
             _print_traceback(exc)
-        print(f"{ERROR_PREFIX}{exc}", file=sys.stderr)
+        print(printable(f"{ERROR_PREFIX}{exc}"), file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("fuse-attn: interrupted", file=sys.stderr)
@@ -54,5 +55,5 @@ def run(command: Callable[[list[str]], int], argv: list[str]) -> int:
         if debugging():
             _print_traceback(exc)
         hint = "" if debugging() else f" ({DEBUG_ENV}=1 shows the traceback)"
-        print(f"{ERROR_PREFIX}cannot process the model: {type(exc).__name__}: {exc}{hint}", file=sys.stderr)
+        print(printable(f"{ERROR_PREFIX}cannot process the model: {type(exc).__name__}: {exc}{hint}"), file=sys.stderr)
         return EXIT_BAD_INPUT

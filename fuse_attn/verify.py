@@ -72,11 +72,21 @@ def random_inputs(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray
     return feeds
 
 
-def _session(proto: onnx.ModelProto, base_dir: str | None):
+def session_options():
+    """onnxruntime's options for a user's model: its own log silenced, which writes node names to
+    stderr raw (an escape sequence in a name would reach the terminal); its errors still arrive
+    as exceptions, printed escaped in one line."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only
+    return options
+
+
+def _session(proto: onnx.ModelProto, base_dir: str | None):
+    import onnxruntime as ort
+
+    options = session_options()
     if base_dir is not None:
         # External data resolves against this folder, as it would beside a model file there:
         # nothing is written next to the user's model (its folder may be read-only).

@@ -273,3 +273,68 @@ def test_external_data_inside_a_subgraph_is_checked_too(tmp_path):
     (tmp_path / "out").mkdir()
     one_error_line(cli(tmp_path / "m" / "if.onnx", "-o", tmp_path / "out" / "if.onnx"), mentions="outside")
     assert os.listdir(tmp_path / "out") == []
+
+
+# --- names printed as data ----------------------------------------------------------------------------------------
+
+
+EVIL = "evil\x1b[31mRED\nfused      Softmax 'fake' -> FlashFwd_9: heads 99"
+
+
+def rename(model: onnx.ModelProto, old: str, new: str) -> None:
+    for node in model.graph.node:
+        node.input[:] = [new if n == old else n for n in node.input]
+        node.output[:] = [new if n == old else n for n in node.output]
+    for info in (*model.graph.input, *model.graph.output):
+        if info.name == old:
+            info.name = new
+
+
+def evil_model(folder: Path, file_name: str = "evil.onnx") -> Path:
+    """One attention block whose Softmax, output and batch dim carry escape sequences and newlines."""
+    model = build(AttnSpec(heads=2, head_dim=16)).model
+    next(n for n in model.graph.node if n.op_type == "Softmax").name = EVIL
+    rename(model, model.graph.output[0].name, EVIL + " out")
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = EVIL + " batch"
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, folder / file_name)
+    return folder / file_name
+
+
+def assert_shown_as_data(text: str) -> None:
+    assert "\x1b" not in text, text
+    assert not any(line.startswith("fused      Softmax 'fake'") for line in text.splitlines()), text
+
+
+def test_fuse_prints_names_escaped_and_reports_them_exactly(tmp_path):
+    src = evil_model(tmp_path / "m")
+    proc = cli(src, "-o", tmp_path / "out.onnx", "--verify", "--report", tmp_path / "r.json")
+    assert proc.returncode == 0, proc.stderr
+    assert_shown_as_data(proc.stdout + proc.stderr)
+    assert "\\x1b[31mRED\\nfused" in proc.stdout  # shown, escaped, on the block's own line
+    assert sum(line.startswith("fused ") for line in proc.stdout.splitlines()) == 1
+    assert any(line.startswith("verify evil\\x1b") for line in proc.stdout.splitlines()), proc.stdout
+    import json
+
+    assert json.loads((tmp_path / "r.json").read_text())["blocks"][0]["name"] == EVIL
+
+
+def test_error_lines_show_names_escaped(tmp_path):
+    src = evil_model(tmp_path / "m")
+    line = one_error_line(cli(src, "-o", tmp_path / "out.onnx", "--dim", "nope=1"), mentions="evil\\x1b[31mRED")
+    assert_shown_as_data(line)
+
+
+def test_check_table_and_markdown_show_names_escaped(tmp_path):
+    evil_model(tmp_path / "m", "evil\x1b[2J|row\n.onnx")
+    proc = cli("check", tmp_path / "m", "--jobs", "1", "--markdown", tmp_path / "t.md", "--json", tmp_path / "r.json")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    markdown = (tmp_path / "t.md").read_text()
+    for text in (proc.stdout, proc.stderr, markdown):
+        assert_shown_as_data(text)
+    row = next(line for line in markdown.splitlines() if line.startswith("| evil"))
+    assert row.startswith("| evil\\x1b[2J\\|row\\n.onnx |") and row.count(" | ") == 7, row
+    import json
+
+    (result,) = json.loads((tmp_path / "r.json").read_text())["models"]
+    assert result["model"] == "evil\x1b[2J|row\n.onnx" and result["blocks"][0]["name"] == EVIL

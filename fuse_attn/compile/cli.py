@@ -18,6 +18,7 @@ from fuse_attn import modelio, verify
 from fuse_attn.compile import constraints, kernel_versions, sbuf, shapes
 from fuse_attn.compile.reference import run_onnxruntime
 from fuse_attn.compile.torch_required import TorchUnavailable, require_torch
+from fuse_attn.printable import printable
 from fuse_attn.usage import ERROR_PREFIX, ArgumentParser, run
 
 TARGETS = ("inf2", "trn1", "trn1n", "trn2")
@@ -160,13 +161,13 @@ def _compile(argv: list[str]) -> int:
     if problems:
         print(f"{ERROR_PREFIX}{len(problems)} FlashFwd launch problem(s):", file=sys.stderr)
         for problem in problems:
-            print(f"  {problem}", file=sys.stderr)
+            print(printable(f"  {problem}"), file=sys.stderr)
         return 1
     print(f"flash_fwd {version} ({origin})")
     for plan in plans:
         use = sbuf.sbuf_use(version, plan.padded_seq, plan.seq_tile_size, plan.head_dim, plan.dtype,
                             plan.attrs.mixed_precision)
-        print(f"{plan.describe()}; {use.describe()} per program")
+        print(printable(f"{plan.describe()}; {use.describe()} per program"))
     if not plans:
         print("no FlashFwd nodes: the graph is compiled as it is")
 
@@ -177,7 +178,7 @@ def _compile(argv: list[str]) -> int:
     try:
         module = lower(model, plans, attention)
     except LoweringError as e:
-        print(f"{ERROR_PREFIX}cannot lower the model: {e}", file=sys.stderr)
+        print(printable(f"{ERROR_PREFIX}cannot lower the model: {e}"), file=sys.stderr)
         return 1
 
     if args.simulate:
@@ -188,7 +189,7 @@ def _compile(argv: list[str]) -> int:
         for (name, abs_err, rel_err), ref in zip(rows, reference):
             scale = float(np.nanmax(np.abs(np.asarray(ref, dtype=np.float64)), initial=0.0))
             checks.append(verify.OutputCheck(name, abs_err, rel_err, tolerance[0] + tolerance[1] * scale, "simulate"))
-            print(checks[-1].line())
+            print(printable(checks[-1].line()))
         ok = all(check.ok for check in checks)
         print(f"simulated flash_fwd {version} against onnxruntime, tolerance {why} "
               f"({tolerance[0]:g} + {tolerance[1]:g} x max|output|): {'ok' if ok else 'MISMATCH'}. This is the "

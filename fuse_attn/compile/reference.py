@@ -75,7 +75,7 @@ def run_onnxruntime(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> lis
 
     if has_bfloat16(model):
         model, feeds = as_float32(model), feeds_as_float32(feeds)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # its constant folding warns about fp16 kernels it lacks: not the user's concern
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    from fuse_attn.verify import session_options  # its log silenced (fp16 warnings, raw node names)
+
+    session = ort.InferenceSession(model.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
     return session.run(None, feeds)

@@ -77,7 +77,9 @@ def evaluated_types(model: onnx.ModelProto, names: list[str], feeds: dict[str, n
 
     probe = copy_model(model)
     probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)
-    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    from fuse_attn.verify import session_options
+
+    session = ort.InferenceSession(probe.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
     arrays = session.run(list(names), feeds)
     return {n: ValueType(a.shape, helper.np_dtype_to_tensor_dtype(a.dtype)) for n, a in zip(names, arrays)}
 
