@@ -69,6 +69,9 @@ def _fuse_main(argv: list[str]) -> int:
         print(printable(line), file=human)
     # Read before the output is written: with --in-place it replaces the original.
     original = modelio.load_proto(args.model) if args.verify and report.fused else None
+    # Inputs at the specialized shapes (the fused model declares them), fed to both models; made
+    # before anything is written, since an input's declared size may be refused.
+    feeds = None if original is None else verify.random_inputs(graph.model if specialized is not None else original)
     # Nothing fused: the model goes through exactly as it came.
     modelio.write_outputs(outputs, graph.model, report.to_json())
     if outputs.report == "-":
@@ -76,8 +79,6 @@ def _fuse_main(argv: list[str]) -> int:
     if args.verify and original is None:
         print("nothing fused; nothing to verify", file=human)
     if original is not None:
-        # Inputs at the specialized shapes (the fused model declares them), fed to both models.
-        feeds = verify.random_inputs(graph.model if specialized is not None else original)
         checks = verify.compare(original, graph.model, feeds, os.path.dirname(source))
         for check in checks:
             print(printable(check.line()), file=human)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 import numpy as np
 import onnx
+
+from fuse_attn.modelio import InputError
 
 # Per dtype: (abs, rel) — allowed |fused - original| <= abs + rel * max|original|.
 TOLERANCES = {
@@ -16,6 +19,8 @@ TOLERANCES = {
 }
 BF16_TOLERANCE = (3e-2, 2e-2)
 SYMBOLIC_BATCH, SYMBOLIC_SEQ = 1, 128
+# An input's declared size is data: feeds larger than this (1 GiB of float32) are not made.
+MAX_FEED_ELEMENTS = 1 << 28
 
 
 @dataclasses.dataclass
@@ -62,6 +67,9 @@ def random_inputs(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray
         tensor_type = value.type.tensor_type
         shape = [d.dim_value if d.HasField("dim_value") else (SYMBOLIC_BATCH if i == 0 else SYMBOLIC_SEQ)
                  for i, d in enumerate(tensor_type.shape.dim)]
+        if any(d < 0 for d in shape) or math.prod(shape) > MAX_FEED_ELEMENTS:
+            raise InputError(f"input '{value.name}' declares shape {shape}: no feed of that size is made to "
+                             f"verify (at most {MAX_FEED_ELEMENTS} elements)")
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
         if np.issubdtype(dtype, np.floating) or tensor_type.elem_type == onnx.TensorProto.BFLOAT16:
             feeds[value.name] = rng.standard_normal(shape).astype(dtype)

@@ -338,3 +338,114 @@ def test_check_table_and_markdown_show_names_escaped(tmp_path):
 
     (result,) = json.loads((tmp_path / "r.json").read_text())["models"]
     assert result["model"] == "evil\x1b[2J|row\n.onnx" and result["blocks"][0]["name"] == EVIL
+
+
+# --- sizes from the model are data, not allocations ------------------------------------------------------------
+
+
+def limited_memory():
+    """For the subprocess: 3 GB of address space, so that an allocation a bound misses fails
+    (and is told apart by its reason) instead of exhausting the machine."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+
+
+def cli_bounded(*args) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "FUSE_ATTN_DEBUG"}
+    env["OMP_NUM_THREADS"] = "1"
+    return subprocess.run([sys.executable, "-m", "fuse_attn.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=600, env=env, preexec_fn=limited_memory)
+
+
+def with_mask(model: onnx.ModelProto, nodes: list, mask: str) -> onnx.ModelProto:
+    """`model` with `mask` (computed by `nodes`) added to the scores of its first Softmax."""
+    from onnx import helper
+
+    softmax = next(n for n in model.graph.node if n.op_type == "Softmax")
+    at = list(model.graph.node).index(softmax)
+    add = helper.make_node("Add", [softmax.input[0], mask], ["scores_masked"], name="hostile_mask")
+    softmax.input[0] = "scores_masked"
+    for i, node in enumerate([*nodes, add]):
+        model.graph.node.insert(at + i, node)
+    return model
+
+
+def ints(name: str, values) -> "onnx.NodeProto":
+    from onnx import helper
+
+    return helper.make_node("Constant", [], [name], value=helper.make_tensor(name, onnx.TensorProto.INT64,
+                                                                             [len(values)], values))
+
+
+def scalar(name: str, value, dtype=onnx.TensorProto.INT64) -> "onnx.NodeProto":
+    from onnx import helper
+
+    return helper.make_node("Constant", [], [name], value=helper.make_tensor(name, dtype, [], [value]))
+
+
+def huge_constant_of_shape(shape=(1, 1, 1, 10**12)) -> list:
+    """A zero bias sliced from a ConstantOfShape of `shape` (its last two axes to 16)."""
+    from onnx import helper
+
+    zero = helper.make_tensor("zero", onnx.TensorProto.FLOAT, [1], [0.0])
+    return [ints("big_shape", list(shape)),
+            helper.make_node("ConstantOfShape", ["big_shape"], ["big"], value=zero),
+            ints("starts", [0, 0]), ints("ends", [min(shape[2], 16), 16]), ints("axes", [2, 3]),
+            helper.make_node("Slice", ["big", "starts", "ends", "axes"], ["mask"])]
+
+
+def huge_square_constant() -> list:
+    return huge_constant_of_shape((1, 1, 10**6, 10**6))
+
+
+def huge_range() -> list:
+    from onnx import helper
+
+    return [scalar("r0", 0), scalar("r1", 10**10), scalar("r2", 1),
+            helper.make_node("Range", ["r0", "r1", "r2"], ["r"]),
+            ints("starts", [0]), ints("ends", [16]),
+            helper.make_node("Slice", ["r", "starts", "ends"], ["r16"]),
+            helper.make_node("Cast", ["r16"], ["rf"], to=onnx.TensorProto.FLOAT),
+            helper.make_node("Mul", ["rf", "zero_f"], ["mask"]),
+            helper.make_node("Constant", [], ["zero_f"], value=helper.make_tensor("z", onnx.TensorProto.FLOAT, [], [0.0]))]
+
+
+@pytest.mark.parametrize("nodes", [huge_constant_of_shape, huge_range])
+def test_a_mask_computed_at_a_huge_size_is_refused_before_it_is_allocated(tmp_path, nodes):
+    model = with_mask(build(AttnSpec(heads=2, head_dim=16)).model, nodes(), "mask")
+    onnx.save(model, tmp_path / "m.onnx")
+    proc = cli_bounded(tmp_path / "m.onnx", "-o", tmp_path / "out.onnx")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    (line,) = [line for line in proc.stdout.splitlines() if line.startswith("not fused")]
+    assert "elements, more than" in line and "MemoryError" not in line, line
+
+
+def test_a_seq_square_mask_of_a_huge_declared_size_is_read_by_its_diagonals(tmp_path):
+    """A (10⁶ × 10⁶) zero mask sliced to the scores: read as one value per diagonal, never whole
+    (a Slice of a strip that is the same on every diagonal used to fail the whole run)."""
+    model = with_mask(build(AttnSpec(heads=2, head_dim=16)).model, huge_square_constant(), "mask")
+    onnx.save(model, tmp_path / "m.onnx")
+    proc = cli_bounded(tmp_path / "m.onnx", "-o", tmp_path / "out.onnx")  # (--verify would run the model's own 4 TB)
+    assert proc.returncode == 0, proc.stderr
+    assert "1 of 1 attention blocks fused" in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("nodes", [huge_square_constant, huge_range])
+def test_compile_refuses_to_make_a_huge_constant(tmp_path, nodes):
+    pytest.importorskip("torch")
+    model = with_mask(build(AttnSpec(heads=2, head_dim=16)).model, nodes(), "mask")
+    onnx.save(model, tmp_path / "m.onnx")
+    proc = cli_bounded("compile", tmp_path / "m.onnx", "--simulate", "--shape", "x=1x16x32")
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(lines) == 1 and "cannot lower the model" in lines[0] and "elements, more than" in lines[0], lines
+
+
+def test_verify_makes_no_feed_of_a_huge_declared_size(tmp_path):
+    model = build(AttnSpec(heads=2, head_dim=16)).model
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 10**9
+    onnx.save(model, tmp_path / "m.onnx")
+    proc = cli_bounded(tmp_path / "m.onnx", "-o", tmp_path / "out.onnx", "--verify")
+    one_error_line(proc, mentions="no feed of that size")
+    assert not (tmp_path / "out.onnx").exists()

@@ -278,9 +278,20 @@ def size(node, args):
     return (lambda: value), []
 
 
+# A constant made from sizes the model gives (ConstantOfShape's shape, Range's bounds) is made only
+# up to this many elements (1 GiB of float32): a size is data, not an allocation to trust.
+MAX_MADE_ELEMENTS = 1 << 28
+
+
+def _made(count: int, what: str) -> None:
+    if count > MAX_MADE_ELEMENTS:
+        raise LoweringError(f"{what} would make {count} elements, more than the {MAX_MADE_ELEMENTS} compile makes")
+
+
 @rule("ConstantOfShape")
 def constant_of_shape(node, args):
     dims = args[0].ints("shape")
+    _made(math.prod(dims), f"shape {dims}")
     fill = tensor_proto_to_torch(node.attrs["value"]).reshape(()) if "value" in node.attrs else torch.tensor(0.0)
     return (lambda: fill.expand(dims).clone()), []
 
@@ -290,6 +301,7 @@ def range_(node, args):
     dtype = args[0].dtype
     start, limit, delta = (a.floats("bound")[0] if dtype.is_floating_point else a.ints("bound")[0] for a in args[:3])
     n = max(int(math.ceil((limit - start) / delta)), 0)
+    _made(n, f"Range({start}, {limit}, {delta})")
     value = (torch.arange(n, dtype=torch.float64) * delta + start).to(dtype)
     return (lambda: value), []
 

@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, shape_inference
 
+from fuse_attn.ir import declared_sizes
 from fuse_attn.specialize import ShapeError, parse_shape_args, specialize  # noqa: F401 (compile's --shape)
 
 
@@ -53,7 +54,9 @@ def fix_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]])
     del model.graph.value_info[:]
     for out in model.graph.output:
         out.type.tensor_type.ClearField("shape")
-    return shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    # Data propagation computes a constant-bounded Range's values: not one of 10¹⁰ (the lowering refuses it).
+    data_prop = declared_sizes.oversized_range(model) is None
+    return shape_inference.infer_shapes(model, strict_mode=False, data_prop=data_prop)
 
 
 def value_types(model: onnx.ModelProto) -> dict[str, ValueType]:

@@ -336,6 +336,8 @@ class _StripWalk:
         rows, cols = len(rows_r), len(cols_r)
         # new i' − j' = d'  is old  d = d' + r0 − c0; old table index d + source.cols − 1
         first = -(cols - 1) + rows_r.start - cols_r.start + source.cols - 1
+        if table.shape[-1] == 1:  # the same on every diagonal (a ConstantOfShape): any slice of it is too
+            return Strip(table, rows, cols)
         return Strip(table[..., first:first + rows + cols - 1], rows, cols)
 
     def _trilu(self, node: Node, shape) -> Strip:

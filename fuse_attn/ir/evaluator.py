@@ -27,6 +27,12 @@ MAX_CONE_NODES = 400
 # needs more than this is computing with weights, and reading them is what the pass avoids.
 MAX_CONE_CONSTANT_ELEMENTS = 16 << 20
 MAX_SHAPE_WALK = 200_000
+# Sizes a model declares or computes are data, not allocations to make: a cone whose values would
+# exceed these (a ConstantOfShape of [10⁶, 10⁶], a Range to 10¹⁰, an input declared that large) is
+# refused before it runs. Above any mask or shape a proof evaluates (masks are evaluated whole up
+# to 4096², strips beyond).
+MAX_VALUE_ELEMENTS = 1 << 28
+MAX_CONE_ELEMENTS = 1 << 29
 _CACHE_AT_MOST = 1 << 16  # elements: intermediate values larger than this are not kept
 
 
@@ -299,6 +305,8 @@ class Evaluator:
     # --- shapes and dtypes ----------------------------------------------------------------
     def dim(self, d) -> int:
         if isinstance(d, int):
+            if d < 0:
+                raise Unprovable(f"a dimension is negative ({d})")
             return d
         if isinstance(d, str):
             if d in self.binding:
@@ -500,6 +508,23 @@ class Evaluator:
         return found
 
     # --- values ---------------------------------------------------------------------------
+    def _check_cone_sizes(self, order: list[Node]) -> None:
+        """Refuse, before running it, a cone whose values would be too large to hold: each
+        value's size where its shape can be inferred at this binding."""
+        total = 0
+        for node in order:
+            for out in node.outputs:
+                if out is None:
+                    continue
+                try:
+                    shape = self.shape_of(out)
+                except Unprovable:  # the run itself will say, or compute it
+                    continue
+                total += _check_size(out, shape)
+        if total > MAX_CONE_ELEMENTS:
+            raise Unprovable(f"evaluating it would hold {total} elements, more than the {MAX_CONE_ELEMENTS} a proof "
+                             "evaluates")
+
     def value_of(self, value: Value) -> np.ndarray:
         if value not in self._cache:
             self._evaluate_cone(value)
@@ -516,8 +541,10 @@ class Evaluator:
             maker = self.declared_inputs.get(value.name)
             if maker is None:
                 raise DependsOnInput(value.name, value.is_overridable())
+            shape = self.shape_of(value)
+            _check_size(value, shape)
             self.declared_used.add(value.name)
-            return maker(self.shape_of(value), helper.tensor_dtype_to_np_dtype(self.dtype_of(value)))
+            return maker(shape, helper.tensor_dtype_to_np_dtype(self.dtype_of(value)))
         producer = value.producer()
         if producer is None:
             raise Unprovable(f"'{value.name}' has no producer")
@@ -563,6 +590,7 @@ class Evaluator:
             self._cache[target] = leaves[target]
             return
         order = _topological(target, seen)
+        self._check_cone_sizes(order)
         names: dict[Value, str] = {}
 
         def name(v: Value | None) -> str:
@@ -600,6 +628,14 @@ class Evaluator:
         for v, array in (*leaves.items(), *computed.items()):
             if v is target or array.size <= _CACHE_AT_MOST:
                 self._cache[v] = array
+
+
+def _check_size(value: Value, shape: tuple[int, ...]) -> int:
+    count = math.prod(shape)
+    if count > MAX_VALUE_ELEMENTS:
+        raise Unprovable(f"'{value.name}' would hold {count} elements, more than the {MAX_VALUE_ELEMENTS} "
+                         "a proof evaluates")
+    return count
 
 
 def _slice_end(node: Node) -> int:

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from fuse_attn.ir import external_data
+from fuse_attn.ir import declared_sizes, external_data
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 
@@ -503,7 +503,9 @@ def _infer_types_only(model: onnx.ModelProto) -> dict[str, tuple[int, tuple[int 
         elif tensor.name not in declared:  # a weight: its type is all inference needs
             graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
     try:
-        inferred = shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
+        # Data propagation computes a constant-bounded Range's values: not one of 10¹⁰.
+        data_prop = declared_sizes.oversized_range(skeleton) is None
+        inferred = shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=data_prop)
     except Exception:  # inference is a hint here; without it nothing is fixed
         return {}
     out = {}
