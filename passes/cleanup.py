@@ -15,9 +15,13 @@ def remove_dead_nodes(graph: Graph) -> int:
 
 def declare_flash_fwd(model: onnx.ModelProto, dtype: int | None = None) -> None:
     """Import the FlashFwd domain and ship its meaning as a model-local function, once, at the
-    model's own opset (`dtype`: the FlashFwd nodes' one dtype, needed below opset 15)."""
+    model's own opset (`dtype`: the FlashFwd nodes' one dtype, needed below opset 15).
+
+    A FlashFwd function the input already carries is replaced: its body is data from the model
+    file, and the op's meaning is the kernel's, written here (an earlier fuse-attn's is the same)."""
     if not any(o.domain == contract.DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(contract.DOMAIN, contract.VERSION))
-    if not any(f.domain == contract.DOMAIN and f.name == contract.OP_TYPE for f in model.functions):
-        opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-        model.functions.append(contract.make_function(opset, dtype))
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    others = [f for f in model.functions if not (f.domain == contract.DOMAIN and f.name == contract.OP_TYPE)]
+    del model.functions[:]
+    model.functions.extend([*others, contract.make_function(opset, dtype)])

@@ -449,3 +449,25 @@ def test_verify_makes_no_feed_of_a_huge_declared_size(tmp_path):
     proc = cli_bounded(tmp_path / "m.onnx", "-o", tmp_path / "out.onnx", "--verify")
     one_error_line(proc, mentions="no feed of that size")
     assert not (tmp_path / "out.onnx").exists()
+
+
+# --- names and domains the pass itself owns ---------------------------------------------------------------------
+
+
+def test_a_flash_fwd_function_shipped_by_the_model_is_replaced_by_the_contracts(tmp_path):
+    """A model may carry a `fuse_attn.nki::FlashFwd` function of its own (here: the output is q,
+    unchanged). The fused model's FlashFwd must mean what the kernel computes."""
+    from onnx import helper
+
+    from fuse_attn.ir import contract
+
+    built = build(AttnSpec(heads=2, head_dim=16))
+    model = built.model
+    fake = helper.make_function(contract.DOMAIN, contract.OP_TYPE, ["q", "k", "v"], ["o"],
+                                [helper.make_node("Identity", ["q"], ["o"])], [helper.make_opsetid("", 17)])
+    model.functions.append(fake)
+    onnx.save(model, tmp_path / "m.onnx")
+    proc = cli(tmp_path / "m.onnx", "-o", tmp_path / "out.onnx", "--verify")
+    assert proc.returncode == 0 and "verify" in proc.stdout and "MISMATCH" not in proc.stdout, proc.stdout + proc.stderr
+    (function,) = [f for f in onnx.load(tmp_path / "out.onnx").functions if f.domain == contract.DOMAIN]
+    assert function == contract.make_function(17)

@@ -128,13 +128,14 @@ class Value:
         if self.name in self.graph._overridable:
             self.graph.frozen_used.add(self.name)
         tensor = self.graph._initializers.get(self.name) or self._constant_tensor()
-        if tensor is not None and tensor.data_location == onnx.TensorProto.EXTERNAL:
-            try:
-                return numpy_helper.to_array(self._with_external_bytes(tensor))
-            except external_data.ExternalDataError:  # outside the model's folder, or no such bytes
-                return None
         if tensor is not None:
-            return numpy_helper.to_array(tensor)
+            try:
+                if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                    return numpy_helper.to_array(self._with_external_bytes(tensor))
+                return numpy_helper.to_array(tensor)
+            # Outside the model's folder, or bytes that are not what its dims and dtype declare.
+            except (external_data.ExternalDataError, ValueError, TypeError):
+                return None
         attr = self._producer.proto.attribute[0]
         value = helper.get_attribute_value(attr)
         if attr.name in ("value_float", "value_floats"):
@@ -191,10 +192,15 @@ class Value:
             return from_file()
         if tensor.HasField("raw_data"):
             data = memoryview(tensor.raw_data)
+            if len(data) != rows * row_bytes:  # not what its dims declare: nothing to read by rows
+                return None
             return ((start, np.frombuffer(data[start * row_bytes:min(start + rows_at_once, rows) * row_bytes],
                                           dtype=dtype).reshape(-1, width))
                     for start in range(0, rows, rows_at_once))
-        array = numpy_helper.to_array(tensor).reshape(-1, width)  # typed fields: parsed with the model already
+        try:  # typed fields: parsed with the model already
+            array = numpy_helper.to_array(tensor).reshape(-1, width)
+        except (ValueError, TypeError):  # not what its dims declare
+            return None
         return ((start, array[start:start + rows_at_once]) for start in range(0, rows, rows_at_once))
 
 
