@@ -471,3 +471,17 @@ def test_a_flash_fwd_function_shipped_by_the_model_is_replaced_by_the_contracts(
     assert proc.returncode == 0 and "verify" in proc.stdout and "MISMATCH" not in proc.stdout, proc.stdout + proc.stderr
     (function,) = [f for f in onnx.load(tmp_path / "out.onnx").functions if f.domain == contract.DOMAIN]
     assert function == contract.make_function(17)
+
+
+def test_a_constant_whose_bytes_are_not_its_declared_size_cannot_be_read(tmp_path):
+    """A mask initializer declared (1, 1, 16, 16) holding 4 bytes: the block is left alone with
+    the reason, and the other work goes on (it used to end the run)."""
+    mask = onnx.TensorProto(name="short_mask", data_type=onnx.TensorProto.FLOAT, dims=[1, 1, 16, 16],
+                            raw_data=b"\0\0\0\0")
+    model = with_mask(build(AttnSpec(heads=2, head_dim=16)).model, [], "short_mask")
+    model.graph.initializer.append(mask)
+    onnx.save(model, tmp_path / "m.onnx")
+    proc = cli(tmp_path / "m.onnx", "-o", tmp_path / "out.onnx")
+    assert proc.returncode == 0, proc.stderr
+    (line,) = [line for line in proc.stdout.splitlines() if line.startswith("not fused")]
+    assert "'short_mask' cannot be read" in line, line
