@@ -485,3 +485,16 @@ def test_a_constant_whose_bytes_are_not_its_declared_size_cannot_be_read(tmp_pat
     assert proc.returncode == 0, proc.stderr
     (line,) = [line for line in proc.stdout.splitlines() if line.startswith("not fused")]
     assert "'short_mask' cannot be read" in line, line
+
+
+def test_compile_reads_the_hard_linked_data_of_link_external_data(tmp_path):
+    """`--link-external-data`'s hard links are fuse-attn's own: compile loads them (onnx's loader
+    refuses a data file with more than one link)."""
+    pytest.importorskip("torch")
+    src = external_model(tmp_path / "m")
+    out = tmp_path / "linked" / "fused.onnx"
+    out.parent.mkdir()
+    assert cli(src, "-o", out, "--link-external-data").returncode == 0
+    assert os.stat(out.parent / DATA).st_nlink == 2
+    proc = cli("compile", out, "--simulate", "--shape", "x=1x16x32")
+    assert proc.returncode == 0 and "ok" in proc.stdout.splitlines()[-1], proc.stdout + proc.stderr

@@ -152,14 +152,6 @@ def read(base_dir: str | None, tensor: onnx.TensorProto) -> bytes:
     return data
 
 
-def open_at(base_dir: str | None, tensor: onnx.TensorProto):
-    """The tensor's data file, open for reading at its offset, and the length of its bytes."""
-    path, offset, length = extent(base_dir, tensor)
-    f = open(path, "rb")
-    f.seek(offset)
-    return f, length
-
-
 def load_all(model: onnx.ModelProto, base_dir: str | None) -> None:
     """Read every external tensor's bytes into `model` (in place), each checked as `read` does."""
     for tensor in external_tensors(model):
