@@ -425,12 +425,30 @@ def trilu(node, args):
     return (lambda x: torch.triu(x, k) if upper else torch.tril(x, k)), [args[0]]
 
 
+def _pad_source(mode: str, size: int, begin: int, end: int) -> list[int]:
+    """For each position of a dim padded by (begin, end) in edge/reflect/wrap mode, the input
+    position it copies (numpy.pad's meaning; negative pads crop)."""
+    if size == 0:
+        raise LoweringError(f"Pad mode {mode!r} of an empty dim")
+    out = []
+    for p in range(-begin, size + end):
+        if mode == "edge":
+            out.append(min(max(p, 0), size - 1))
+        elif mode == "wrap":
+            out.append(p % size)
+        else:  # reflect about the first and last element, repeatedly
+            period = 2 * (size - 1)
+            q = p % period if period else 0
+            out.append(q if q < size else period - q)
+    return out
+
+
 @rule("Pad")
 def pad(node, args):
     s = args[0].shape
     pads = list(node.attrs["pads"]) if "pads" in node.attrs else args[1].ints("pads")
     mode = node.attrs.get("mode", "constant")
-    if mode != "constant":
+    if mode not in ("constant", "edge", "reflect", "wrap"):
         raise LoweringError(f"Pad mode {mode!r}")
     value = float(node.attrs.get("value", 0.0))
     if node.opset >= 11 and _present(args, 2) is not None:
@@ -440,6 +458,17 @@ def pad(node, args):
         axes = [_axis(a, len(s)) for a in args[3].ints("axes")]
     n = len(axes)
     begin, end = dict(zip(axes, pads[:n])), dict(zip(axes, pads[n:]))
+    if mode != "constant":  # each padded dim a gather of constant source positions: any dim, any dtype
+        padded = [a for a in range(len(s)) if begin.get(a, 0) or end.get(a, 0)]
+        sources = [Arg.constant(torch.tensor(_pad_source(mode, s[a], begin.get(a, 0), end.get(a, 0)),
+                                             dtype=torch.int64)) for a in padded]
+
+        def gather_pad(x, *sources):
+            for axis, index in zip(padded, sources):
+                x = torch.index_select(x, axis, index)
+            return x
+
+        return gather_pad, [args[0]] + sources
     torch_pads = []
     for axis in reversed(range(len(s))):  # F.pad lists the last dim first
         torch_pads += [begin.get(axis, 0), end.get(axis, 0)]
