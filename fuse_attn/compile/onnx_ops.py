@@ -427,19 +427,23 @@ def trilu(node, args):
 
 def _pad_source(mode: str, size: int, begin: int, end: int) -> list[int]:
     """For each position of a dim padded by (begin, end) in edge/reflect/wrap mode, the input
-    position it copies (numpy.pad's meaning; negative pads crop)."""
-    if size == 0:
-        raise LoweringError(f"Pad mode {mode!r} of an empty dim")
+    position it copies (numpy.pad's meaning). A negative pad crops first, as onnxruntime does,
+    so wrap repeats what is kept."""
+    first, last = max(-begin, 0), size - max(-end, 0)  # the kept input [first, last)
+    kept = last - first
+    if kept <= 0:
+        raise LoweringError(f"Pad mode {mode!r} of a dim cropped to nothing")
     out = []
-    for p in range(-begin, size + end):
+    for p in range(-max(begin, 0), kept + max(end, 0)):
         if mode == "edge":
-            out.append(min(max(p, 0), size - 1))
+            q = min(max(p, 0), kept - 1)
         elif mode == "wrap":
-            out.append(p % size)
+            q = p % kept
         else:  # reflect about the first and last element, repeatedly
-            period = 2 * (size - 1)
+            period = 2 * (kept - 1)
             q = p % period if period else 0
-            out.append(q if q < size else period - q)
+            q = q if q < kept else period - q
+        out.append(first + q)
     return out
 
 

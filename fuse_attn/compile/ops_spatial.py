@@ -8,8 +8,8 @@ so it becomes a buffer of the lowered module and moves with it to the device; `f
 tensor ops, all of which exist in torch 2.1.
 
 Geometry follows the ONNX operator specs; where onnxruntime and the spec's reference
-implementation disagree (Resize's align_corners and tf_crop_and_resize with a non-integral
-scaled length, ConvTranspose's pads when output_shape is given) the rule computes what
+implementation disagree (Resize's coordinates: float32, and align_corners with the integer
+output length; ConvTranspose SAME with a stride over the kernel) the rule computes what
 onnxruntime does, which is what a model's exporter checked it against.
 """
 
@@ -289,27 +289,35 @@ class ResizeAttrs:
 
 
 def _source_coords(attrs: ResizeAttrs, size: int, out: int, scale: float, roi: tuple[float, float]) -> np.ndarray:
-    """For each output position along one axis, the input coordinate it samples (the spec's
-    coordinate_transformation_mode formulas, with the output length an integer as onnxruntime has it)."""
-    y = np.arange(out, dtype=np.float64)
+    """For each output position along one axis, the input coordinate it samples: the spec's
+    coordinate_transformation_mode formulas, computed as onnxruntime does (in float32, the output
+    length an integer), so that a coordinate on a rounding tie picks the same neighbour."""
+    f = np.float32
+    y = np.arange(out, dtype=f)
+    scale, length, resized = f(scale), f(size), f(out)
     t = attrs.transform
     if t == "align_corners":
-        return np.zeros(out) if out == 1 else y * (size - 1) / (out - 1)
-    if t == "asymmetric":
-        return y / scale
-    if t == "tf_crop_and_resize":
-        start, end = roi
+        x = np.zeros(out, f) if out == 1 else y * (length - 1) / (resized - 1)
+    elif t == "asymmetric":
+        x = y / scale
+    elif t == "tf_crop_and_resize":
+        start, end = f(roi[0]), f(roi[1])
         if out == 1:
-            return np.full(out, (start + end) * (size - 1) / 2)
-        return start * (size - 1) + y * (end - start) * (size - 1) / (out - 1)
-    if t == "pytorch_half_pixel":
-        return np.zeros(out) if out == 1 else (y + 0.5) / scale - 0.5
-    if t == "half_pixel":
-        return (y + 0.5) / scale - 0.5
-    if t == "half_pixel_symmetric":
-        offset = size / 2 * (1 - out / (scale * size))
-        return offset + (y + 0.5) / scale - 0.5
-    raise LoweringError(f"Resize with coordinate_transformation_mode {t!r}")
+            x = np.full(out, f(0.5) * (start + end) * (length - 1), f)
+        else:
+            x = start * (length - 1) + y * (end - start) * (length - 1) / (resized - 1)
+    elif t == "pytorch_half_pixel":
+        x = np.zeros(out, f) if out == 1 else (y + f(0.5)) / scale - f(0.5)
+    elif t == "half_pixel":
+        x = (y + f(0.5)) / scale - f(0.5)
+    elif t == "tf_half_pixel_for_nn":
+        x = (y + f(0.5)) / scale
+    elif t == "half_pixel_symmetric":
+        offset = length / 2 * (1 - resized / (scale * length))
+        x = offset + ((y + f(0.5)) / scale - f(0.5))
+    else:
+        raise LoweringError(f"Resize with coordinate_transformation_mode {t!r}")
+    return x.astype(np.float64)
 
 
 def _cubic(x: np.ndarray, a: float) -> np.ndarray:
@@ -438,10 +446,14 @@ def _lower_resize(x: Arg, attrs: ResizeAttrs, out_shape: list[int], scales: list
         it = iter(given)
         tables = [next(it) if p else None for p in present[1:]]
         y = x.to(work) if interpolates else x
-        for i, plan in enumerate(plans):
+        # Last axis first, as onnxruntime's antialias passes go (width, then height): for integers,
+        # rounded after each pass as there, it decides the last bit.
+        for i, plan in reversed(list(enumerate(plans))):
             y = _resample(y, plan, *tables[3 * i: 3 * i + 3], attrs.extrapolation_value)
-        if interpolates and limits is not None:  # integers: rounded and saturated, as the reference casts
-            y = torch.round(y).clamp(*limits).to(x.dtype)
+            if limits is not None and attrs.antialias and plan.weights is not None:
+                y = torch.round(y).clamp(*limits)
+        if interpolates and limits is not None:  # integers saturated, and else truncated, as onnxruntime casts
+            y = y.clamp(*limits).to(x.dtype)
         return y
 
     return fn, [a for a in runtime if a is not None]
@@ -524,14 +536,15 @@ def conv_transpose(node, args):
     # it, starting at `begin` (pads before), `out` long; past its end the output is zero.
     full = [(size - 1) * s + (k - 1) * d + 1 for size, s, k, d in zip(x_shape[2:], strides, kernel, dilations)]
     if "output_shape" in a or auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        out = list(a["output_shape"])[-n:] if "output_shape" in a else [size * s for size, s in zip(x_shape[2:], strides)]
-        total = [max(f + p - o, 0) for f, p, o in zip(full, output_padding, out)]
-        if auto_pad == "SAME_UPPER":
-            begin = [t // 2 for t in total]
-        elif auto_pad == "SAME_LOWER":
-            begin = [t - t // 2 for t in total]
-        else:  # output_shape given, pads ignored: onnxruntime puts the larger half after
-            begin = [t // 2 for t in total]
+        grown = [f + p for f, p in zip(full, output_padding)]
+        if "output_shape" in a:  # pads ignored; a longer output is zeros after
+            out = list(a["output_shape"])[-n:]
+            total = [max(g - o, 0) for g, o in zip(grown, out)]
+        else:  # out = size * stride; as onnxruntime, no longer than unpadded when the stride exceeds the kernel
+            total = [max(g - size * s, 0) for g, size, s in zip(grown, x_shape[2:], strides)]
+            out = [g - t for g, t in zip(grown, total)]
+        # The larger half of an odd total after for SAME_UPPER, before otherwise (the spec's rule).
+        begin = [t // 2 if auto_pad == "SAME_UPPER" else t - t // 2 for t in total]
     else:
         pads = list(a.get("pads", [0] * 2 * n)) if auto_pad == "NOTSET" else [0] * 2 * n
         begin = pads[:n]
