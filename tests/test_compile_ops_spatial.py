@@ -142,11 +142,19 @@ def test_batch_norm(shape):
     check(one_node("BatchNormalization", {"x": x}, consts, opset=15, epsilon=1e-3), {"x": x})
 
 
-def test_batch_norm_in_training_mode_is_refused():
+def test_batch_norm_training_mode():
+    """Batch statistics, and the running-statistics outputs (onnxruntime requires all three)."""
+    x = randn(4, 3, 5) * 2 + 1
+    consts = {"scale": randn(3), "bias": randn(3), "mean": randn(3), "var": np.abs(randn(3))}
+    check(one_node("BatchNormalization", {"x": x}, consts, opset=15, n_outputs=3, training_mode=1,
+                   momentum=0.8), {"x": x})
+
+
+def test_batch_norm_saved_statistics_of_old_opsets_are_refused():
     x = randn(2, 3, 4)
     consts = {"scale": randn(3), "bias": randn(3), "mean": randn(3), "var": np.abs(randn(3))}
-    model = one_node("BatchNormalization", {"x": x}, consts, opset=15, training_mode=1)
-    with pytest.raises(LoweringError, match="BatchNormalization in training mode"):
+    model = one_node("BatchNormalization", {"x": x}, consts, opset=9, n_outputs=5)
+    with pytest.raises(LoweringError, match="saved-statistics outputs of opsets before 14"):
         lower(model, [], sdpa_attention)
 
 

@@ -209,15 +209,31 @@ def _channel_shape(rank: int) -> tuple[int, ...]:
 
 @rule("BatchNormalization")
 def batch_norm(node, args):
-    if node.attrs.get("training_mode", 0) or node.n_outputs > 1:
-        raise LoweringError("BatchNormalization in training mode (batch statistics, running-mean outputs); "
-                            "compile lowers inference graphs")
     eps = float(node.attrs.get("epsilon", 1e-5))
+    training = bool(node.attrs.get("training_mode", 0))
+    if node.n_outputs > 1 and (not training or node.opset < 14):
+        raise LoweringError("BatchNormalization with the saved-statistics outputs of opsets before 14")
+    if not training:
+        def inference(x, scale, bias, mean, var):
+            return F.batch_norm(x, mean.to(x.dtype), var.to(x.dtype), scale.to(x.dtype), bias.to(x.dtype), False, 0.0, eps)
 
-    def fn(x, scale, bias, mean, var):
-        return F.batch_norm(x, mean.to(x.dtype), var.to(x.dtype), scale.to(x.dtype), bias.to(x.dtype), False, 0.0, eps)
+        return inference, args[:5]
+    # training_mode: normalised by the batch's own statistics (population variance); the running
+    # statistics outputs blend them into the given ones by momentum.
+    momentum = float(node.attrs.get("momentum", 0.9))
+    dims = [d for d in range(len(args[0].shape)) if d != 1]
+    n_outputs = node.n_outputs
 
-    return fn, args[:5]
+    def training_fn(x, scale, bias, mean, var):
+        batch_mean = x.mean(dims)
+        batch_var = (x - batch_mean.reshape(_channel_shape(x.dim()))).pow(2).mean(dims)
+        y = F.batch_norm(x, batch_mean, batch_var, scale.to(x.dtype), bias.to(x.dtype), False, 0.0, eps)
+        if n_outputs == 1:
+            return y
+        return (y, mean * momentum + batch_mean.to(mean.dtype) * (1 - momentum),
+                var * momentum + batch_var.to(var.dtype) * (1 - momentum))
+
+    return training_fn, args[:5]
 
 
 @rule("InstanceNormalization")
