@@ -282,10 +282,9 @@ def mean_variance_norm(node, args):
     rank = len(args[0].shape)
     dims = sorted(_axis(a, rank) for a in node.attrs.get("axes", [0, 2, 3]))
 
-    def fn(x):  # the op's function body: (x - E[x]) / (sqrt(E[x^2] - E[x]^2) + 1e-9)
-        mean = x.mean(dims, keepdim=True)
-        variance = (x * x).mean(dims, keepdim=True) - mean * mean
-        return (x - mean) / (variance.clamp_min(0).sqrt() + 1e-9)
+    def fn(x):  # the op's function body, (x - E[x]) / (sqrt(E[x^2] - E[x]^2) + 1e-9), with the
+        centered = x - x.mean(dims, keepdim=True)  # variance as E[(x - E[x])^2]: no cancellation
+        return centered / (centered.pow(2).mean(dims, keepdim=True).sqrt() + 1e-9)
 
     return fn, [args[0]]
 
