@@ -325,3 +325,21 @@ def test_pad_modes(mode, pads, axes):
 def test_pad_edge_of_integers():
     x = RNG.integers(-100, 100, (3, 4)).astype(np.int64)
     check(one_node("Pad", {"x": x}, {"pads": I64(1, 2, 3, 1)}, opset=19, mode="edge"), {"x": x})
+
+
+# --- refusals: one line naming why ------------------------------------------------------------------
+
+
+def test_refusals_say_why():
+    x = randn(1, 2, 4, 4)
+    runtime_scales = one_node("Resize", {"x": x, "scales": F32(1, 1, 2, 2)}, {}, opset=19)
+    runtime_scales.graph.node[0].input[:] = ["x", "", "scales"]
+    cases = [
+        (runtime_scales, "depends on the contents of an input"),
+        (one_node("Resize", {"x": x}, {"roi": None, "scales": None, "sizes": None}, opset=19), "neither scales nor sizes"),
+        (one_node("LpNormalization", {"x": x}, opset=1, p=3), "p=3"),
+        (one_node("Pad", {"x": x}, {"pads": I64(0, 0, -2, 0, 0, 0, -2, 0)}, opset=19, mode="reflect"), "cropped to nothing"),
+    ]
+    for model, reason in cases:
+        with pytest.raises(LoweringError, match=reason):
+            lower(model, [], sdpa_attention)
