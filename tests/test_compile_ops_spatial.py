@@ -251,10 +251,34 @@ def test_resize_opset10(mode, scales):
     check(one_node("Resize", {"x": x}, {"scales": scales}, opset=10, mode=mode), {"x": x})
 
 
+@pytest.mark.parametrize("transform, gathered", [("half_pixel", 0), ("asymmetric", 1)])
+def test_integer_nearest_upsampling_is_a_broadcast(transform, gathered):
+    """x2 and x3 nearest with half_pixel repeat each row: no index table, no gather. asymmetric
+    with round_prefer_floor x3 rounds 2/3 up, not a repeat: that axis stays a gather."""
+    x = randn(1, 2, 4, 5)
+    model = one_node("Resize", {"x": x}, {"roi": None, "scales": F32(1, 1, 2, 3)}, opset=19, mode="nearest",
+                     coordinate_transformation_mode=transform)
+    check(model, {"x": x})
+    assert len(lower(model, [], sdpa_attention).constant_keys) == gathered
+
+
+@pytest.mark.parametrize("transform", ["tf_half_pixel_for_nn", "half_pixel"])
+def test_resize_opset11_sizes_after_empty_scales(transform):
+    """Opset 11's required roi and scales given empty, the size in `sizes`."""
+    x = randn(1, 2, 5, 6)
+    consts = {"roi": np.zeros(0, np.float32), "scales": np.zeros(0, np.float32), "sizes": I64(1, 2, 8, 4)}
+    check(one_node("Resize", {"x": x}, consts, opset=11, mode="nearest", coordinate_transformation_mode=transform), {"x": x})
+
+
 @pytest.mark.parametrize("mode, scales", [("nearest", F32(1, 1, 2, 3)), ("linear", F32(1, 1, 2, 1.5))])
 def test_upsample(mode, scales):
     x = randn(1, 2, 4, 5)
     check(one_node("Upsample", {"x": x}, {"scales": scales}, opset=9, mode=mode), {"x": x})
+
+
+def test_upsample_opset7_scales_attribute():
+    x = randn(1, 2, 4, 5)
+    check(one_node("Upsample", {"x": x}, opset=7, mode="nearest", scales=[1.0, 1.0, 2.0, 3.0]), {"x": x})
 
 
 # --- ConvTranspose ----------------------------------------------------------------------------------

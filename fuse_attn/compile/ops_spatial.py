@@ -383,6 +383,7 @@ class AxisResample:
     index: np.ndarray  # (taps, out) int64, within [0, size)
     weights: np.ndarray | None  # (taps, out); None: one tap of weight 1 (nearest)
     outside: np.ndarray | None  # (out,) bool
+    repeat: int = 0  # > 0: index is each input position `repeat` times in order, a broadcast, not a gather
 
 
 def axis_resample(attrs: ResizeAttrs, axis: int, size: int, out: int, scale: float,
@@ -414,8 +415,10 @@ def axis_resample(attrs: ResizeAttrs, axis: int, size: int, out: int, scale: flo
         outside = (x < 0) | (x > size - 1)
         outside = outside if outside.any() else None
     if attrs.mode == "nearest":  # exactly one tap of weight 1 per position: a gather
-        pick = weights.argmax(1)
-        return AxisResample(axis, index[np.arange(out), pick][None, :], None, outside)
+        picked = index[np.arange(out), weights.argmax(1)]
+        k = out // size
+        repeat = k if outside is None and k * size == out and (picked == np.arange(out) // k).all() else 0
+        return AxisResample(axis, picked[None, :], None, outside, repeat)
     return AxisResample(axis, index.T.copy(), weights.T.copy(), outside)
 
 
@@ -423,6 +426,11 @@ def _resample(x: torch.Tensor, plan: AxisResample, index: torch.Tensor, weights:
               outside: torch.Tensor | None, extrapolation_value: float) -> torch.Tensor:
     bcast = [1] * x.dim()
     bcast[plan.axis] = -1
+    if plan.repeat:  # integer-factor nearest upsampling: each row repeated, as a layout change
+        shape = list(x.shape)
+        wide = shape[: plan.axis + 1] + [plan.repeat] + shape[plan.axis + 1:]
+        shape[plan.axis] *= plan.repeat
+        return x.unsqueeze(plan.axis + 1).expand(wide).reshape(shape)
     if weights is None:
         y = torch.index_select(x, plan.axis, index[0])
     else:
@@ -450,7 +458,7 @@ def _lower_resize(x: Arg, attrs: ResizeAttrs, out_shape: list[int], scales: list
     work = x.dtype if floating else torch.float32
     runtime = [x]
     for plan in plans:
-        runtime.append(Arg.constant(torch.from_numpy(plan.index)))
+        runtime.append(Arg.constant(torch.from_numpy(plan.index)) if not plan.repeat else None)
         runtime.append(Arg.constant(torch.from_numpy(plan.weights).to(work)) if plan.weights is not None else None)
         runtime.append(Arg.constant(torch.from_numpy(plan.outside)) if plan.outside is not None else None)
     present = [a is not None for a in runtime]
