@@ -11,8 +11,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from fuse_attn.compile.lower import LoweringError, lower, to_torch
 from fuse_attn.compile.reference import run_onnxruntime

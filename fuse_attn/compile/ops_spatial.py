@@ -215,7 +215,8 @@ def batch_norm(node, args):
         raise LoweringError("BatchNormalization with the saved-statistics outputs of opsets before 14")
     if not training:
         def inference(x, scale, bias, mean, var):
-            return F.batch_norm(x, mean.to(x.dtype), var.to(x.dtype), scale.to(x.dtype), bias.to(x.dtype), False, 0.0, eps)
+            mean, var, scale, bias = (t.to(x.dtype) for t in (mean, var, scale, bias))  # opset 15: may differ
+            return F.batch_norm(x, mean, var, scale, bias, False, 0.0, eps)
 
         return inference, args[:5]
     # training_mode: normalised by the batch's own statistics (population variance); the running
