@@ -350,6 +350,28 @@ def test_pad_edge_of_integers():
     check(one_node("Pad", {"x": x}, {"pads": I64(1, 2, 3, 1)}, opset=19, mode="edge"), {"x": x})
 
 
+# --- float16 (diffusion UNets and detectors ship in it) ---------------------------------------------
+
+H = np.float16
+HALF_VARIANTS = {
+    "MaxPool": ("MaxPool", {}, dict(opset=12, kernel_shape=[3, 3], pads=[1, 1, 1, 1])),
+    "AveragePool": ("AveragePool", {}, dict(opset=19, kernel_shape=[3, 3], pads=[1, 1, 1, 1])),
+    "InstanceNormalization": ("InstanceNormalization", {"s": randn(4).astype(H), "b": randn(4).astype(H)}, dict(opset=6)),
+    "GroupNormalization": ("GroupNormalization", {"s": randn(4).astype(H), "b": randn(4).astype(H)},
+                           dict(opset=21, num_groups=2)),
+    "Resize linear": ("Resize", {"roi": None, "scales": F32(1, 1, 2, 1.5)}, dict(opset=19, mode="linear")),
+    "ConvTranspose": ("ConvTranspose", {"w": randn(4, 2, 3, 3).astype(H)},
+                      dict(opset=11, strides=[2, 2], pads=[1, 1, 1, 1], output_padding=[1, 1])),
+}
+
+
+@pytest.mark.parametrize("op, consts, attrs", HALF_VARIANTS.values(), ids=HALF_VARIANTS.keys())
+def test_half_precision(op, consts, attrs):
+    """float16 in, float16 out, within a few float16 ulps of onnxruntime's."""
+    x = randn(1, 4, 6, 6).astype(H)
+    check(one_node(op, {"x": x}, consts, **attrs), {"x": x}, atol=1e-2)
+
+
 # --- refusals: one line naming why ------------------------------------------------------------------
 
 
