@@ -1,5 +1,6 @@
-"""Spatial ops as onnx_ops rules: pooling, the batch/instance/group/Lp/MVN norms, Resize and
-Upsample, ConvTranspose, DepthToSpace and SpaceToDepth.
+"""Spatial ops as onnx_ops rules: pooling and MaxUnpool, the batch/instance/group/Lp/MVN/LRN
+norms, Resize and Upsample, ConvTranspose, GridSample/AffineGrid/Col2Im, DepthToSpace and
+SpaceToDepth.
 
 The contract is onnx_ops': every kernel size, pad, output size, index table and interpolation
 weight is computed here at lowering, from attributes and the fixed input shapes, into Python
@@ -192,12 +193,38 @@ def lp_pool(node, args):
     return fn, [x]
 
 
-@rule("GlobalAveragePool", "GlobalMaxPool")
+@rule("GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool")
 def global_pool(node, args):
     dims = list(range(2, len(args[0].shape)))
     if node.op_type == "GlobalAveragePool":
         return (lambda x: x.mean(dims, keepdim=True)), [args[0]]
+    if node.op_type == "GlobalLpPool":
+        p = float(node.attrs.get("p", 2))
+        return (lambda x: x.abs().pow(p).sum(dims, keepdim=True).pow(1.0 / p)), [args[0]]
     return (lambda x: torch.amax(x, dims, keepdim=True)), [args[0]]
+
+
+@rule("MaxUnpool")
+def max_unpool(node, args):
+    """Each value written at its MaxPool index (flat over the whole output) into zeros."""
+    x, indices = args[0], args[1]
+    n = _spatial_rank(node, x.shape)
+    kernel = list(node.attrs["kernel_shape"])
+    strides = list(node.attrs.get("strides", [1] * n))
+    pads = list(node.attrs.get("pads", [0] * 2 * n))
+    given = _present(args, 2)
+    if given is not None:
+        out_shape = tuple(given.ints("output_shape"))
+    else:
+        out_shape = tuple(x.shape[:2]) + tuple((size - 1) * s + k - b - e for size, s, k, b, e in
+                                               zip(x.shape[2:], strides, kernel, pads[:n], pads[n:]))
+    total = math.prod(out_shape)
+
+    def fn(x, indices):
+        flat = x.new_zeros(total).scatter(0, indices.reshape(-1).to(torch.int64), x.reshape(-1))
+        return flat.reshape(out_shape)
+
+    return fn, [x, indices]
 
 
 # --- normalisations ---------------------------------------------------------------------------------
@@ -286,6 +313,25 @@ def mean_variance_norm(node, args):
     def fn(x):  # the op's function body, (x - E[x]) / (sqrt(E[x^2] - E[x]^2) + 1e-9), with the
         centered = x - x.mean(dims, keepdim=True)  # variance as E[(x - E[x])^2]: no cancellation
         return centered / (centered.pow(2).mean(dims, keepdim=True).sqrt() + 1e-9)
+
+    return fn, [args[0]]
+
+
+@rule("LRN")
+def local_response_norm(node, args):
+    """x / (bias + alpha / size * sum of x^2 over the channels [c - floor((size-1)/2), c + ceil((size-1)/2)])^beta."""
+    channels = args[0].shape[1]
+    size = node.attrs["size"]
+    alpha, beta = float(node.attrs.get("alpha", 1e-4)), float(node.attrs.get("beta", 0.75))
+    bias = float(node.attrs.get("bias", 1.0))
+    before, after = (size - 1) // 2, size - 1 - (size - 1) // 2
+    rank = len(args[0].shape)
+
+    def fn(x):
+        squares = (x * x).unsqueeze(1)  # (n, 1, c, ...): pad the channel dim as a spatial one
+        squares = F.pad(squares, [0, 0] * (rank - 2) + [before, after])
+        window = sum(squares[:, :, j:j + channels] for j in range(size)).squeeze(1)
+        return x / (bias + alpha / size * window).pow(beta)
 
     return fn, [args[0]]
 
@@ -590,6 +636,65 @@ def conv_transpose(node, args):
         return y + b.reshape(_channel_shape(y.dim())) if b is not None else y
 
     return fn, args[:2] + ([bias] if bias is not None else [])
+
+
+# --- sampling grids --------------------------------------------------------------------------------
+
+
+_GRID_MODES = {"bilinear": "bilinear", "linear": "bilinear", "nearest": "nearest", "bicubic": "bicubic",
+               "cubic": "bicubic"}
+
+
+@rule("GridSample")
+def grid_sample(node, args):
+    mode = _GRID_MODES.get(node.attrs.get("mode", "linear" if node.opset >= 20 else "bilinear"))
+    padding = node.attrs.get("padding_mode", "zeros")
+    align = bool(node.attrs.get("align_corners", 0))
+    rank = len(args[0].shape)
+    if mode is None or rank not in (4, 5) or (rank == 5 and mode == "bicubic"):
+        raise LoweringError(f"GridSample mode {node.attrs.get('mode')!r} over {rank - 2} spatial dims "
+                            f"(torch samples 2 dims in every mode, 3 in linear and nearest)")
+    return (lambda x, grid: F.grid_sample(x, grid.to(x.dtype), mode, padding, align)), args[:2]
+
+
+@rule("AffineGrid")
+def affine_grid(node, args):
+    size = args[1].ints("size")
+    align = bool(node.attrs.get("align_corners", 0))
+    if len(size) not in (4, 5):
+        raise LoweringError(f"AffineGrid of a {len(size)}-d size (torch makes 2-d and 3-d grids)")
+    return (lambda theta: F.affine_grid(theta, size, align)), [args[0]]
+
+
+@rule("Col2Im")
+def col2im(node, args):
+    """Each column's block added back into the image: a transposed convolution of the columns,
+    laid out on the grid of block positions, with a one-hot kernel per (channel, kernel offset);
+    torch's fold does 2 spatial dims only, this does 1 to 3."""
+    image = args[1].ints("image_shape")
+    block = args[2].ints("block_shape")
+    n = len(image)
+    if n not in (1, 2, 3):
+        raise LoweringError(f"Col2Im over {n} spatial dims (torch convolves 1 to 3)")
+    dilations = list(node.attrs.get("dilations", [1] * n))
+    strides = list(node.attrs.get("strides", [1] * n))
+    pads = list(node.attrs.get("pads", [0] * 2 * n))
+    batch, rows, _ = args[0].shape
+    taps = math.prod(block)
+    channels = rows // taps
+    grid = [(size + b + e - d * (k - 1) - 1) // s + 1
+            for size, b, e, d, k, s in zip(image, pads[:n], pads[n:], dilations, block, strides)]
+    one_hot = torch.eye(taps, dtype=args[0].dtype).reshape([taps, 1] + block).repeat([channels, 1] + [1] * n)
+    kernel = Arg.constant(one_hot)
+    full = [(g - 1) * s + d * (k - 1) + 1 for g, s, d, k in zip(grid, strides, dilations, block)]
+    crop = _torch_pads([-b for b in pads[:n]], [size - (f - b) for size, f, b in zip(image, full, pads[:n])])
+    op = _CONV_TRANSPOSE[n]
+
+    def fn(x, kernel):
+        y = op(x.reshape([batch, rows] + grid), kernel, None, strides, 0, 0, channels, dilations)
+        return F.pad(y, crop)  # the padded image's pads cut off (and any rows no block reached, zeros)
+
+    return fn, [args[0], kernel]
 
 
 # --- depth and space --------------------------------------------------------------------------------
