@@ -420,6 +420,14 @@ def test_space_to_depth():
     check(one_node("SpaceToDepth", {"x": x}, opset=13, blocksize=2), {"x": x})
 
 
+@pytest.mark.parametrize("target, axes", [(I64(3, 6, 2, 9), None), (I64(7, 2), [-1, 1]), (I64(5,), [2])],
+                         ids=["every axis, odd crop and pad", "negative axes", "one axis"])
+def test_center_crop_pad(target, axes):
+    x = randn(3, 4, 5, 6)
+    attrs = {} if axes is None else {"axes": axes}
+    check(one_node("CenterCropPad", {"x": x}, {"shape": target}, opset=18, **attrs), {"x": x})
+
+
 # --- Pad's gathered modes ---------------------------------------------------------------------------
 
 PAD_VARIANTS = {

@@ -1,6 +1,6 @@
 """Spatial ops as onnx_ops rules: pooling and MaxUnpool, the batch/instance/group/Lp/MVN/LRN
-norms, Resize and Upsample, ConvTranspose, GridSample/AffineGrid/Col2Im, DepthToSpace and
-SpaceToDepth.
+norms, Resize and Upsample, ConvTranspose, GridSample/AffineGrid/Col2Im, CenterCropPad,
+DepthToSpace and SpaceToDepth.
 
 The contract is onnx_ops': every kernel size, pad, output size, index table and interpolation
 weight is computed here at lowering, from attributes and the fixed input shapes, into Python
@@ -705,6 +705,23 @@ def _block_mode(node) -> str:
     if mode not in ("DCR", "CRD"):
         raise LoweringError(f"{node.op_type} mode {mode!r}")
     return mode
+
+
+@rule("CenterCropPad")
+def center_crop_pad(node, args):
+    """Each listed axis cut or zero-padded to its target, centred: an odd remainder is cropped
+    from, or padded onto, the end. One constant F.pad (negative pads crop)."""
+    shape = args[0].shape
+    rank = len(shape)
+    targets = args[1].ints("shape")
+    axes = [_axis(a, rank) for a in node.attrs.get("axes", range(rank))]
+    begin, end = [0] * rank, [0] * rank
+    for axis, target in zip(axes, targets):
+        grow = target - shape[axis]
+        begin[axis] = grow // 2 if grow >= 0 else -((-grow) // 2)
+        end[axis] = grow - begin[axis]
+    pads = _torch_pads(begin, end)
+    return (lambda x: F.pad(x, pads)), [args[0]]
 
 
 @rule("DepthToSpace")
