@@ -485,6 +485,13 @@ def test_refusals_say_why():
         (one_node("Resize", {"x": x}, {"roi": None, "scales": None, "sizes": None}, opset=19), "neither scales nor sizes"),
         (one_node("LpNormalization", {"x": x}, opset=1, p=3), "p=3"),
         (one_node("Pad", {"x": x}, {"pads": I64(0, 0, -2, 0, 0, 0, -2, 0)}, opset=19, mode="reflect"), "cropped to nothing"),
+        # sizes a model declares do not make compile build tables without bound
+        (one_node("Resize", {"x": x}, {"roi": None, "scales": None, "sizes": I64(1, 2, 4, 1 << 40)}, opset=19),
+         "Resize's sampling table would hold"),
+        (one_node("Pad", {"x": x}, {"pads": I64(0, 0, 0, 0, 0, 0, 0, 1 << 40)}, opset=19, mode="edge"),
+         "index table would hold"),
+        (one_node("Col2Im", {"x": randn(1, 1 << 20, 1)}, {"image": I64(1024, 1024), "block": I64(1024, 1024)}, opset=18),
+         "one-hot kernel would hold"),
     ]
     for model, reason in cases:
         with pytest.raises(LoweringError, match=reason):

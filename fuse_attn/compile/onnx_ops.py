@@ -38,6 +38,17 @@ class NotStatic(LoweringError):
     """A shape-like input whose contents are only known at run time."""
 
 
+# A table a rule builds at lowering (indices, weights, masks) from sizes the model declares is
+# refused past this: a model file does not get to make compile allocate without bound.
+MAX_TABLE_ELEMENTS = 1 << 26
+
+
+def bounded(what: str, elements: int) -> int:
+    if elements > MAX_TABLE_ELEMENTS:
+        raise LoweringError(f"{what} would hold {elements} elements at lowering (at most {MAX_TABLE_ELEMENTS})")
+    return elements
+
+
 def torch_dtype(elem_type: int) -> torch.dtype:
     if elem_type not in TORCH_DTYPES:
         raise LoweringError(f"tensors of type {TensorProto.DataType.Name(elem_type).lower()} are not supported")
@@ -433,6 +444,7 @@ def _pad_source(mode: str, size: int, begin: int, end: int) -> list[int]:
     kept = last - first
     if kept <= 0:
         raise LoweringError(f"Pad mode {mode!r} of a dim cropped to nothing")
+    bounded(f"Pad mode {mode!r}'s index table", kept + max(begin, 0) + max(end, 0))
     out = []
     for p in range(-max(begin, 0), kept + max(end, 0)):
         if mode == "edge":

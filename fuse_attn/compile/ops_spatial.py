@@ -10,8 +10,9 @@ tensor ops, all of which exist in torch 2.1.
 
 Geometry follows the ONNX operator specs; where onnxruntime and the spec's reference
 implementation disagree (Resize's coordinates: float32, and align_corners with the integer
-output length; ConvTranspose SAME with a stride over the kernel) the rule computes what
-onnxruntime does, which is what a model's exporter checked it against.
+output length; ConvTranspose SAME with a stride over the kernel; MaxUnpool's indices with an
+output_shape) the rule computes what onnxruntime does, which is what a model's exporter checked
+it against. A table built from sizes the model declares is `bounded`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fuse_attn.compile.onnx_ops import Arg, LoweringError, _axis, _present, rule
+from fuse_attn.compile.onnx_ops import Arg, LoweringError, _axis, _present, bounded, rule
 
 _MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -112,6 +113,7 @@ def _counted_positions(spatial: tuple[int, ...], window: PoolWindow, include_pad
     """How many positions of each window AveragePool divides by: those on the input, plus with
     count_include_pad those on the explicit (or auto) pads; never the ceil-mode overhang."""
     padded = [b + size + t for b, size, t in zip(window.begin, spatial, window.tail)]
+    bounded("AveragePool's divisor table", math.prod(padded))
     mask = torch.zeros([1, 1] + padded, dtype=torch.float64)
     region = tuple(slice(0, b + size + e) if include_pad else slice(b, b + size)
                    for b, size, e in zip(window.begin, spatial, window.pad_end))
@@ -130,6 +132,7 @@ def _max_pool_indices(x_shape: tuple[int, ...], window: PoolWindow, column_major
     """For each position of the padded plane max_pool's indices refer to, ONNX's index of it in
     the unpadded input, its (n, c) plane excluded: row-major, or column-major for storage_order 1."""
     spatial = x_shape[2:]
+    bounded("MaxPool's Indices table", math.prod(b + size + t for b, size, t in zip(window.begin, spatial, window.tail)))
     coords = np.meshgrid(*[np.arange(b + size + t) - b for b, size, t in zip(window.begin, spatial, window.tail)],
                          indexing="ij")
     order = range(len(spatial)) if column_major else reversed(range(len(spatial)))
@@ -437,6 +440,9 @@ def axis_resample(attrs: ResizeAttrs, axis: int, size: int, out: int, scale: flo
                   roi: tuple[float, float]) -> AxisResample:
     """The taps and weights of one axis, as the spec's reference computes them: coefficients
     over the input edge-padded (indices clamped), or with exclude_outside renormalised."""
+    reach = {"nearest": 1, "linear": 1, "cubic": 2}.get(attrs.mode, 2)
+    taps = 2 * math.ceil(reach / scale) + 2 if attrs.antialias and 0 < scale < 1 else 4
+    bounded("Resize's sampling table", out * taps)
     x = _source_coords(attrs, size, out, scale, roi)
     left = np.floor(x)
     ratio = np.where(x == left, 1.0, x - left)
@@ -682,6 +688,7 @@ def col2im(node, args):
     batch, rows, _ = args[0].shape
     taps = math.prod(block)
     channels = rows // taps
+    bounded("Col2Im's one-hot kernel", rows * taps)
     grid = [(size + b + e - d * (k - 1) - 1) // s + 1
             for size, b, e, d, k, s in zip(image, pads[:n], pads[n:], dilations, block, strides)]
     one_hot = torch.eye(taps, dtype=args[0].dtype).reshape([taps, 1] + block).repeat([channels, 1] + [1] * n)
