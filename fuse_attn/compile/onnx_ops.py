@@ -38,6 +38,17 @@ class NotStatic(LoweringError):
     """A shape-like input whose contents are only known at run time."""
 
 
+# A table a rule builds at lowering (indices, weights, masks) from sizes the model declares is
+# refused past this: a model file does not get to make compile allocate without bound.
+MAX_TABLE_ELEMENTS = 1 << 26
+
+
+def bounded(what: str, elements: int) -> int:
+    if elements > MAX_TABLE_ELEMENTS:
+        raise LoweringError(f"{what} would hold {elements} elements at lowering (at most {MAX_TABLE_ELEMENTS})")
+    return elements
+
+
 def torch_dtype(elem_type: int) -> torch.dtype:
     if elem_type not in TORCH_DTYPES:
         raise LoweringError(f"tensors of type {TensorProto.DataType.Name(elem_type).lower()} are not supported")
@@ -437,12 +448,35 @@ def trilu(node, args):
     return (lambda x: torch.triu(x, k) if upper else torch.tril(x, k)), [args[0]]
 
 
+def _pad_source(mode: str, size: int, begin: int, end: int) -> list[int]:
+    """For each position of a dim padded by (begin, end) in edge/reflect/wrap mode, the input
+    position it copies (numpy.pad's meaning). A negative pad crops first, as onnxruntime does,
+    so wrap repeats what is kept."""
+    first, last = max(-begin, 0), size - max(-end, 0)  # the kept input [first, last)
+    kept = last - first
+    if kept <= 0:
+        raise LoweringError(f"Pad mode {mode!r} of a dim cropped to nothing")
+    bounded(f"Pad mode {mode!r}'s index table", kept + max(begin, 0) + max(end, 0))
+    out = []
+    for p in range(-max(begin, 0), kept + max(end, 0)):
+        if mode == "edge":
+            q = min(max(p, 0), kept - 1)
+        elif mode == "wrap":
+            q = p % kept
+        else:  # reflect about the first and last element, repeatedly
+            period = 2 * (kept - 1)
+            q = p % period if period else 0
+            q = q if q < kept else period - q
+        out.append(first + q)
+    return out
+
+
 @rule("Pad")
 def pad(node, args):
     s = args[0].shape
     pads = list(node.attrs["pads"]) if "pads" in node.attrs else args[1].ints("pads")
     mode = node.attrs.get("mode", "constant")
-    if mode != "constant":
+    if mode not in ("constant", "edge", "reflect", "wrap"):
         raise LoweringError(f"Pad mode {mode!r}")
     value = float(node.attrs.get("value", 0.0))
     if node.opset >= 11 and _present(args, 2) is not None:
@@ -452,6 +486,17 @@ def pad(node, args):
         axes = [_axis(a, len(s)) for a in args[3].ints("axes")]
     n = len(axes)
     begin, end = dict(zip(axes, pads[:n])), dict(zip(axes, pads[n:]))
+    if mode != "constant":  # each padded dim a gather of constant source positions: any dim, any dtype
+        padded = [a for a in range(len(s)) if begin.get(a, 0) or end.get(a, 0)]
+        sources = [Arg.constant(torch.tensor(_pad_source(mode, s[a], begin.get(a, 0), end.get(a, 0)),
+                                             dtype=torch.int64)) for a in padded]
+
+        def gather_pad(x, *sources):
+            for axis, index in zip(padded, sources):
+                x = torch.index_select(x, axis, index)
+            return x
+
+        return gather_pad, [args[0]] + sources
     torch_pads = []
     for axis in reversed(range(len(s))):  # F.pad lists the last dim first
         torch_pads += [begin.get(axis, 0), end.get(axis, 0)]
