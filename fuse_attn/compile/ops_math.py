@@ -186,11 +186,12 @@ def one_hot(node, args):
     if depth < 0:
         raise LoweringError(f"depth {depth}")
     axis = _axis(node.attrs.get("axis", -1), len(s) + 1)
-    # Positions 0..depth-1 along the output's axis, in the indices' type: float indices compare
-    # by value, as ONNX does (1.5 matches nothing); out-of-range indices match nothing.
-    positions = torch.arange(depth).reshape((depth,) + (1,) * (len(s) - axis)).to(args[0].dtype)
+    # Positions 0..depth-1 along the output's axis; indices out of [-depth, depth) match none.
+    # Float indices are truncated to integers, as onnxruntime does.
+    positions = torch.arange(depth).reshape((depth,) + (1,) * (len(s) - axis))
 
     def fn(indices, values, positions):
+        indices = indices.to(torch.int64)
         indices = torch.where(indices < 0, indices + depth, indices).unsqueeze(axis)
         return torch.where(indices == positions, values[1], values[0])
 
