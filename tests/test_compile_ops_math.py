@@ -1,6 +1,7 @@
 """The rules of fuse_attn.compile.ops_math (and the onnx_ops rules it extends), each lowered from a
-one-node graph and compared with onnxruntime running that graph; and each forward run on meta
-tensors, which raises on any host read (static_check.run_on_meta)."""
+one-node graph and compared with onnxruntime running that graph (onnx's reference evaluator for
+an op onnxruntime lacks); and each forward run on meta tensors, which raises on any host read
+(static_check.run_on_meta)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
 
 from fuse_attn.compile.lower import LoweringError, lower, to_torch
 from fuse_attn.compile.static_check import run_on_meta, sdpa_attention
@@ -38,7 +40,7 @@ class Case:
     order: list | None = None  # the node's input names, when not inputs then constants
     outputs: int = 1
     opset: int = 18
-    id: str = ""
+    reference: str = "onnxruntime"  # or "onnx": onnx's reference evaluator, for ops onnxruntime lacks
 
     def model(self) -> onnx.ModelProto:
         names = self.order or [*self.inputs, *self.constants]
@@ -182,7 +184,31 @@ QUANT = [
          constants={"scale": np.array(0.03, np.float16), "zp": np.array(-1, np.int8)}, opset=21, id="Quantize-float16"),
 ]
 
-ALL = ACTIVATIONS + UNARY + BITWISE + REDUCTIONS + SELECTION + SCANS + INDEXING + QUANT
+OTHERS = [
+    case("SwiGLU", {"a": normal(3, 4), "b": normal(3, 4)}, attrs={"alpha": 1.7}, opset=28, reference="onnx"),
+    case("BitCast", {"x": normal(3, 4)}, attrs={"to": onnx.TensorProto.INT32}, opset=26),
+    case("BitCast", {"x": RNG.integers(-128, 127, (5,), dtype=np.int8)}, attrs={"to": onnx.TensorProto.UINT8}, opset=26,
+         id="BitCast-int8-uint8"),
+    case("Det", {"x": normal(2, 3, 3)}),
+    case("Hardmax", {"x": ties}, attrs={"axis": 1}, opset=13),
+    case("Hardmax", {"x": np.stack([ties, ties[::-1]])}, attrs={"axis": 1}, opset=11, id="Hardmax-opset11-2d"),
+    case("EyeLike", {"x": normal(3, 4)}, attrs={"k": -1, "dtype": onnx.TensorProto.INT32}),
+    case("ReverseSequence", {"x": normal(4, 3, 2), "lens": i64(4, 1, 2)}, attrs={"batch_axis": 1, "time_axis": 0}),
+    case("ReverseSequence", {"x": normal(3, 5), "lens": i64(5, 0, 3)}, attrs={"batch_axis": 0, "time_axis": 1},
+         id="ReverseSequence-batch-first"),
+    case("TensorScatter", {"cache": normal(2, 3, 6, 4), "update": normal(2, 3, 2, 4), "write": i64(1, 4)}, opset=24),
+    case("TensorScatter", {"cache": normal(2, 6, 4), "update": normal(2, 3, 4), "write": i64(5, 2)},
+         attrs={"axis": 1, "mode": "circular"}, opset=24, id="TensorScatter-circular"),
+    case("TensorScatter", {"cache": normal(2, 6, 4), "update": normal(2, 3, 4)}, attrs={"axis": -2}, opset=24,
+         id="TensorScatter-prefill"),
+    case("DynamicQuantizeLinear", {"x": normal(3, 4)}, outputs=3, opset=11),
+    case("DynamicQuantizeLinear", {"x": uniform(3, 4, low=1.0, high=3.0)}, outputs=3, opset=11,
+         id="DynamicQuantizeLinear-positive"),
+    case("DynamicQuantizeLinear", {"x": np.zeros((2, 2), np.float32)}, outputs=3, opset=11,
+         id="DynamicQuantizeLinear-zeros"),
+]
+
+ALL = ACTIVATIONS + UNARY + BITWISE + REDUCTIONS + SELECTION + SCANS + INDEXING + QUANT + OTHERS
 
 
 def lowered(c: Case):
@@ -195,14 +221,16 @@ def run_lowered(c: Case) -> list[np.ndarray]:
     return [t.numpy() for t in (out if isinstance(out, tuple) else (out,))]
 
 
-def run_ort(c: Case) -> list[np.ndarray]:
+def run_reference(c: Case) -> list[np.ndarray]:
+    if c.reference == "onnx":
+        return [np.asarray(a) for a in ReferenceEvaluator(c.model()).run(None, c.inputs)]
     session = ort.InferenceSession(c.model().SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run(None, c.inputs)
 
 
 @pytest.mark.parametrize("c", ALL)
 def test_rule_matches_onnxruntime(c):
-    expected, got = run_ort(c), run_lowered(c)
+    expected, got = run_reference(c), run_lowered(c)
     assert len(got) == len(expected)
     for g, e in zip(got, expected):
         assert g.dtype == e.dtype and g.shape == e.shape

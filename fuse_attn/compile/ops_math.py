@@ -105,6 +105,12 @@ def swish(node, args):
     return (lambda x: x * torch.sigmoid(x * alpha)), [args[0]]
 
 
+@rule("SwiGLU")
+def swiglu(node, args):  # Swish(a) * b
+    alpha = _float_attr(node, "alpha", 1.0)
+    return (lambda a, b: a * torch.sigmoid(a * alpha) * b), args[:2]
+
+
 @rule("IsInf")
 def is_inf(node, args):
     positive, negative = node.attrs.get("detect_positive", 1), node.attrs.get("detect_negative", 1)
@@ -140,6 +146,23 @@ def bit_shift(node, args):
         return torch.where(in_range, torch.bitwise_right_shift(x, count), fill)
 
     return fn, args[:2]
+
+
+def _element_bits(dtype: torch.dtype) -> int:
+    return 8 * torch.empty((), dtype=dtype).element_size()
+
+
+@rule("BitCast")
+def bit_cast(node, args):
+    to = torch_dtype(node.attrs["to"])
+    if _element_bits(to) != _element_bits(args[0].dtype):
+        raise LoweringError(f"BitCast from {args[0].dtype} to {to}: not the same width")
+    return (lambda x: x.view(to)), [args[0]]
+
+
+@rule("Det")
+def det(node, args):
+    return torch.linalg.det, [args[0]]
 
 
 # --- reductions: entries of onnx_ops' tables --------------------------------------------------------
@@ -196,6 +219,73 @@ def one_hot(node, args):
         return torch.where(indices == positions, values[1], values[0])
 
     return fn, [args[0], args[2], Arg.constant(positions)]
+
+
+@rule("Hardmax")
+def hardmax(node, args):  # 1 at the first maximum along the axis, else 0
+    s = args[0].shape
+    if node.opset >= 13:
+        axis = _axis(node.attrs.get("axis", -1), len(s))
+        view = s
+    else:  # before 13: over every dim from axis on, as one
+        first = _axis(node.attrs.get("axis", 1), len(s))
+        view, axis = (math.prod(s[:first]), math.prod(s[first:])), 1
+    positions = Arg.constant(torch.arange(view[axis]).reshape((view[axis],) + (1,) * (len(view) - axis - 1)))
+
+    def fn(x, positions):
+        first_max = torch.argmax(x.reshape(view), axis, keepdim=True)
+        return (positions == first_max).to(x.dtype).reshape(s)
+
+    return fn, [args[0], positions]
+
+
+@rule("EyeLike")
+def eye_like(node, args):  # a constant: only the input's shape matters
+    rows, cols = args[0].shape
+    dtype = torch_dtype(node.attrs["dtype"]) if "dtype" in node.attrs else args[0].dtype
+    value = torch.zeros(rows, cols, dtype=dtype)
+    value.diagonal(int(node.attrs.get("k", 0))).fill_(1)
+    return (lambda: value), []
+
+
+@rule("ReverseSequence")
+def reverse_sequence(node, args):
+    s = args[0].shape
+    batch_axis, time_axis = node.attrs.get("batch_axis", 1), node.attrs.get("time_axis", 0)
+    along = lambda axis, n: tuple(n if i == axis else 1 for i in range(len(s)))  # noqa: E731
+    times = Arg.constant(torch.arange(s[time_axis]).reshape(along(time_axis, s[time_axis])))
+    lens_shape = along(batch_axis, s[batch_axis])
+
+    def fn(x, lens, times):
+        lens = lens.to(torch.int64).reshape(lens_shape)
+        source = torch.where(times < lens, lens - 1 - times, times)  # the first lens[b] steps reversed
+        return torch.gather(x, time_axis, source.expand(s))
+
+    return fn, [args[0], args[1], times]
+
+
+@rule("TensorScatter")
+def tensor_scatter(node, args):
+    s, u_shape = args[0].shape, args[1].shape
+    axis = _axis(node.attrs.get("axis", -2), len(s))
+    mode = node.attrs.get("mode", "linear")
+    if mode not in ("linear", "circular"):
+        raise LoweringError(f"mode {mode!r}")
+    if axis == 0 or len(u_shape) != len(s) or u_shape[axis] > s[axis] or any(
+            u_shape[i] != s[i] for i in range(len(s)) if i != axis):
+        raise LoweringError(f"an update of shape {u_shape} for a cache of shape {s} on axis {axis}")
+    steps = Arg.constant(torch.arange(u_shape[axis]).reshape((u_shape[axis],) + (1,) * (len(s) - axis - 1)))
+    write_indices = _present(args, 2)
+    per_batch = (s[0],) + (1,) * (len(s) - 1)
+
+    def fn(cache, update, steps, start=None):
+        # cache[b, ..., start[b] + t, ...] = update[b, ..., t, ...]
+        position = steps if start is None else start.reshape(per_batch) + steps
+        if mode == "circular":
+            position = torch.remainder(position, s[axis])
+        return torch.scatter(cache, axis, position.expand(u_shape), update)
+
+    return fn, [args[0], args[1], steps] + ([write_indices] if write_indices is not None else [])
 
 
 # ONNX reduction -> torch.scatter_reduce's
@@ -326,3 +416,18 @@ def quantize_linear(node, args):
         return torch.clamp(q, low, high).to(out_dtype)
 
     return fn, [x, scale] + ([zero_point] if zero_point is not None else [])
+
+
+@rule("DynamicQuantizeLinear")
+def dynamic_quantize_linear(node, args):
+    """x -> (uint8 y, scale, zero point) over x's range widened to include 0; a range of zero
+    width (x all zeros) has scale 1, as in onnxruntime (onnx's reference evaluator gives 1/255)."""
+
+    def fn(x):
+        low, high = torch.clamp(x.min(), max=0), torch.clamp(x.max(), min=0)
+        scale = torch.where(high == low, torch.ones_like(high), (high - low) / 255)
+        zero_point = torch.round(torch.clamp(-low / scale, 0, 255))
+        y = torch.clamp(torch.round(x / scale) + zero_point, 0, 255)
+        return y.to(torch.uint8), scale.to(x.dtype), zero_point.to(torch.uint8)
+
+    return fn, [args[0]]
