@@ -1,5 +1,6 @@
-"""Lowering rules for ONNX's elementwise math, the reductions beyond onnx_ops' own, scatter,
-TopK, OneHot and linear (de)quantization.
+"""Lowering rules for ONNX's elementwise math (activations, trigonometry, bitwise ops), the
+reductions beyond onnx_ops' own, selection (TopK, Hardmax, OneHot), writes by index (ScatterND,
+ScatterElements, TensorScatter, ReverseSequence) and linear (de)quantization.
 
 The contract is onnx_ops': every shape, axis, count and attribute is read at lowering into a
 Python constant, and forward calls tensor ops only (indices and scales may be runtime tensors;
