@@ -1,7 +1,7 @@
-"""The rules of fuse_attn.compile.ops_math (and the onnx_ops rules it extends), each lowered from a
-one-node graph and compared with onnxruntime running that graph (onnx's reference evaluator for
-an op onnxruntime lacks); and each forward run on meta tensors, which raises on any host read
-(static_check.run_on_meta)."""
+"""The rules of fuse_attn.compile.ops_math (with the onnx_ops rules it extends, and onnx_ops'
+CenterCropPad), each lowered from a one-node graph and compared with onnxruntime running that
+graph (onnx's reference evaluator for an op onnxruntime lacks); and each forward run on meta
+tensors, which raises on any host read (static_check.run_on_meta)."""
 
 from __future__ import annotations
 
@@ -201,6 +201,9 @@ OTHERS = [
          attrs={"axis": 1, "mode": "circular"}, opset=24, id="TensorScatter-circular"),
     case("TensorScatter", {"cache": normal(2, 6, 4), "update": normal(2, 3, 4)}, attrs={"axis": -2}, opset=24,
          id="TensorScatter-prefill"),
+    case("CenterCropPad", {"x": normal(5, 4, 3)}, constants={"shape": i64(2, 7)}, attrs={"axes": [0, -2]}),
+    case("CenterCropPad", {"x": RNG.integers(0, 9, (4, 6), dtype=np.int32)}, constants={"shape": i64(3, 9)},
+         id="CenterCropPad-int32-odd"),
     case("DynamicQuantizeLinear", {"x": normal(3, 4)}, outputs=3, opset=11),
     case("DynamicQuantizeLinear", {"x": uniform(3, 4, low=1.0, high=3.0)}, outputs=3, opset=11,
          id="DynamicQuantizeLinear-positive"),
