@@ -204,6 +204,17 @@ OTHERS = [
     case("CenterCropPad", {"x": normal(5, 4, 3)}, constants={"shape": i64(2, 7)}, attrs={"axes": [0, -2]}),
     case("CenterCropPad", {"x": RNG.integers(0, 9, (4, 6), dtype=np.int32)}, constants={"shape": i64(3, 9)},
          id="CenterCropPad-int32-odd"),
+    *[case("TfIdfVectorizer", {"x": x}, attrs=dict(
+        min_gram_length=low, max_gram_length=2, max_skip_count=skip, mode=mode, ngram_counts=[0, 4],
+        ngram_indexes=[0, 1, 2, 3, 4, 5, 6], pool_int64s=[2, 3, 5, 4, 5, 6, 7, 8, 6, 7],
+        **({"weights": [0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5]} if weighted else {})), opset=9, id=f"TfIdf-{id}")
+      for id, x, low, skip, mode, weighted in [
+          ("tf", np.array([1, 1, 3, 3, 3, 7, 8, 6, 7, 5, 6, 8], np.int32), 2, 0, "TF", False),
+          ("tf-skips-2d", np.array([[1, 1, 3, 3, 3, 7], [8, 6, 7, 5, 6, 8]], np.int64), 1, 3, "TF", False),
+          ("idf-weighted", np.array([[5, 6, 7, 4], [3, 2, 5, 5]], np.int64), 1, 1, "IDF", True),
+          ("tfidf-weighted", np.array([5, 5, 6, 7, 8, 6, 7], np.int64), 1, 2, "TFIDF", True),
+          ("tfidf-no-weights", np.array([5, 5, 6, 7, 8, 6, 7], np.int64), 1, 2, "TFIDF", False),
+      ]],
     case("DynamicQuantizeLinear", {"x": normal(3, 4)}, outputs=3, opset=11),
     case("DynamicQuantizeLinear", {"x": uniform(3, 4, low=1.0, high=3.0)}, outputs=3, opset=11,
          id="DynamicQuantizeLinear-positive"),

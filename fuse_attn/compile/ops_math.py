@@ -1,6 +1,7 @@
 """Lowering rules for ONNX's elementwise math (activations, trigonometry, bitwise ops), the
 reductions beyond onnx_ops' own, selection (TopK, Hardmax, OneHot), writes by index (ScatterND,
-ScatterElements, TensorScatter, ReverseSequence) and linear (de)quantization.
+ScatterElements, TensorScatter, ReverseSequence), n-gram counts (TfIdfVectorizer) and linear
+(de)quantization.
 
 The contract is onnx_ops': every shape, axis, count and attribute is read at lowering into a
 Python constant, and forward calls tensor ops only (indices and scales may be runtime tensors;
@@ -432,3 +433,65 @@ def dynamic_quantize_linear(node, args):
         return y.to(torch.uint8), scale.to(x.dtype), zero_point.to(torch.uint8)
 
     return fn, [args[0]]
+
+
+@rule("TfIdfVectorizer")
+def tfidf_vectorizer(node, args):
+    """Counts of the pool's n-grams in each row, weighted. ONNX counts an n-gram at every start
+    and every skip distance 1..max_skip_count+1 (unigrams at distance 1 only), for sizes between
+    min_gram_length and max_gram_length: every window is a constant list of positions here, and
+    forward compares the gathered windows with the pool and sums the matches."""
+    attrs = node.attrs
+    if "pool_int64s" not in attrs:
+        raise LoweringError("a string pool (pool_strings): compile lowers tensors of numbers only")
+    s = args[0].shape
+    if len(s) > 2:
+        raise LoweringError(f"input of shape {s}, not (C) or (B, C)")
+    rows, length = (s[0], s[1]) if len(s) == 2 else (1, math.prod(s))
+    pool, starts, indexes = list(attrs["pool_int64s"]), list(attrs["ngram_counts"]), list(attrs["ngram_indexes"])
+    low, high, skips = attrs["min_gram_length"], attrs["max_gram_length"], attrs["max_skip_count"]
+    width = max(indexes) + 1
+    # The pool's n-grams by size: size -> [(n-gram, output index)], ids in pool order
+    grams: dict[int, list] = {}
+    k = 0
+    for size, start in enumerate(starts, 1):
+        end = starts[size] if size < len(starts) else len(pool)
+        for j in range((end - start) // size):
+            if low <= size <= high:
+                grams.setdefault(size, []).append((pool[start + j * size:start + (j + 1) * size], indexes[k]))
+            k += 1
+    shapes, consts = [], []  # per size: (windows, n); its window positions, n-grams (P, n), one-hot columns (P, width)
+    for size, entries in sorted(grams.items()):
+        # no window of this size fits past distance (length - 1) // (size - 1): the range stops there
+        distances = [1] if size == 1 else range(1, min(skips + 1, (length - 1) // (size - 1)) + 1)
+        windows = [first + d * i for d in distances for first in range(length - d * (size - 1)) for i in range(size)]
+        if not windows:
+            continue
+        columns = torch.zeros(len(entries), width)
+        columns[torch.arange(len(entries)), torch.tensor([c for _, c in entries])] = 1
+        shapes.append((len(windows) // size, size))
+        consts += [Arg.constant(torch.tensor(windows)), Arg.constant(torch.tensor([g for g, _ in entries])),
+                   Arg.constant(columns)]
+    mode = attrs.get("mode", "TF")
+    if mode not in ("TF", "IDF", "TFIDF"):
+        raise LoweringError(f"mode {mode!r}")
+    weights = list(attrs.get("weights", []))
+    if weights and mode != "TF":  # weights[i] scales output column i
+        consts.append(Arg.constant(torch.tensor(weights, dtype=torch.float32)))
+    out_shape = (rows, width) if len(s) == 2 else (width,)
+
+    def fn(x, *consts):
+        x = x.reshape(rows, length).to(torch.int64)
+        counts = x.new_zeros((rows, width), dtype=torch.float32)
+        for i, (count, size) in enumerate(shapes):
+            windows, ngrams, columns = consts[3 * i:3 * i + 3]
+            seen = torch.index_select(x, 1, windows).reshape(rows, count, 1, size)
+            hits = (seen == ngrams).all(-1).sum(1)  # (rows, n-grams of this size)
+            counts = counts + hits.float() @ columns
+        if mode == "IDF":
+            counts = (counts > 0).float()
+        if len(consts) > 3 * len(shapes):
+            counts = counts * consts[-1]
+        return counts.reshape(out_shape)
+
+    return fn, [args[0]] + consts
