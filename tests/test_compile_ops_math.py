@@ -1,7 +1,7 @@
-"""The rules of fuse_attn.compile.ops_math (with the onnx_ops rules it extends, and onnx_ops'
-CenterCropPad), each lowered from a one-node graph and compared with onnxruntime running that
-graph (onnx's reference evaluator for an op onnxruntime lacks); and each forward run on meta
-tensors, which raises on any host read (static_check.run_on_meta)."""
+"""The rules of fuse_attn.compile.ops_math (and the onnx_ops rules it extends), each lowered from a
+one-node graph and compared with onnxruntime running that graph (onnx's reference evaluator for
+an op onnxruntime lacks); and each forward run on meta tensors, which raises on any host read
+(static_check.run_on_meta)."""
 
 from __future__ import annotations
 
@@ -201,9 +201,6 @@ OTHERS = [
          attrs={"axis": 1, "mode": "circular"}, opset=24, id="TensorScatter-circular"),
     case("TensorScatter", {"cache": normal(2, 6, 4), "update": normal(2, 3, 4)}, attrs={"axis": -2}, opset=24,
          id="TensorScatter-prefill"),
-    case("CenterCropPad", {"x": normal(5, 4, 3)}, constants={"shape": i64(2, 7)}, attrs={"axes": [0, -2]}),
-    case("CenterCropPad", {"x": RNG.integers(0, 9, (4, 6), dtype=np.int32)}, constants={"shape": i64(3, 9)},
-         id="CenterCropPad-int32-odd"),
     *[case("TfIdfVectorizer", {"x": x}, attrs=dict(
         min_gram_length=low, max_gram_length=2, max_skip_count=skip, mode=mode, ngram_counts=[0, 4],
         ngram_indexes=[0, 1, 2, 3, 4, 5, 6], pool_int64s=[2, 3, 5, 4, 5, 6, 7, 8, 6, 7],

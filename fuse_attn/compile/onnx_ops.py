@@ -419,26 +419,6 @@ def slice_(node, args):
     return fn, [args[0]]
 
 
-@rule("CenterCropPad")
-def center_crop_pad(node, args):
-    """Each listed axis cropped or zero-padded to its target size, centred (the odd element at the end)."""
-    s = args[0].shape
-    targets = args[1].ints("shape")
-    axes = [_axis(a, len(s)) for a in node.attrs.get("axes", range(len(s)))]
-    index: list[Any] = [slice(None)] * len(s)
-    begin, end = [0] * len(s), [0] * len(s)
-    for axis, size in zip(axes, targets):
-        if size < s[axis]:
-            start = (s[axis] - size) // 2
-            index[axis] = slice(start, start + size)
-        else:
-            begin[axis] = (size - s[axis]) // 2
-            end[axis] = size - s[axis] - begin[axis]
-    index_t = tuple(index)
-    torch_pads = [p for axis in reversed(range(len(s))) for p in (begin[axis], end[axis])]  # last dim first
-    return (lambda x: F.pad(x[index_t], torch_pads)), [args[0]]
-
-
 @rule("Trilu")
 def trilu(node, args):
     k = args[1].ints("k")[0] if _present(args, 1) is not None else 0
