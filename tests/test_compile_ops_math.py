@@ -306,3 +306,10 @@ def test_initializer_of_a_type_torch_lacks_is_refused_in_one_line():
                               [helper.make_empty_tensor_value_info("y")], [x])
     with pytest.raises(LoweringError, match="float8e4m3fn are not supported"):
         lower(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), [], sdpa_attention)
+
+
+def test_onehot_depth_from_the_model_file_allocates_nothing_at_lowering():
+    """depth is data in the (untrusted) model: lowering keeps no table of that size."""
+    c = Case("OneHot", {"indices": i64(1, 2)}, constants={"depth": i64(2 ** 40), "values": np.array([0, 1], np.float32)})
+    module = lowered(c)
+    assert sum(b.numel() for b in module.buffers()) < 100

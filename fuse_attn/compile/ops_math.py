@@ -212,15 +212,17 @@ def one_hot(node, args):
         raise LoweringError(f"depth {depth}")
     axis = _axis(node.attrs.get("axis", -1), len(s) + 1)
     # Positions 0..depth-1 along the output's axis; indices out of [-depth, depth) match none.
-    # Float indices are truncated to integers, as onnxruntime does.
-    positions = torch.arange(depth).reshape((depth,) + (1,) * (len(s) - axis))
+    # Float indices are truncated to integers, as onnxruntime does. The positions are made in
+    # forward: depth is a value in the model file, and lowering allocates nothing by it.
+    positions_shape = (depth,) + (1,) * (len(s) - axis)
 
-    def fn(indices, values, positions):
+    def fn(indices, values):
+        positions = torch.arange(depth, device=indices.device).reshape(positions_shape)
         indices = indices.to(torch.int64)
         indices = torch.where(indices < 0, indices + depth, indices).unsqueeze(axis)
         return torch.where(indices == positions, values[1], values[0])
 
-    return fn, [args[0], args[2], Arg.constant(positions)]
+    return fn, [args[0], args[2]]
 
 
 @rule("Hardmax")
