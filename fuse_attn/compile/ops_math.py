@@ -370,11 +370,11 @@ def _spread(node, x_shape: tuple[int, ...], param: Arg):
             p_shape[i] != x_shape[i] for i in range(rank) if i != axis):
         raise LoweringError(f"a scale of shape {p_shape} for an input of shape {x_shape} in blocks of {block} "
                             f"on axis {axis}")
-    repeated = p_shape[:axis + 1] + (block,) + p_shape[axis + 1:]
-    flat = p_shape[:axis] + (blocks * block,) + p_shape[axis + 1:]
+    length = x_shape[axis]
 
-    def fn(p):  # each value repeated block times along axis, the last block cut to x's length
-        return p.unsqueeze(axis + 1).expand(repeated).reshape(flat).narrow(axis, 0, x_shape[axis])
+    def fn(p):  # element i along axis reads value i // block (a table of x's length, not block's)
+        source = torch.div(torch.arange(length, device=p.device), block, rounding_mode="floor")
+        return torch.index_select(p, axis, source)
 
     return fn
 
