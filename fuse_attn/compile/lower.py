@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from fuse_attn.compile import onnx_ops
-from fuse_attn.compile import ops_spatial  # noqa: F401  (registers its rules in onnx_ops.RULES)
+from fuse_attn.compile import ops_math, ops_sequence, ops_spatial  # noqa: F401 - they register their rules in onnx_ops.RULES
 from fuse_attn.compile.constraints import FlashPlan
 from fuse_attn.compile.onnx_ops import Arg, LoweringError, array_to_torch, tensor_proto_to_torch, torch_dtype
 from fuse_attn.ir import contract

@@ -65,10 +65,11 @@ def array_to_torch(array: np.ndarray) -> torch.Tensor:
 
 
 def tensor_proto_to_torch(tensor: onnx.TensorProto) -> torch.Tensor:
+    dtype = torch_dtype(tensor.data_type)  # a type torch lacks (float8, int4) is refused before it is read
     array = numpy_helper.to_array(tensor)
     if tensor.data_type == TensorProto.BFLOAT16 and array.dtype == np.uint16:  # older onnx: raw bits
         return torch.from_numpy(array.view(np.int16).copy()).view(torch.bfloat16)
-    return array_to_torch(array).to(torch_dtype(tensor.data_type))
+    return array_to_torch(array).to(dtype)
 
 
 @dataclasses.dataclass
@@ -146,22 +147,22 @@ def _present(args: list, i: int) -> Arg | None:
 
 # --- elementwise ------------------------------------------------------------------------------------
 
-_UNARY = {
+UNARY = {
     "Abs": torch.abs, "Neg": torch.neg, "Exp": torch.exp, "Log": torch.log, "Sqrt": torch.sqrt,
     "Reciprocal": torch.reciprocal, "Sin": torch.sin, "Cos": torch.cos, "Tan": torch.tan, "Tanh": torch.tanh,
     "Sigmoid": torch.sigmoid, "Relu": torch.relu, "Erf": torch.erf, "Floor": torch.floor, "Ceil": torch.ceil,
     "Round": torch.round, "Sign": torch.sign, "Not": torch.logical_not, "IsNaN": torch.isnan, "Softplus": F.softplus,
 }
-_BINARY = {
+BINARY = {
     "Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Equal": torch.eq, "Less": torch.lt,
     "LessOrEqual": torch.le, "Greater": torch.gt, "GreaterOrEqual": torch.ge, "And": torch.logical_and,
     "Or": torch.logical_or, "Xor": torch.logical_xor,
 }
 
 
-@rule(*_UNARY)
+@rule(*UNARY)
 def unary(node, args):
-    return _UNARY[node.op_type], [args[0]]
+    return UNARY[node.op_type], [args[0]]
 
 
 @rule("Identity", "Dropout")
@@ -173,9 +174,9 @@ def identity(node, args):  # Dropout at inference; its mask output is all True
     return (lambda x: (x, torch.ones_like(x, dtype=torch.bool))), [args[0]]
 
 
-@rule(*_BINARY)
+@rule(*BINARY)
 def binary(node, args):
-    return _BINARY[node.op_type], args[:2]
+    return BINARY[node.op_type], args[:2]
 
 
 @rule("Div")
@@ -571,53 +572,88 @@ def gather_nd(node, args):
 # --- reductions and normalisations ------------------------------------------------------------------
 
 
-@rule("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd")
+def _over_dims(op):
+    """op(x, dims, keepdim=) as a reduction over `dims`, the identity over none (what ONNX's
+    noop_with_empty_axes reduces; torch would read an empty dim list as every dim)."""
+    return lambda x, dims, keep: op(x, dims, keepdim=keep) if dims else x
+
+
+def _prod(x, dims, keepdim):
+    for d in reversed(dims):  # torch.prod takes one dim
+        x = torch.prod(x, d, keepdim=keepdim)
+    return x
+
+
+reduce_sum = _over_dims(torch.sum)
+
+# ReduceX -> fn(x, dims, keep) over the sorted dims (none: only its elementwise part). ops_math adds more.
+REDUCTIONS: dict[str, Callable] = {
+    "ReduceMean": _over_dims(torch.mean), "ReduceSum": reduce_sum, "ReduceProd": _over_dims(_prod),
+    "ReduceMax": _over_dims(torch.amax), "ReduceMin": _over_dims(torch.amin),
+}
+
+
+def _lowest(dtype: torch.dtype):
+    return False if dtype == torch.bool else -math.inf if dtype.is_floating_point else torch.iinfo(dtype).min
+
+
+def _highest(dtype: torch.dtype):
+    return True if dtype == torch.bool else math.inf if dtype.is_floating_point else torch.iinfo(dtype).max
+
+
+# torch refuses max and min over a zero extent; ONNX gives the type's lowest (highest) value.
+EMPTY_REDUCTION = {"ReduceMax": _lowest, "ReduceMin": _highest}
+
+
+@rule(*REDUCTIONS)
 def reduce(node, args):
-    s = args[0].shape
+    s, dtype = args[0].shape, args[0].dtype
     in_input = node.opset >= 18 or (node.op_type == "ReduceSum" and node.opset >= 13)
     axes = (_present(args, 1).ints("axes") if _present(args, 1) is not None else None) if in_input \
         else (list(node.attrs["axes"]) if "axes" in node.attrs else None)
     keep = bool(node.attrs.get("keepdims", 1))
     if not axes:
-        if node.attrs.get("noop_with_empty_axes", 0):
-            return (lambda x: x), [args[0]]
-        axes = list(range(len(s)))
+        axes = [] if node.attrs.get("noop_with_empty_axes", 0) else list(range(len(s)))
     dims = sorted(_axis(a, len(s)) for a in axes)
-
-    def fn(x):
-        if node.op_type == "ReduceMean":
-            return torch.mean(x, dims, keepdim=keep)
-        if node.op_type == "ReduceSum":
-            return torch.sum(x, dims, keepdim=keep)
-        if node.op_type == "ReduceProd":
-            for d in reversed(dims):
-                x = torch.prod(x, d, keepdim=keep)
-            return x
-        return (torch.amax if node.op_type == "ReduceMax" else torch.amin)(x, dims, keepdim=keep)
-
-    return fn, [args[0]]
+    op = REDUCTIONS[node.op_type]
+    if node.op_type in EMPTY_REDUCTION and any(s[d] == 0 for d in dims):
+        out_shape = tuple(1 if i in dims else d for i, d in enumerate(s) if keep or i not in dims)
+        fill = EMPTY_REDUCTION[node.op_type](dtype)
+        return (lambda: torch.full(out_shape, fill, dtype=dtype)), []
+    return (lambda x: op(x, dims, keep).to(dtype)), [args[0]]  # torch sums small ints to int64
 
 
 @rule("ArgMax", "ArgMin")
 def arg_max(node, args):
-    axis = node.attrs.get("axis", 0)
+    s = args[0].shape
+    axis = _axis(node.attrs.get("axis", 0), len(s))
     keep = bool(node.attrs.get("keepdims", 1))
-    if node.attrs.get("select_last_index", 0):
-        raise LoweringError(f"{node.op_type} with select_last_index")
     op = torch.argmax if node.op_type == "ArgMax" else torch.argmin
-    return (lambda x: op(x, axis, keepdim=keep)), [args[0]]
+    if not node.attrs.get("select_last_index", 0):
+        return (lambda x: op(x, axis, keepdim=keep)), [args[0]]
+    last = s[axis] - 1  # torch gives the first of equal extremes: search the flipped axis
+
+    return (lambda x: last - op(torch.flip(x, [axis]), axis, keepdim=keep)), [args[0]]
 
 
-@rule("CumSum")
-def cumsum(node, args):
-    axis = _axis(args[1].ints("axis")[0], len(args[0].shape))
+# CumX -> (the running op, its identity): an exclusive scan starts at the identity.
+CUMULATIVE: dict[str, tuple[Callable, int]] = {"CumSum": (torch.cumsum, 0)}
+
+
+@rule(*CUMULATIVE)
+def cumulative(node, args):
+    s = args[0].shape
+    axis = _axis(args[1].ints("axis")[0], len(s))
     exclusive, reverse = node.attrs.get("exclusive", 0), node.attrs.get("reverse", 0)
+    op, identity = CUMULATIVE[node.op_type]
+    n = s[axis]
 
     def fn(x):
         y = torch.flip(x, [axis]) if reverse else x
-        out = torch.cumsum(y, axis)
-        if exclusive:
-            out = out - y
+        out = op(y, axis, dtype=x.dtype)  # torch would sum int32 into int64
+        if exclusive and n:  # shifted by one (not out - y: exact, and CumProd cannot divide by zeros)
+            first = torch.full_like(out.narrow(axis, 0, 1), identity)
+            out = torch.cat([first, out.narrow(axis, 0, n - 1)], axis)
         return torch.flip(out, [axis]) if reverse else out
 
     return fn, [args[0]]
