@@ -125,3 +125,25 @@ def test_nonpad_kv_seqlen_is_a_runtime_input_without_host_reads():
         np.testing.assert_allclose(got, run_onnxruntime(model, feeds)[0], atol=1e-5)
         results.append(got)
     assert np.abs(results[0] - results[1]).max() > 1e-2  # the value changed the result
+
+
+@pytest.mark.parametrize("mode", [0, 1, 2, 3])
+def test_qk_matmul_output_modes_match_onnxruntime(mode):
+    """Mode 0 is the raw QK product even with a softcap (the spec and onnxruntime; onnx's Python
+    reference soft-caps it, and no node case has that combination)."""
+    f = TensorProto.FLOAT
+    node = helper.make_node("Attention", ["Q", "K", "V", "mask"], ["Y", "", "", "qk"], softcap=2.0,
+                            qk_matmul_output_mode=mode)
+    graph = helper.make_graph([node], "g", [*(helper.make_tensor_value_info(n, f, [1, 2, 5, 4]) for n in "QKV"),
+                                            helper.make_tensor_value_info("mask", TensorProto.BOOL, [5, 5])],
+                              [helper.make_tensor_value_info(n, f, None) for n in ("Y", "qk")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+    rng = np.random.default_rng(mode)
+    feeds = {n: (rng.normal(size=(1, 2, 5, 4)) * 2.5).astype(np.float32) for n in "QKV"}
+    feeds["mask"] = rng.random((5, 5)) < 0.7
+    module = lower(model, [], None)
+    got = module(*[to_torch(feeds[n]) for n in module.input_names])
+    for g, want in zip(got, run_onnxruntime(model, feeds)):
+        # onnxruntime writes a masked-out score as float32's lowest; the spec and onnx's cases, -inf
+        want = np.where(want <= np.finfo(np.float32).min, -np.inf, want)
+        np.testing.assert_allclose(g.numpy(), want, atol=1e-5)

@@ -11,7 +11,9 @@ What it computes is the op's reference (onnx/reference/ops/op_attention.py), ste
 - GQA: each kv head repeated q_num_heads / kv_num_heads times in place (h0, h0, h1, h1, ...);
 - scores = QK^T, softcap * tanh(scores / softcap), + bias, softmax (in softmax_precision when
   given), a query row whose bias is all -inf gives zeros (not NaN), then @ V;
-- the optional 4th output is the scores at the step qk_matmul_output_mode names.
+- the optional 4th output is the scores at the step qk_matmul_output_mode names. Mode 0 is the
+  raw QK product, as the spec and onnxruntime say (onnx's Python reference returns it soft-capped;
+  no node case has mode 0 with a softcap).
 Every shape is fixed at lowering; nonpad_kv_seqlen, the one value-dependent input, only feeds
 tensor comparisons, so forward has no host reads.
 """
@@ -25,7 +27,7 @@ import torch
 from fuse_attn.compile.onnx_ops import LoweringError, _present, rule, torch_dtype
 
 _RANK_3D, _RANK_4D = 3, 4
-_AFTER_SOFTCAP_AND_BIAS, _AFTER_SOFTMAX = 2, 3
+_AFTER_SOFTCAP, _AFTER_SOFTCAP_AND_BIAS, _AFTER_SOFTMAX = 1, 2, 3  # qk_matmul_output_mode (0: raw QK)
 
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -128,9 +130,11 @@ def attention(node, args):
             K = torch.repeat_interleave(K, group, dim=1)
             V = torch.repeat_interleave(V, group, dim=1)
         scores = torch.matmul(Q * sqrt_scale, (K * sqrt_scale).transpose(-1, -2))
+        qk_out = scores
         if softcap > 0:
             scores = torch.tanh(scores / softcap) * softcap
-        qk_out = scores
+        if mode == _AFTER_SOFTCAP:
+            qk_out = scores
         if bias is not None:
             scores = scores + bias
         if mode == _AFTER_SOFTCAP_AND_BIAS:
