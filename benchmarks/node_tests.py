@@ -36,14 +36,14 @@ from onnx import TensorProto, defs, numpy_helper
 
 # op -> why it is out of scope (the README's out-of-scope list is checked against these reasons).
 _REASONS = {
-    "training": "training only: losses and gradients are not part of an exported inference graph",
-    "random": "random ops: a compiled graph is deterministic, and their outputs cannot be compared",
-    "sequence": "sequence, optional, map and string values: compile lowers tensors of numbers only",
-    "data-dependent": "the output shape depends on input values, which a static graph cannot hold",
-    "signal": "signal processing (DFT, STFT, window functions): not used by the models compile targets",
-    "int-quantized": "integer-quantized conv and matmul: Inf2 runs float and bf16 matmuls",
-    "recurrent": "RNN, LSTM and GRU: recurrent loops, not what exported attention models contain",
-    "control-flow": "If, Loop and Scan: control flow is refused in one line, as the fused graph has none at top level",
+    "training": "losses, used in training; an exported inference graph has none",
+    "random": "nondeterministic, so a compiled graph's output cannot be compared with anything",
+    "sequence": "sequence, optional, map and string values; compile lowers tensors of numbers",
+    "data-dependent": "the output shape depends on input values; a traced graph has fixed shapes",
+    "signal": "signal processing (DFT, STFT, windows), absent from the models compile targets",
+    "int-quantized": "integer arithmetic on quantized operands; Inf2's compile path runs float and bf16 matmuls",
+    "recurrent": "recurrent loops over time steps, absent from exported attention models",
+    "control-flow": "control flow; compile lowers the main graph and refuses these in one line",
 }
 OUT_OF_SCOPE_OPS: dict[str, str] = {
     **dict.fromkeys(["NegativeLogLikelihoodLoss", "SoftmaxCrossEntropyLoss"], "training"),
@@ -66,8 +66,8 @@ OUT_OF_SCOPE_TYPES = {
                                         "FLOAT8E8M0", "FLOAT6E2M3", "FLOAT6E3M2", "FLOAT4E2M1", "INT4",
                                         "UINT4", "INT2", "UINT2") if hasattr(TensorProto, n)],
 }
-TYPES_REASON = ("unsigned 16-64-bit, float8/float6/4-bit/2-bit, complex and string types: no torch 2.1 "
-                "tensor type (or no kernels) for them")
+TYPES_REASON = ("unsigned 16-64-bit, float8, float6, 4-bit and 2-bit, complex and string types: exported "
+                "float models do not carry them, and torch 2.1 has no such tensor type or no kernels for it")
 
 # op -> the schema's names of inputs that are constants in exported models (shape-like operands
 # and attributes turned inputs by later opsets). In a test case they are graph inputs; compile
@@ -284,11 +284,19 @@ def _compare(got, expected: np.ndarray, rtol: float, atol: float) -> str | None:
     return None
 
 
-def run_case(case: Case) -> Result:
-    """Lower the case as compile would, run it, compare, and run its forward on meta tensors."""
+def lower_model(model: onnx.ModelProto):
+    """compile's lowering of a shape-fixed model without FlashFwd nodes."""
+    from fuse_attn.compile.lower import lower
+
+    return lower(model, [], None)
+
+
+def run_case(case: Case, convert=lower_model, what: str = "lowering") -> Result:
+    """Turn the case into a torch module as compile would (`convert`: the model -> a module taking
+    the run-time inputs in graph order), run it, compare, and run its forward on meta tensors."""
     import torch
 
-    from fuse_attn.compile.lower import LoweringError, lower, to_torch
+    from fuse_attn.compile.lower import LoweringError, to_torch
     from fuse_attn.compile.static_check import HostRead, run_on_meta
 
     if not case.data_sets:
@@ -296,18 +304,18 @@ def run_case(case: Case) -> Result:
     for inputs, expected in case.data_sets:
         model, names, runtime = as_compiled(case.model, inputs)
         try:
-            module = lower(model, [], None)
+            module = convert(model)
         except LoweringError as e:
-            return Result(case.name, case.op, False, f"lowering: {e}")
+            return Result(case.name, case.op, False, f"{what}: {e}")
         except Exception as e:  # noqa: BLE001 - reported as the case's failure
-            return Result(case.name, case.op, False, f"lowering raised {_first_line(e)}")
+            return Result(case.name, case.op, False, f"{what} raised {_first_line(e)}")
         try:
             feeds = tuple(to_torch(x) for x in runtime)
             with torch.no_grad():
                 outs = module(*feeds)
         except Exception as e:  # noqa: BLE001
             return Result(case.name, case.op, False, f"forward raised {_first_line(e)}")
-        outs = outs if isinstance(outs, tuple) else (outs,)
+        outs = tuple(outs) if isinstance(outs, (tuple, list)) else (outs,)
         if len(outs) != len(expected):
             return Result(case.name, case.op, False, f"{len(outs)} outputs, expected {len(expected)}")
         for i, (got, want) in enumerate(zip(outs, expected)):
@@ -318,7 +326,9 @@ def run_case(case: Case) -> Result:
             metas = run_on_meta(module, feeds)
         except HostRead as e:
             return Result(case.name, case.op, False, f"meta run: {_first_line(e)}")
-        metas = metas if isinstance(metas, tuple) else (metas,)
+        except Exception as e:  # noqa: BLE001 - e.g. a converter's module that cannot be copied
+            return Result(case.name, case.op, False, f"meta run raised {_first_line(e)}")
+        metas = tuple(metas) if isinstance(metas, (tuple, list)) else (metas,)
         if [tuple(m.shape) for m in metas] != [_array(w).shape for w in expected]:
             return Result(case.name, case.op, False, "meta run: output shapes differ from the CPU run's")
     return Result(case.name, case.op, True)
@@ -335,6 +345,41 @@ def per_op(results: list[Result]) -> dict[str, tuple[int, int]]:
         counts[r.op][0] += r.ok
         counts[r.op][1] += 1
     return {op: (p, t) for op, (p, t) in sorted(counts.items())}
+
+
+README_BEGIN = "<!-- node-tests: generated from tests/test_onnx_conformance.py's lists, which checks it -->"
+README_END = "<!-- /node-tests -->"
+
+
+def readme_block(cases: dict[str, int], not_yet_covered: dict[str, int], onnx_version: str) -> str:
+    """The README's account of the conformance: ops covered, case count, what is not yet, what is
+    out of scope and why."""
+    covered = sorted(op for op in cases if op not in not_yet_covered)
+    n_covered = sum(cases[op] for op in covered)
+    partial = sum(not_yet_covered.values())
+    lines = [README_BEGIN,
+             f"With onnx {onnx_version}, the lowering passes {n_covered + partial} of the "
+             f"{sum(cases.values())} in-scope node test cases: every case of these {len(covered)} ops "
+             f"({n_covered} cases):", "",
+             ", ".join(covered) + ".", ""]
+    if not_yet_covered:
+        lines += [f"Not yet covered ({len(not_yet_covered)} ops, {sum(cases[op] for op in not_yet_covered)} cases, "
+                  f"of which {partial} pass, mostly as `_expanded` graphs of ops that have rules):", "",
+                  ", ".join(sorted(not_yet_covered)) + ".", ""]
+    untested = sorted(set(in_scope_ops()) - set(cases))
+    if untested:
+        lines += [f"In scope, but onnx has no node test case for them: {', '.join(untested)}.", ""]
+    lines += ["Out of scope (a case is, when any of its nodes or declared types is):", ""]
+    by_reason: dict[str, list[str]] = collections.defaultdict(list)
+    for op, kind in OUT_OF_SCOPE_OPS.items():
+        by_reason[kind].append(op)
+    for kind, why in _REASONS.items():
+        lines.append(f"- {', '.join(sorted(by_reason[kind]))}: {why}.")
+    lines.append(f"- types: {TYPES_REASON}.")
+    lines.append("- ops outside the default domain (ai.onnx.ml, ai.onnx.preview.training, ai.onnx.preview): "
+                 "not ONNX's standard op set.")
+    lines.append(README_END)
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

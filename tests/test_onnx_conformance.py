@@ -145,3 +145,12 @@ def test_a_host_read_fails_its_cases(monkeypatch):
     monkeypatch.setitem(onnx_ops.RULES, "Relu", lambda node, args: ((lambda x: x.clamp(min=float(x.min().item() * 0))), [args[0]]))
     rows = [node_tests.run_case(c) for c in node_tests.collect(["Relu"]) if "expanded" not in c.name]
     assert rows and all(not r.ok and "item() cannot be called on meta tensors" in r.reason for r in rows), rows
+
+
+def test_readme_states_the_coverage():
+    """The README's list of covered ops, case count and out-of-scope reasons is generated from the
+    lists above: on a mismatch, paste the block this prints."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    block = node_tests.readme_block(CASES, NOT_YET_COVERED, ONNX_VERSION)
+    assert block in readme, "README.md's node-test block is out of date; it should read:\n" + block
