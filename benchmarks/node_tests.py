@@ -137,13 +137,13 @@ def _scope(model: onnx.ModelProto, data_sets) -> str | None:
             return f"domain {node.domain}: not the default ONNX domain"
         if node.op_type in OUT_OF_SCOPE_OPS:
             return f"{node.op_type}: {_REASONS[OUT_OF_SCOPE_OPS[node.op_type]]}"
-        if node.op_type == "Cast" or node.op_type == "EyeLike" or node.op_type == "RandomNormalLike":
-            to = next((a.i for a in node.attribute if a.name in ("to", "dtype")), None)
-            if to in OUT_OF_SCOPE_TYPES:
-                return TYPES_REASON
+        # a type named by an attribute (Cast's `to`, EyeLike's `dtype`, ...)
+        if any(a.type == onnx.AttributeProto.INT and a.name in ("to", "dtype", "output_dtype")
+               and a.i in OUT_OF_SCOPE_TYPES for a in node.attribute):
+            return TYPES_REASON
         if node.op_type == "Dropout" and len(node.input) > 2 and node.input[2]:
             inputs = [i.name for i in model.graph.input]
-            if node.input[2] in inputs and any(bool(np.asarray(ins[inputs.index(node.input[2])]))
+            if node.input[2] in inputs and any(bool(_array(ins[inputs.index(node.input[2])]))
                                                for ins, _ in data_sets):
                 return f"Dropout in training mode: {_REASONS['training']}"
     g = model.graph
