@@ -382,12 +382,28 @@ def readme_block(cases: dict[str, int], not_yet_covered: dict[str, int], onnx_ve
     return "\n".join(lines)
 
 
+def python_dict(name: str, values: dict[str, int], width: int = 110) -> str:
+    """`name = {...}` wrapped at `width`, as the test file writes its lists."""
+    lines, line = [f"{name} = {{"], "   "
+    for op, n in values.items():
+        item = f' "{op}": {n},'
+        if len(line) + len(item) > width:
+            lines.append(line)
+            line = "   "
+        line += item
+    if line.strip():
+        lines.append(line)
+    return "\n".join(lines + ["}"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--op", nargs="+", action="extend", help="only these ops (as the case's op)")
     parser.add_argument("--failures-only", action="store_true", help="list only ops with a failing case")
     parser.add_argument("--out-of-scope", action="store_true", help="list the out-of-scope cases and why, and exit")
     parser.add_argument("--json", help="write per-case results here")
+    parser.add_argument("--lists", action="store_true",
+                        help="also print CASES and NOT_YET_COVERED for tests/test_onnx_conformance.py")
     args = parser.parse_args(argv)
 
     import torch
@@ -423,6 +439,9 @@ def main(argv: list[str] | None = None) -> int:
     full = sum(1 for p, t in table.values() if p == t)
     print(f"total: {passed}/{len(results)} cases pass; {full}/{len(table)} ops pass every case"
           + (f"; in scope without a node test case: {', '.join(untested)}" if untested else ""))
+    if args.lists:
+        print(python_dict("CASES", {op: t for op, (p, t) in table.items()}))
+        print(python_dict("NOT_YET_COVERED", {op: p for op, (p, t) in table.items() if p < t}))
     if args.json:
         with open(args.json, "w") as f:
             json.dump([dataclasses.asdict(r) for r in results], f, indent=1)
