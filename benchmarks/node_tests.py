@@ -96,6 +96,9 @@ class Case:
     rtol: float
     atol: float
     out_of_scope: str | None = None  # why, or None
+    # graph inputs that are constants in exported models: for an _expanded case, those of the op it
+    # expands (its graph feeds them to the function body's own ops)
+    constant_inputs: set[str] = dataclasses.field(default_factory=set)
 
 
 @dataclasses.dataclass
@@ -165,6 +168,7 @@ def collect(ops: Iterable[str] | None = None, include_out_of_scope: bool = False
         warnings.simplefilter("ignore")  # the generators' own numpy overflow warnings
         raw = collect_testcases()
     single = {c.name: c.model.graph.node[0].op_type for c in raw if len(c.model.graph.node) == 1}
+    single_constants = {c.name: _constant_operand_names(c.model) for c in raw if len(c.model.graph.node) == 1}
     wanted = set(ops) if ops else None
     default_ops = _default_ops()
     out = []
@@ -174,7 +178,8 @@ def collect(ops: Iterable[str] | None = None, include_out_of_scope: bool = False
         op = single.get(base) or single.get(c.name) or c.model.graph.node[0].op_type
         if wanted is not None and op not in wanted:
             continue
-        case = Case(c.name, op, c.model, list(c.data_sets or []), c.rtol, c.atol)
+        constants = _constant_operand_names(c.model) | single_constants.get(base, set())
+        case = Case(c.name, op, c.model, list(c.data_sets or []), c.rtol, c.atol, constant_inputs=constants)
         if op in OUT_OF_SCOPE_OPS:
             case.out_of_scope = f"{op}: {_REASONS[OUT_OF_SCOPE_OPS[op]]}"
         elif op not in default_ops:
@@ -209,13 +214,12 @@ def _array(value) -> np.ndarray:
     return numpy_helper.to_array(value) if isinstance(value, onnx.TensorProto) else np.asarray(value)
 
 
-def as_compiled(model: onnx.ModelProto, inputs: list) -> tuple[onnx.ModelProto, list[str], list]:
-    """`model` as compile sees it: constant operands as initializers, every other input's shape fixed
-    to the case's. Returns the model, and the run-time input names and values."""
+def as_compiled(model: onnx.ModelProto, inputs: list, constant: set[str]) -> tuple[onnx.ModelProto, list[str], list]:
+    """`model` as compile sees it: the `constant` inputs as initializers, every other input's shape
+    fixed to the case's. Returns the model, and the run-time input names and values."""
     model_copy = onnx.ModelProto()
     model_copy.CopyFrom(model)
     graph = model_copy.graph
-    constant = _constant_operand_names(model_copy)
     inits = {t.name for t in graph.initializer}
     values = dict(zip([i.name for i in graph.input if i.name not in inits], inputs))
     kept, names, runtime = [], [], []
@@ -302,7 +306,7 @@ def run_case(case: Case, convert=lower_model, what: str = "lowering") -> Result:
     if not case.data_sets:
         return Result(case.name, case.op, False, "the case has no data")
     for inputs, expected in case.data_sets:
-        model, names, runtime = as_compiled(case.model, inputs)
+        model, names, runtime = as_compiled(case.model, inputs, case.constant_inputs)
         try:
             module = convert(model)
         except LoweringError as e:

@@ -61,7 +61,7 @@ NOT_YET_COVERED = {
     "Acos": 0, "Acosh": 0, "AffineGrid": 0, "ArgMax": 8, "ArgMin": 8, "Asin": 0, "Asinh": 0, "Atan": 0,
     "Atanh": 0, "AveragePool": 0, "BatchNormalization": 0, "BitCast": 0, "BitShift": 0,
     "BitwiseAnd": 0, "BitwiseNot": 0, "BitwiseOr": 0, "BitwiseXor": 0, "CausalConvWithState": 13, "Celu": 0,
-    "CenterCropPad": 0, "Col2Im": 0, "ConvTranspose": 0, "Cosh": 0, "CumProd": 0, "CumSum": 7,
+    "CenterCropPad": 6, "Col2Im": 0, "ConvTranspose": 0, "Cosh": 0, "CumProd": 0, "CumSum": 7,
     "DeformConv": 0, "DepthToSpace": 2, "DequantizeLinear": 0, "Det": 0, "DynamicQuantizeLinear": 0, "Elu": 3,
     "EyeLike": 0, "GlobalAveragePool": 0, "GlobalMaxPool": 0, "GridSample": 0, "GroupNormalization": 2,
     "HardSigmoid": 3, "HardSwish": 0, "Hardmax": 0, "InstanceNormalization": 0, "IsInf": 0, "LRN": 0,
