@@ -77,3 +77,31 @@ def test_compile_simulate_zoo_model(name, built, tmp_path):
                 assert rel_err <= MIXED_RTOL, (output, abs_err, rel_err)
             else:
                 assert abs_err <= FP32_OFF_ATOL, (output, abs_err, rel_err)
+
+
+def _has_attention_op(entry: dict) -> bool:
+    """torch's dynamo exporter at opset 23 writes scaled_dot_product_attention as the Attention op."""
+    return entry["exporter"] == "dynamo" and (entry.get("opset") or 0) >= 23 and entry.get("attn_impl") == "sdpa"
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("name", [e["name"] for e in models.load_manifest()["models"] if _has_attention_op(e)])
+def test_unfused_attention_op_model_compiles(name, built):
+    """Every Attention block left alone (here: the model as exported, nothing fused) lowers as plain
+    attention (compile/attention_op.py): one static graph that matches onnxruntime."""
+    zm = built[name]
+    assert zm.ok, f"not built: {zm.error}"
+    given = {n: tuple(spec["shape"]) for n, spec in zm.entry["inputs"].items()}
+    model = shapes.fix_input_shapes(onnx.load(zm.path), given)
+    assert any(n.op_type == "Attention" for n in model.graph.node)
+    feeds = shapes.example_feeds(model, seed=0)
+    reference = run_onnxruntime(model, feeds)
+    module = lower(model, [], None)
+    outs = run_on_meta(module, tuple(to_torch(feeds[n]) for n in module.input_names))
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    assert [tuple(o.shape) for o in outs] == [r.shape for r in reference]
+    for output, abs_err, rel_err in compare_with_onnxruntime(model, module, feeds, reference):
+        if zm.entry["dtype"] != "float32":
+            assert rel_err <= MIXED_RTOL, (output, abs_err, rel_err)
+        else:
+            assert abs_err <= FP32_OFF_ATOL, (output, abs_err, rel_err)

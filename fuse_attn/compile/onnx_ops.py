@@ -813,3 +813,7 @@ def conv(node, args):
         return conv_fn(x, w, b, strides, pads_begin if symmetric else 0, dilations, groups)
 
     return fn, args[:2] + ([bias] if bias is not None else [])
+
+
+# Rules kept in modules of their own register themselves into RULES when imported.
+from fuse_attn.compile import attention_op  # noqa: E402,F401
