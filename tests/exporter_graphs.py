@@ -44,10 +44,12 @@ def _weights(rng, rows: int, cols: int, gain: float = 1.0) -> np.ndarray:
 
 def _decoder_body(g: Nodes, rng, *, layers: int, heads: int, head_dim: int, vocab: int, with_past: bool,
                   mask_from: str, past_dim: str, out_prefix: str = "",
-                  position_table: int | None = None) -> list[onnx.ValueInfoProto]:
+                  position_table: int | None = None, sliced_positions: bool = True,
+                  window: int | None = None) -> list[onnx.ValueInfoProto]:
     """The decoder's nodes in `g` (weights as initializers in `g`); returns the output infos.
     `position_table`: rows of a learned position embedding added to the token embedding, read as
-    CLIP's text model does (position_ids a Slice of a fixed (1, rows) range buffer by seq)."""
+    CLIP's text model does (position_ids a Slice of a fixed (1, rows) range buffer by seq), or
+    with `sliced_positions=False` added whole. `window`: keys further back than this are masked."""
     hid = heads * head_dim
     total_dim = f"{past_dim} + sequence_length" if with_past else "sequence_length"
     outputs = []
@@ -62,6 +64,8 @@ def _decoder_body(g: Nodes, rng, *, layers: int, heads: int, head_dim: int, voca
     q_pos = g.op("Unsqueeze", [g.op("Range", [past_len, total, i64_1], "cache_position"), g.i64([1])], "q_pos")
     k_pos = g.op("Unsqueeze", [g.op("Range", [i64_0, total, i64_1], "k_range"), g.i64([0])], "k_pos")
     allowed = g.op("LessOrEqual", [k_pos, q_pos], "causal")
+    if window is not None:
+        allowed = g.op("And", [allowed, g.op("Less", [g.op("Sub", [q_pos, k_pos]), g.i64(window)])], "windowed")
     if mask_from == "attention_mask":
         pad = g.op("Unsqueeze", [g.op("Cast", ["attention_mask"], "pad", to=TensorProto.BOOL), g.i64([1, 2])], "pad4")
         allowed = g.op("And", [allowed, pad], "allowed")
@@ -69,11 +73,14 @@ def _decoder_body(g: Nodes, rng, *, layers: int, heads: int, head_dim: int, voca
                           g.init(np.float32(np.finfo(np.float32).min), "min_f")], "bias")
     x = g.op("Gather", [g.init(rng.normal(size=(vocab, hid)).astype(np.float32), "wte"), "input_ids"], "x", axis=0)
     if position_table is not None:
-        ends = g.op("Unsqueeze", [seq_len, g.i64([0])], "seq_1d")
-        position_ids = g.op("Slice", [g.init(np.arange(position_table, dtype=np.int64)[None], "position_ids_buffer"),
-                                      g.i64([0]), ends, g.i64([1])], "position_ids")
-        positions = g.op("Gather", [g.init(rng.normal(size=(position_table, hid)).astype(np.float32), "wpe"),
-                                    position_ids], "position_embeds", axis=0)
+        wpe = g.init(rng.normal(size=(position_table, hid)).astype(np.float32), "wpe")
+        if sliced_positions:
+            ends = g.op("Unsqueeze", [seq_len, g.i64([0])], "seq_1d")
+            position_ids = g.op("Slice", [g.init(np.arange(position_table, dtype=np.int64)[None],
+                                                 "position_ids_buffer"), g.i64([0]), ends, g.i64([1])], "position_ids")
+            positions = g.op("Gather", [wpe, position_ids], "position_embeds", axis=0)
+        else:
+            positions = wpe
         x = g.op("Add", [x, positions], "embeddings")
     split = g.i64([0, 0, heads, head_dim], "split_shape")
     merge = g.i64([0, 0, hid], "merge_shape")
@@ -160,15 +167,17 @@ def decoder_without_past(layers: int = 2, heads: int = 4, head_dim: int = 16, vo
 
 
 def clip_text_encoder(positions: int = 128, layers: int = 2, heads: int = 4, head_dim: int = 16, vocab: int = 50,
-                      opset: int = 14, seed: int = 0):
+                      opset: int = 14, seed: int = 0, sliced: bool = True, window: int | None = None):
     """CLIP's text model as optimum exports it: input_ids (batch_size, sequence_length), token
     embeddings plus a `positions`-row position table read by `position_ids = buffer[:, :seq]`
     (a Slice of a fixed (1, positions) range), causal self-attention computed from shapes. The
     graph runs only while sequence_length <= positions: past it the Slice stops at `positions`
-    rows and the Add of the embeddings cannot broadcast."""
+    rows and the Add of the embeddings cannot broadcast. `sliced=False`: the whole table is
+    added, so the graph runs only at sequence_length = positions. `window`: a sliding window."""
     g = Nodes()
     outputs = _decoder_body(g, np.random.default_rng(seed), layers=layers, heads=heads, head_dim=head_dim,
-                            vocab=vocab, with_past=False, mask_from="none", past_dim="", position_table=positions)
+                            vocab=vocab, with_past=False, mask_from="none", past_dim="", position_table=positions,
+                            sliced_positions=sliced, window=window)
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"])]
     graph = helper.make_graph(g.nodes, "clip_text", inputs, outputs, initializer=g.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="pytorch")
