@@ -26,7 +26,8 @@ def _diff(a: onnx.ModelProto, b: onnx.ModelProto, seq: int) -> float:
     return max(float(np.abs(x - y).max()) for x, y in zip(_outputs(a, seq), _outputs(b, seq)))
 
 
-@pytest.mark.parametrize("positions", [128, 100, 64, 16])
+# 170: past the second sample (96 + 64), found only when the mask's proof at 2 · 96 fails.
+@pytest.mark.parametrize("positions", [170, 128, 100, 64, 16])
 def test_a_seq_that_slices_a_fixed_table_is_proven_below_it(positions):
     model = clip_text_encoder(positions=positions)
     fused, report = fuse(model)
@@ -48,6 +49,16 @@ def test_the_samples_stay_at_or_below_the_table():
     assert evaluator.at_seq(2 * first).binding["sequence_length"] == 128
     for at in (evaluator, evaluator.varied(), evaluator.at_seq(2 * first)):
         assert at.shape_of(probes[0])[-1] == at.binding["sequence_length"]
+
+
+def test_a_limit_past_the_second_sample_is_found_when_the_longer_proof_fails():
+    graph = Graph(clip_text_encoder(positions=170))
+    evaluator = Evaluator.tied_for_graph(graph, {}, [n.outputs[0] for n in graph.nodes if n.op_type == "Softmax"])
+    assert evaluator.caps == {} and evaluator.varied().binding["sequence_length"] == 160
+    assert evaluator.at_seq(192).binding["sequence_length"] == 192
+    assert evaluator.admitted_at_seq(192).binding["sequence_length"] == 170
+    assert evaluator.caps == {"sequence_length": 170} and evaluator.at_seq(192).binding["sequence_length"] == 170
+    assert evaluator.admitted_at_seq(192) is None  # nothing further to find
 
 
 def test_a_table_shorter_than_the_first_sample_moves_both_samples_below_it():

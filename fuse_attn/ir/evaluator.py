@@ -183,6 +183,15 @@ def _cap_of(pairs, binding: dict[str, int], ties: dict, caps: dict[str, int]) ->
     return None
 
 
+def _slices_a_fixed_table(graph: Graph) -> bool:
+    """Whether a Slice cuts a constant table at bounds computed in the graph (CLIP's
+    `position_ids = buffer[:, :seq]`): what makes a graph run only up to a fixed size."""
+    return any(node.op_type == "Slice" and node.domain in DEFAULT_DOMAINS and node.inputs[0] is not None
+               and node.inputs[0].is_constant()
+               and any(v is not None and not v.is_constant() for v in node.inputs[1:3])
+               for node in graph.all_nodes())
+
+
 def _first_conflict(evaluator: "Evaluator", probes: list[Value]) -> tuple[ShapeConflict, Value] | None:
     for value in probes:
         try:
@@ -263,10 +272,15 @@ class Evaluator:
             evaluator.probes = probes
             return evaluator
 
+        # Whether a limit may lie between the two samples: the second is then checked to run (a
+        # walk of the whole graph, which graphs without such a table do not pay).
+        limited = _slices_a_fixed_table(graph)
         while True:
             evaluator = new(caps)
             found = _first_conflict(evaluator, probes)
             varied = evaluator.varied()
+            if found is None and not limited:
+                return evaluator
             if found is None:  # the second sample must run too: a limit between the two shows there
                 found = _first_conflict(varied, probes)
                 if found is None:
@@ -303,23 +317,32 @@ class Evaluator:
             ties[tie[0]] = tie[1]
 
     def at_seq(self, seq: int) -> "Evaluator":
-        """The same graph with its symbolic seq lengths bound to `seq` (and up); one per seq.
-        Where the graph admits a symbol only up to a fixed size, up to that size: the limit is
-        found as in `tied_for_graph`, and kept for every later binding."""
+        """The same graph with its symbolic seq lengths bound to `seq` (and up); one per seq. A
+        symbol the graph admits only up to a known limit (`caps`) is bound at most there."""
         if seq not in self._rebound:
-            other = self._bound_at(seq, self.caps)
-            for _ in range(MAX_TIES):
-                found = _first_conflict(other, self.probes)
-                cap = None if found is None else _cap_of(found[0].pairs, other.binding, self.ties, self.caps)
-                if cap is None:
-                    break
-                trial = self._bound_at(seq, {**self.caps, cap[0]: cap[1]})
-                if not _runs_past(trial, found[1], found[0]):
-                    break
-                self.caps[cap[0]] = cap[1]
-                other = trial
-            self._rebound[seq] = other
+            self._rebound[seq] = self._bound_at(seq, self.caps)
         return self._rebound[seq]
+
+    def admitted_at_seq(self, seq: int) -> "Evaluator | None":
+        """After a proof failed at `at_seq(seq)`: if that binding is past a limit the graph puts
+        on a symbol (found as in `tied_for_graph`, from every probe's shape), the evaluator at
+        the limit — it replaces `at_seq(seq)`, and the limit holds for every later binding —
+        else None. Only on failure: probing walks the whole graph at that binding."""
+        other, found_any = self.at_seq(seq), False
+        for _ in range(MAX_TIES):
+            found = _first_conflict(other, self.probes)
+            cap = None if found is None else _cap_of(found[0].pairs, other.binding, self.ties, self.caps)
+            if cap is None:
+                break
+            trial = self._bound_at(seq, {**self.caps, cap[0]: cap[1]})
+            if not _runs_past(trial, found[1], found[0]):
+                break
+            self.caps[cap[0]] = cap[1]
+            other, found_any = trial, True
+        if not found_any:
+            return None
+        self._rebound[seq] = other
+        return other
 
     def _bound_at(self, seq: int, caps: dict[str, int]) -> "Evaluator":
         other = Evaluator.for_graph(self.graph, self.declared_inputs, seq, self.ties, mask_inputs=self.mask_inputs,
