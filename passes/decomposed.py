@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
+import ml_dtypes  # onnx's own dependency: finfo of float16 and bfloat16 alike
+from onnx import helper
+
 from fuse_attn.ir.evaluator import DependsOnInput, Evaluator, Unprovable
 from fuse_attn.passes._graph import NotFused
 from fuse_attn.passes.find_attention import match_attention
@@ -25,6 +30,19 @@ def _check_never_true(condition, evaluator: Evaluator) -> None:
         if value.astype(bool).any():
             raise NotFused(f"the probabilities are zeroed where '{condition.name}' holds (fully masked rows), "
                            "which the kernel does not do")
+
+
+def renorm_note(dtype: int) -> str:
+    """What a renormalised softmax (flax: softmax over every key, Mul by the mask, divided by the
+    row sum) computes where it differs from the kernel's softmax over the visible keys: when the
+    masked scores exceed every visible one by more than exp's range, the visible probabilities
+    underflow before the renormalisation could restore them."""
+    finfo = ml_dtypes.finfo(helper.tensor_dtype_to_np_dtype(dtype))
+    imprecise, zero = -math.log(float(finfo.tiny)), -math.log(float(finfo.smallest_subnormal))
+    name = helper.tensor_dtype_to_np_dtype(dtype).name
+    return (f"renormalised softmax: exact while the original's softmax keeps some mass on the visible keys; where "
+            f"masked scores exceed every visible one by more than about {imprecise:.0f} in {name}, its visible "
+            f"probabilities underflow (to 0 beyond about {zero:.0f}, where the original returns zeros)")
 
 
 def plan_decomposed(softmax, evaluator: Evaluator, opset: int) -> FusionPlan:
@@ -57,4 +75,6 @@ def plan_decomposed(softmax, evaluator: Evaluator, opset: int) -> FusionPlan:
     )
     for condition in match.prob_guards:  # after the mask: a mask read from an input says so first
         _check_never_true(condition, evaluator)
+    if any(step.kind == "renorm" for step in match.score_steps):
+        plan.notes.append(renorm_note(evaluator.dtype_of(softmax.outputs[0])))
     return plan
