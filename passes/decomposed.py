@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import math
 
-import ml_dtypes  # onnx's own dependency: finfo of float16 and bfloat16 alike
-from onnx import helper
+from onnx import TensorProto
 
 from fuse_attn.ir.evaluator import DependsOnInput, Evaluator, Unprovable
 from fuse_attn.passes._graph import NotFused
@@ -32,14 +31,19 @@ def _check_never_true(condition, evaluator: Evaluator) -> None:
                            "which the kernel does not do")
 
 
+# The softmax's dtype: its name, the exponent of its smallest normal number and its mantissa bits.
+_FLOAT_RANGES = {TensorProto.FLOAT: ("float32", -126, 23), TensorProto.FLOAT16: ("float16", -14, 10),
+                 TensorProto.BFLOAT16: ("bfloat16", -126, 7), TensorProto.DOUBLE: ("float64", -1022, 52)}
+
+
 def renorm_note(dtype: int) -> str:
     """What a renormalised softmax (flax: softmax over every key, Mul by the mask, divided by the
     row sum) computes where it differs from the kernel's softmax over the visible keys: when the
     masked scores exceed every visible one by more than exp's range, the visible probabilities
     underflow before the renormalisation could restore them."""
-    finfo = ml_dtypes.finfo(helper.tensor_dtype_to_np_dtype(dtype))
-    imprecise, zero = -math.log(float(finfo.tiny)), -math.log(float(finfo.smallest_subnormal))
-    name = helper.tensor_dtype_to_np_dtype(dtype).name
+    name, exponent, mantissa = _FLOAT_RANGES.get(dtype, _FLOAT_RANGES[TensorProto.FLOAT])
+    # exp(-gap) is below the smallest normal number from gap = -exponent·ln 2, and 0 past the smallest subnormal.
+    imprecise, zero = -exponent * math.log(2), -(exponent - mantissa) * math.log(2)
     return (f"renormalised softmax: exact while the original's softmax keeps some mass on the visible keys; where "
             f"masked scores exceed every visible one by more than about {imprecise:.0f} in {name}, its visible "
             f"probabilities underflow (to 0 beyond about {zero:.0f}, where the original returns zeros)")

@@ -272,7 +272,7 @@ def overload_for(attrs: FlashFwdAttrs, dtype: int) -> str:
     values = attrs.as_onnx_attributes()
     words = [f"{name}={np.float32(values[name])}" if isinstance(values[name], float) else f"{name}={values[name]}"
              for name in _BODY_ATTRS]
-    return ",".join(words + [f"dtype={helper.tensor_dtype_to_np_dtype(dtype).name}"])
+    return ",".join(words + [f"dtype={TensorProto.DataType.Name(dtype).lower()}"])
 
 
 def make_function(opset: int, dtype: int | None = None, attrs: FlashFwdAttrs | None = None) -> onnx.FunctionProto:
