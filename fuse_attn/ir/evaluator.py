@@ -277,6 +277,7 @@ class Evaluator:
         limited = _slices_a_fixed_table(graph)
         while True:
             evaluator = new(caps)
+            evaluator.limited = limited
             found = _first_conflict(evaluator, probes)
             varied = evaluator.varied()
             if found is None and not limited:
@@ -327,7 +328,10 @@ class Evaluator:
         """After a proof failed at `at_seq(seq)`: if that binding is past a limit the graph puts
         on a symbol (found as in `tied_for_graph`, from every probe's shape), the evaluator at
         the limit — it replaces `at_seq(seq)`, and the limit holds for every later binding —
-        else None. Only on failure: probing walks the whole graph at that binding."""
+        else None. Only on failure, and only in a graph that may have a limit (`limited`): probing
+        walks the whole graph at that binding."""
+        if not self.limited:
+            return None
         other, found_any = self.at_seq(seq), False
         for _ in range(MAX_TIES):
             found = _first_conflict(other, self.probes)
@@ -381,6 +385,7 @@ class Evaluator:
         # evaluators of one graph: found at one binding, it holds at all of them).
         self.caps = {} if caps is None else caps
         self.probes: list[Value] = []  # values whose shapes show a binding the graph cannot run
+        self.limited = False  # whether the graph slices a fixed table by a computed bound (a seq limit)
         self.binding = binding
         self._dim_expressions: dict[str, int | None] = {}
         self.declared_inputs = declared_inputs or {}
