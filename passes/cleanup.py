@@ -37,8 +37,11 @@ def declare_flash_fwd(model: onnx.ModelProto, dtype: int | None = None) -> None:
             model.functions.append(contract.make_function(opset, dtype))
         return
     for node in _flash_fwd_nodes(model.graph):
-        attrs = contract.FlashFwdAttrs.from_onnx_attributes(
-            {a.name: helper.get_attribute_value(a) for a in node.attribute})
+        try:
+            attrs = contract.FlashFwdAttrs.from_onnx_attributes(
+                {a.name: helper.get_attribute_value(a) for a in node.attribute})
+        except (KeyError, TypeError, ValueError):
+            continue  # a node the input brought and this pass cannot read: left as it came
         node.overload = contract.overload_for(attrs, dtype)
         if node.overload not in declared:
             model.functions.append(contract.make_function(opset, dtype, attrs))

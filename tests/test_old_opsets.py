@@ -157,3 +157,20 @@ def test_overload_names_the_attributes_the_body_reads():
     assert contract.overload_for(dataclasses.replace(attrs, seq_tile_size=None), onnx.TensorProto.FLOAT16) == name
     with pytest.raises(ValueError, match="attributes"):
         contract.make_function(11, onnx.TensorProto.FLOAT)
+
+
+def test_a_flashfwd_node_the_input_brought_without_its_attributes_is_left_as_it_came():
+    """Below opset 12 every FlashFwd node is pointed at the body for its attributes; one that
+    came with the input and lacks them is passed through, and the block beside it still fuses."""
+    built = build(AttnSpec(opset=11, seq=16))
+    model = built.model
+    stray = onnx.helper.make_node(contract.OP_TYPE, ["x", "x", "x"], ["stray_out"], domain=contract.DOMAIN,
+                                  name="stray")
+    model.graph.node.append(stray)
+    model.graph.output.append(onnx.helper.make_tensor_value_info("stray_out", onnx.TensorProto.FLOAT, None))
+    model.opset_import.append(onnx.helper.make_opsetid(contract.DOMAIN, contract.VERSION))
+    fused, report = fuse_model(model)
+    assert report.fused == 1 and report.already_fused == 1
+    (kept,) = [n for n in fused.graph.node if n.name == "stray"]
+    assert kept.overload == "" and not kept.attribute
+    assert len([f for f in fused.functions if f.name == contract.OP_TYPE]) == 1
