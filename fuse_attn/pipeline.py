@@ -112,9 +112,9 @@ def fuse_graph(graph: Graph, *, name: str = "model", assume_no_padding: bool = F
             anchor.graph.replace_uses(old, new)
         report.blocks.append(_block_report(anchor, plan, flash, inserted))
     if report.fused:
-        declare_flash_fwd(graph.model, function_dtype.dtype)
         remove_dead_nodes(graph)
         graph.to_model()
+        declare_flash_fwd(graph.model, function_dtype.dtype)
     report.transposes_added = sum(b.transposes_added for b in report.blocks)
     report.transposes_net = sum(is_op(n, "Transpose") for n in graph.all_nodes()) - transposes_before
     report.assumptions = [f"graph input '{n}' is all ones (--assume-no-padding): it reaches a mask"

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
+from onnx import TensorProto
+
 from fuse_attn.ir.evaluator import DependsOnInput, Evaluator, Unprovable
 from fuse_attn.passes._graph import NotFused
 from fuse_attn.passes.find_attention import match_attention
@@ -25,6 +29,24 @@ def _check_never_true(condition, evaluator: Evaluator) -> None:
         if value.astype(bool).any():
             raise NotFused(f"the probabilities are zeroed where '{condition.name}' holds (fully masked rows), "
                            "which the kernel does not do")
+
+
+# The softmax's dtype: its name, the exponent of its smallest normal number and its mantissa bits.
+_FLOAT_RANGES = {TensorProto.FLOAT: ("float32", -126, 23), TensorProto.FLOAT16: ("float16", -14, 10),
+                 TensorProto.BFLOAT16: ("bfloat16", -126, 7), TensorProto.DOUBLE: ("float64", -1022, 52)}
+
+
+def renorm_note(dtype: int) -> str:
+    """What a renormalised softmax (flax: softmax over every key, Mul by the mask, divided by the
+    row sum) computes where it differs from the kernel's softmax over the visible keys: when the
+    masked scores exceed every visible one by more than exp's range, the visible probabilities
+    underflow before the renormalisation could restore them."""
+    name, exponent, mantissa = _FLOAT_RANGES.get(dtype, _FLOAT_RANGES[TensorProto.FLOAT])
+    # exp(-gap) is below the smallest normal number from gap = -exponent·ln 2, and 0 past the smallest subnormal.
+    imprecise, zero = -exponent * math.log(2), -(exponent - mantissa) * math.log(2)
+    return (f"renormalised softmax: exact while the original's softmax keeps some mass on the visible keys; where "
+            f"masked scores exceed every visible one by more than about {imprecise:.0f} in {name}, its visible "
+            f"probabilities underflow (to 0 beyond about {zero:.0f}, where the original returns zeros)")
 
 
 def plan_decomposed(softmax, evaluator: Evaluator, opset: int) -> FusionPlan:
@@ -57,4 +79,6 @@ def plan_decomposed(softmax, evaluator: Evaluator, opset: int) -> FusionPlan:
     )
     for condition in match.prob_guards:  # after the mask: a mask read from an input says so first
         _check_never_true(condition, evaluator)
+    if any(step.kind == "renorm" for step in match.score_steps):
+        plan.notes.append(renorm_note(evaluator.dtype_of(softmax.outputs[0])))
     return plan

@@ -77,6 +77,9 @@ def check_softmax_axis(softmax: Node, opset: int, rank: int | None) -> None:
     if axis == -1 or (rank is not None and axis == rank - 1):
         return
     where = f"axis {axis}" + (f" of a rank-{rank} tensor" if rank is not None else "")
+    if opset < 13:  # Softmax-1/11 coerces its input to 2D: one row is every axis from `axis` on
+        raise NotFused(f"softmax over {where} at opset {opset}, which normalises axes {axis}.. together "
+                       "(Softmax coerces to 2D before opset 13): only the last axis is a row softmax", softmax)
     raise NotFused(f"softmax over {where}, not the last (key) axis", softmax)
 
 

@@ -191,7 +191,11 @@ def _check_mask_at_longer_seq(score_steps, query: Value, seq_axis: int, reading:
     (name,) = in_model_dims(evaluator, lambda ev: (ev.shape_of(query)[seq_axis],))
     try:
         again = read_scores(score_steps(seq, seq), at_longer, seq, seq)
-    except NotFused as exc:
+    except (NotFused, Unprovable) as exc:
+        if evaluator.admitted_at_seq(longer) is not None:  # past a limit the graph has: again, at the limit
+            return _check_mask_at_longer_seq(score_steps, query, seq_axis, reading, evaluator)
+        if isinstance(exc, Unprovable):
+            raise
         raise NotFused(f"with seq {name} at {seq}: {exc.reason}") from None
     if again != reading:
         raise NotFused(f"the mask reads as {reading} with seq {name} at {sample} but {again} at {seq}")

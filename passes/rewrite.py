@@ -15,11 +15,15 @@ from fuse_attn.passes.layout import Source
 from fuse_attn.passes.plan import FusionPlan
 
 
-def _axis_one(graph: Graph, name: str, protos: list) -> str:
-    out = graph.unique_name(f"{name}_axes")
-    protos.append(helper.make_node("Constant", [], [out], name=out,
-                                   value=numpy_helper.from_array(np.array([1], dtype=np.int64), out)))
-    return out
+def _on_axis_one(graph: Graph, op_type: str, value: str, out: str, name: str, protos: list) -> None:
+    """Unsqueeze or Squeeze of axis 1: the axes are an input from opset 13, an attribute before."""
+    if graph.opset < 13:
+        protos.append(helper.make_node(op_type, [value], [out], name=graph.unique_name(name), axes=[1]))
+        return
+    axes = graph.unique_name(f"{name}_axes")
+    protos.append(helper.make_node("Constant", [], [axes], name=axes,
+                                   value=numpy_helper.from_array(np.array([1], dtype=np.int64), axes)))
+    protos.append(helper.make_node(op_type, [value, axes], [out], name=graph.unique_name(name)))
 
 
 def _gather_heads(graph: Graph, value: str, order, name: str, protos: list) -> str:
@@ -42,8 +46,7 @@ def _kernel_input(graph: Graph, source: Source, name: str, protos: list) -> str:
         value = out
     if source.unsqueeze:
         out = graph.unique_name(f"{name}_heads")
-        protos.append(helper.make_node("Unsqueeze", [value, _axis_one(graph, name, protos)], [out],
-                                       name=graph.unique_name(f"{name}_unsqueeze")))
+        _on_axis_one(graph, "Unsqueeze", value, out, f"{name}_unsqueeze", protos)
         value = out
     return value
 
@@ -72,8 +75,7 @@ def emit_flash_fwd(graph: Graph, plan: FusionPlan, name: str) -> tuple[Node, Val
         result = _gather_heads(graph, result, inverse, f"{name}_o_ungrouped", protos)
     if plan.squeeze_heads:  # batched heads ran as h = 1: (b·h, 1, s, d) -> (b·h, s, d)
         squeezed = graph.unique_name(f"{name}_o_batched")
-        protos.append(helper.make_node("Squeeze", [result, _axis_one(graph, f"{name}_o", protos)], [squeezed],
-                                       name=graph.unique_name(f"{name}_o_squeeze")))
+        _on_axis_one(graph, "Squeeze", result, squeezed, f"{name}_o_squeeze", protos)
         result = squeezed
     if plan.output_perm is not None:  # an Einsum wrote the output's axes in another order
         ordered = graph.unique_name(f"{name}_o_ordered")

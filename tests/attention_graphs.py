@@ -483,6 +483,18 @@ class _Graph:
 
     def op(self, op_type: str, inputs: list[str], hint: str | None = None, n_out: int = 1, **attrs):
         outs = [self.name(hint or op_type.lower()) for _ in range(n_out)]
+        if op_type in ("Unsqueeze", "Squeeze", "ReduceSum") and self.spec.model_opset < 13 and len(inputs) > 1:
+            # Before opset 13 the axes are an attribute (written here from the constant axes input).
+            axes = next(t for t in self.inits if t.name == inputs[1])
+            inputs, attrs = inputs[:1], {**attrs, "axes": numpy_helper.to_array(axes).reshape(-1).tolist()}
+        if op_type in ("LessOrEqual", "GreaterOrEqual") and self.spec.model_opset < 12:
+            # Not before opset 12: exporters wrote Not(Greater) / Not(Less).
+            strict = self.op("Greater" if op_type == "LessOrEqual" else "Less", inputs, f"{hint or 'cmp'}_strict")
+            return self.op("Not", [strict], hint)
+        if op_type == "Dropout" and self.spec.model_opset < 12 and len(inputs) > 1:
+            # Before opset 12 the ratio is an attribute, and there is no training mode.
+            ratio = next(t for t in self.inits if t.name == inputs[1])
+            inputs, attrs = inputs[:1], {**attrs, "ratio": float(numpy_helper.to_array(ratio))}
         self.nodes.append(helper.make_node(op_type, inputs, outs, name=self.name("n_" + op_type), **attrs))
         return outs[0] if n_out == 1 else outs
 

@@ -43,8 +43,13 @@ def _weights(rng, rows: int, cols: int, gain: float = 1.0) -> np.ndarray:
 
 
 def _decoder_body(g: Nodes, rng, *, layers: int, heads: int, head_dim: int, vocab: int, with_past: bool,
-                  mask_from: str, past_dim: str, out_prefix: str = "") -> list[onnx.ValueInfoProto]:
-    """The decoder's nodes in `g` (weights as initializers in `g`); returns the output infos."""
+                  mask_from: str, past_dim: str, out_prefix: str = "",
+                  position_table: int | None = None, sliced_positions: bool = True,
+                  window: int | None = None) -> list[onnx.ValueInfoProto]:
+    """The decoder's nodes in `g` (weights as initializers in `g`); returns the output infos.
+    `position_table`: rows of a learned position embedding added to the token embedding, read as
+    CLIP's text model does (position_ids a Slice of a fixed (1, rows) range buffer by seq), or
+    with `sliced_positions=False` added whole. `window`: keys further back than this are masked."""
     hid = heads * head_dim
     total_dim = f"{past_dim} + sequence_length" if with_past else "sequence_length"
     outputs = []
@@ -59,12 +64,24 @@ def _decoder_body(g: Nodes, rng, *, layers: int, heads: int, head_dim: int, voca
     q_pos = g.op("Unsqueeze", [g.op("Range", [past_len, total, i64_1], "cache_position"), g.i64([1])], "q_pos")
     k_pos = g.op("Unsqueeze", [g.op("Range", [i64_0, total, i64_1], "k_range"), g.i64([0])], "k_pos")
     allowed = g.op("LessOrEqual", [k_pos, q_pos], "causal")
+    if window is not None:
+        allowed = g.op("And", [allowed, g.op("Less", [g.op("Sub", [q_pos, k_pos]), g.i64(window)])], "windowed")
     if mask_from == "attention_mask":
         pad = g.op("Unsqueeze", [g.op("Cast", ["attention_mask"], "pad", to=TensorProto.BOOL), g.i64([1, 2])], "pad4")
         allowed = g.op("And", [allowed, pad], "allowed")
     bias = g.op("Where", [allowed, g.init(np.float32(0.0), "zero_f"),
                           g.init(np.float32(np.finfo(np.float32).min), "min_f")], "bias")
     x = g.op("Gather", [g.init(rng.normal(size=(vocab, hid)).astype(np.float32), "wte"), "input_ids"], "x", axis=0)
+    if position_table is not None:
+        wpe = g.init(rng.normal(size=(position_table, hid)).astype(np.float32), "wpe")
+        if sliced_positions:
+            ends = g.op("Unsqueeze", [seq_len, g.i64([0])], "seq_1d")
+            position_ids = g.op("Slice", [g.init(np.arange(position_table, dtype=np.int64)[None],
+                                                 "position_ids_buffer"), g.i64([0]), ends, g.i64([1])], "position_ids")
+            positions = g.op("Gather", [wpe, position_ids], "position_embeds", axis=0)
+        else:
+            positions = wpe
+        x = g.op("Add", [x, positions], "embeddings")
     split = g.i64([0, 0, heads, head_dim], "split_shape")
     merge = g.i64([0, 0, hid], "merge_shape")
     scale = g.init(np.float32(np.sqrt(head_dim)), "sqrt_d")
@@ -84,7 +101,11 @@ def _decoder_body(g: Nodes, rng, *, layers: int, heads: int, head_dim: int, voca
             k = g.op("Identity", [k_new], out=present["key"])
             v = g.op("Identity", [v_new], out=present["value"])
         scores = g.op("Div", [g.op("MatMul", [q, g.op("Transpose", [k], perm=[0, 1, 3, 2])]), scale])
-        probs = g.op("Softmax", [g.op("Add", [scores, bias])], f"probs{i}", axis=-1)
+        layer_bias = bias
+        if position_table is not None:  # transformers' causal_mask[..., :key_states.shape[-2]]
+            keys = g.op("Unsqueeze", [g.op("Gather", [g.op("Shape", [k_new]), g.i64(2)], axis=0), g.i64([0])], "keys_1d")
+            layer_bias = g.op("Slice", [bias, g.i64([0]), keys, g.i64([-1])], f"bias{i}")
+        probs = g.op("Softmax", [g.op("Add", [scores, layer_bias])], f"probs{i}", axis=-1)
         o = g.op("Reshape", [g.op("Transpose", [g.op("MatMul", [probs, v])], perm=[0, 2, 1, 3]), merge])
         x = g.op("Add", [x, g.op("MatMul", [o, g.init(_weights(rng, hid, hid), "w_o")])], f"h{i}")
         for kind in ("key", "value"):
@@ -139,6 +160,26 @@ def decoder_without_past(layers: int = 2, heads: int = 4, head_dim: int = 16, vo
     inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch_size", "sequence_length"])
               for n in ("input_ids", "attention_mask")]
     graph = helper.make_graph(g.nodes, "decoder", inputs, outputs, initializer=g.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="pytorch")
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def clip_text_encoder(positions: int = 128, layers: int = 2, heads: int = 4, head_dim: int = 16, vocab: int = 50,
+                      opset: int = 14, seed: int = 0, sliced: bool = True, window: int | None = None):
+    """CLIP's text model as optimum exports it: input_ids (batch_size, sequence_length), token
+    embeddings plus a `positions`-row position table read by `position_ids = buffer[:, :seq]`
+    (a Slice of a fixed (1, positions) range), causal self-attention computed from shapes. The
+    graph runs only while sequence_length <= positions: past it the Slice stops at `positions`
+    rows and the Add of the embeddings cannot broadcast. `sliced=False`: the whole table is
+    added, so the graph runs only at sequence_length = positions. `window`: a sliding window."""
+    g = Nodes()
+    outputs = _decoder_body(g, np.random.default_rng(seed), layers=layers, heads=heads, head_dim=head_dim,
+                            vocab=vocab, with_past=False, mask_from="none", past_dim="", position_table=positions,
+                            sliced_positions=sliced, window=window)
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"])]
+    graph = helper.make_graph(g.nodes, "clip_text", inputs, outputs, initializer=g.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="pytorch")
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
@@ -23,8 +24,14 @@ OP_TYPE = "FlashFwd"
 VERSION = 1
 
 # The oldest default-domain opset the pass reads and the function body is written for
-# (Constant value_int/value_float, which carry the node's attributes into the body).
-MIN_OPSET = 12
+# (ConstantOfShape, NonZero, Where, and Less on int64 positions, all from opset 9).
+MIN_OPSET = 9
+# From this opset the body reads the node's attributes (Constant value_int/value_float). Below
+# it, a body is written per distinct set of the attributes it reads, with literal constants,
+# and told apart by the function's `overload` (`overload_for`), which the node names too.
+ATTRIBUTE_REF_OPSET = 12
+# Functions told apart by `overload` are an IR version 10 feature.
+OVERLOAD_IR_VERSION = 10
 # From this opset the body is dtype-generic (CastLike, Shape start/end); below it, the body is
 # written for the one dtype the model's FlashFwd nodes have.
 GENERIC_FUNCTION_OPSET = 15
@@ -155,10 +162,22 @@ def _attr_const(out: str, attr: str, kind: str) -> onnx.NodeProto:
 
 class _Body:
     """Builds the function body at one opset: the few ops whose form changed across opsets
-    (Shape start/end at 15, Unsqueeze/Squeeze axes as inputs at 13, CastLike at 15)."""
+    (Shape start/end at 15, Unsqueeze/Squeeze axes as inputs at 13, Constant value_int/value_float
+    at 12, Range at 11, Slice bounds as inputs at 10, CastLike at 15). `attrs`: the node
+    attributes written as literals, below ATTRIBUTE_REF_OPSET."""
 
-    def __init__(self, opset: int, dtype: int | None):
-        self.opset, self.dtype = opset, dtype
+    def __init__(self, opset: int, dtype: int | None, attrs: "FlashFwdAttrs | None" = None):
+        self.opset, self.dtype, self.attrs = opset, dtype, attrs
+
+    def attr_const(self, out: str, attr: str) -> onnx.NodeProto:
+        """A scalar Constant holding the node's attribute `attr` (int64 or float32)."""
+        kind = "value_float" if _ATTR_TYPES[attr] == onnx.AttributeProto.FLOAT else "value_int"
+        if self.attrs is None:
+            return _attr_const(out, attr, kind)
+        value = self.attrs.as_onnx_attributes()[attr]
+        if kind == "value_float":
+            return _const(out, value=helper.make_tensor(out, TensorProto.FLOAT, [], [value]))
+        return _const(out, value=helper.make_tensor(out, TensorProto.INT64, [], [value]))
 
     def shape_slice(self, x: str, out: str, start: int, end: int | None = None) -> list[onnx.NodeProto]:
         """Shape(x)[start:end]."""
@@ -166,6 +185,9 @@ class _Body:
             kw = {"start": start} if end is None else {"start": start, "end": end}
             return [helper.make_node("Shape", [x], [out], **kw)]
         end = end if end is not None else 2**62
+        if self.opset < 10:
+            return [helper.make_node("Shape", [x], [out + "_all"]),
+                    helper.make_node("Slice", [out + "_all"], [out], starts=[start], ends=[end], axes=[0])]
         return [
             helper.make_node("Shape", [x], [out + "_all"]),
             _const(out + "_s", value=helper.make_tensor(out + "_s", TensorProto.INT64, [1], [start])),
@@ -177,6 +199,24 @@ class _Body:
         if self.opset >= 13:
             return helper.make_node("Unsqueeze", [x, axis_name], [out])
         return helper.make_node("Unsqueeze", [x], [out], axes=[axis])
+
+    def positions(self, seq_1d: str, q_pos: str, k_pos: str) -> list[onnx.NodeProto]:
+        """Query positions (s, 1) and key positions (1, s), int64, for a seq given as a 1-D shape."""
+        if self.opset >= 11:
+            return [helper.make_node("Squeeze", [seq_1d], ["seq"]),
+                    helper.make_node("Range", ["zero", "seq", "one"], ["pos"]),
+                    self.unsqueeze("pos", "axis1", 1, q_pos),
+                    self.unsqueeze("pos", "axis0", 0, k_pos)]
+        # No Range before opset 11: the indices of s ones, NonZero's (1, s).
+        ones = helper.make_tensor("ones_i", TensorProto.INT64, [1], [1])
+        return [helper.make_node("ConstantOfShape", [seq_1d], ["ones_s"], value=ones),
+                helper.make_node("NonZero", ["ones_s"], [k_pos]),
+                helper.make_node("Transpose", [k_pos], [q_pos], perm=[1, 0])]
+
+    def softmax(self, x: str, out: str) -> onnx.NodeProto:
+        # Before opset 13 Softmax flattens the axes from `axis` on: axis 3 of the (b, h, s, s)
+        # scores is a row softmax, and written as 3 it is valid before opset 11 (no negative axes).
+        return helper.make_node("Softmax", [x], [out], axis=-1 if self.opset >= 13 else 3)
 
     def cast_like_data(self, x: str, out: str) -> onnx.NodeProto:
         """x in the dtype of the data inputs (q, the scores)."""
@@ -190,7 +230,7 @@ class _Body:
             # fuses a training-mode dropout (dropout_p > 0) from opset 12's training input.
             return [helper.make_node("Identity", [probs], [out])]
         return [
-            _attr_const("dropout_f", "dropout_p", "value_float"),
+            self.attr_const("dropout_f", "dropout_p"),
             _const("zero_f", value=helper.make_tensor("zero_f", TensorProto.FLOAT, [], [0.0])),
             helper.make_node("Greater", ["dropout_f", "zero_f"], ["training"]),
             # ratio is its own type (T1: no bfloat16): it stays float32 whatever the inputs are.
@@ -221,10 +261,26 @@ def function_dtype(function: onnx.FunctionProto) -> int | None:
                  for a in n.attribute if a.name == "to"), None)
 
 
-def make_function(opset: int, dtype: int | None = None) -> onnx.FunctionProto:
+# The attributes the body reads; the others (seq_tile_size, mixed_precision, key_bias_column)
+# change only how the kernel runs or where the data sits.
+_BODY_ATTRS = ("num_heads", "num_kv_heads", "softmax_scale", "use_causal_mask", "dropout_p")
+
+
+def overload_for(attrs: FlashFwdAttrs, dtype: int) -> str:
+    """The function overload that serves a node with `attrs` and data `dtype` below
+    ATTRIBUTE_REF_OPSET: one per distinct set of the attributes the body reads."""
+    values = attrs.as_onnx_attributes()
+    words = [f"{name}={np.float32(values[name])}" if isinstance(values[name], float) else f"{name}={values[name]}"
+             for name in _BODY_ATTRS]
+    return ",".join(words + [f"dtype={TensorProto.DataType.Name(dtype).lower()}"])
+
+
+def make_function(opset: int, dtype: int | None = None, attrs: FlashFwdAttrs | None = None) -> onnx.FunctionProto:
     """The reference semantics of FlashFwd, in the default domain at `opset` (>= MIN_OPSET),
     so that the model keeps its own opset. Below GENERIC_FUNCTION_OPSET there is no CastLike:
     the body is written for `dtype` (a TensorProto enum), the one its FlashFwd nodes have.
+    Below ATTRIBUTE_REF_OPSET a body cannot read the node's attributes: it is written for
+    `attrs`, as the overload `overload_for(attrs, dtype)`.
 
     Full-precision and unfused: it exists so that a fused model runs, and can be diffed against
     the original, on any ONNX runtime. `mixed_precision` only changes the kernel's rounding.
@@ -233,7 +289,10 @@ def make_function(opset: int, dtype: int | None = None) -> onnx.FunctionProto:
         raise ValueError(f"FlashFwd's function needs opset >= {MIN_OPSET}, got {opset}")
     if opset < GENERIC_FUNCTION_OPSET and dtype is None:
         raise ValueError(f"FlashFwd's function at opset {opset} (no CastLike) needs the data dtype")
-    body = _Body(opset, dtype)
+    if opset < ATTRIBUTE_REF_OPSET and attrs is None:
+        raise ValueError(f"FlashFwd's function at opset {opset} (no Constant value_int/value_float) "
+                         "is written for one set of node attributes: pass them")
+    body = _Body(opset, dtype, attrs if opset < ATTRIBUTE_REF_OPSET else None)
     i64 = TensorProto.INT64
     nodes = [
         _const("axis2", value=helper.make_tensor("axis2", i64, [1], [2])),
@@ -242,39 +301,36 @@ def make_function(opset: int, dtype: int | None = None) -> onnx.FunctionProto:
         _const("one", value=helper.make_tensor("one", i64, [], [1])),
         _const("axis0", value=helper.make_tensor("axis0", i64, [1], [0])),
         _const("axis1", value=helper.make_tensor("axis1", i64, [1], [1])),
-        _attr_const("heads", "num_heads", "value_int"),
-        _attr_const("kv_heads", "num_kv_heads", "value_int"),
+        body.attr_const("heads", "num_heads"),
+        body.attr_const("kv_heads", "num_kv_heads"),
         helper.make_node("Div", ["heads", "kv_heads"], ["group"]),
         helper.make_node("Reshape", ["group", "axis1"], ["group_1d"]),
         helper.make_node("Reshape", ["heads", "axis1"], ["heads_1d"]),
         # q (b, h, d, s) -> (b, h, s, d), scaled before QK^T as the kernel does.
         helper.make_node("Transpose", ["q"], ["q_bhsd"], perm=[0, 1, 3, 2]),
-        _attr_const(_SCALE_F, "softmax_scale", "value_float"),
+        body.attr_const(_SCALE_F, "softmax_scale"),
         body.cast_like_data(_SCALE_F, "scale"),
         helper.make_node("Mul", ["q_bhsd", "scale"], ["q_scaled"]),
         *body.repeat_kv("k", "k_rep"),
         helper.make_node("MatMul", ["q_scaled", "k_rep"], ["scores"]),  # (b, h, s, s)
         # Top-left causal mask: query i sees keys j <= i; masked scores get the kernel's value.
         *body.shape_slice("q", "seq_1d", 3, 4),
-        helper.make_node("Squeeze", ["seq_1d"], ["seq"]),
-        helper.make_node("Range", ["zero", "seq", "one"], ["pos"]),
-        body.unsqueeze("pos", "axis1", 1, "q_pos"),
-        body.unsqueeze("pos", "axis0", 0, "k_pos"),
+        *body.positions("seq_1d", "q_pos", "k_pos"),
         helper.make_node("Less", ["q_pos", "k_pos"], ["above_diag"]),
         helper.make_node("Not", ["above_diag"], ["below_diag"]),
-        _attr_const("causal_i", "use_causal_mask", "value_int"),
+        body.attr_const("causal_i", "use_causal_mask"),
         helper.make_node("Cast", ["causal_i"], ["causal"], to=TensorProto.BOOL),
         helper.make_node("Not", ["causal"], ["not_causal"]),
         helper.make_node("Or", ["below_diag", "not_causal"], ["keep"]),
         _const("mask_f", value=helper.make_tensor("mask_f", TensorProto.FLOAT, [], [KERNEL_MASK_VALUE])),
         body.cast_like_data("mask_f", "mask_value"),
         helper.make_node("Where", ["keep", "scores", "mask_value"], ["masked"]),
-        helper.make_node("Softmax", ["masked"], ["probs"], axis=-1),
+        body.softmax("masked", "probs"),
         *body.dropout("probs", "dropped"),
         *body.repeat_kv("v", "v_rep"),
         helper.make_node("MatMul", ["dropped", "v_rep"], ["o"]),
     ]
-    return helper.make_function(
+    function = helper.make_function(
         DOMAIN,
         OP_TYPE,
         inputs=["q", "k", "v", "seed"],
@@ -283,3 +339,6 @@ def make_function(opset: int, dtype: int | None = None) -> onnx.FunctionProto:
         opset_imports=[helper.make_opsetid("", opset)],
         attributes=list(_ATTR_TYPES),
     )
+    if body.attrs is not None:
+        function.overload = overload_for(attrs, dtype)
+    return function

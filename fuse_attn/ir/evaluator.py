@@ -110,11 +110,14 @@ BATCH_SAMPLE = 2
 FIRST_SEQ_SAMPLE, SEQ_SAMPLE_STEP = 96, 8
 
 
-def sample_binding(graph: Graph, seq: int = FIRST_SEQ_SAMPLE) -> dict[str, int]:
+def sample_binding(graph: Graph, seq: int = FIRST_SEQ_SAMPLE, caps: dict[str, int] | None = None,
+                   *, below_caps: bool = False) -> dict[str, int]:
     """A concrete size for every free symbolic dim: those of the graph inputs (axis 0 is batch).
 
     Symbols that only intermediate values carry (shape inference's `unk__N`) are not free:
-    the evaluator infers them from the inputs instead of inventing a size.
+    the evaluator infers them from the inputs instead of inventing a size. `caps`: the largest
+    size the graph admits for a symbol (`_cap_of`); a size is taken at most there, and with
+    `below_caps` below it, leaving room for a second, larger sample (`Evaluator.varied`).
     """
     binding: dict[str, int] = {}
     others = 0
@@ -128,10 +131,14 @@ def sample_binding(graph: Graph, seq: int = FIRST_SEQ_SAMPLE) -> dict[str, int]:
                 if symbol in binding:
                     continue
                 if axis == 0:
-                    binding[symbol] = BATCH_SAMPLE
+                    size, room = BATCH_SAMPLE, 1
                 else:
-                    binding[symbol] = seq + SEQ_SAMPLE_STEP * others
+                    size, room = seq + SEQ_SAMPLE_STEP * others, 1 + SEQ_SAMPLE_STEP * others
                     others += 1
+                cap = (caps or {}).get(symbol)
+                if cap is not None:
+                    size = max(1, min(size, cap - room if below_caps else cap))
+                binding[symbol] = size
     return binding
 
 
@@ -149,6 +156,55 @@ def _tie(binding: dict[str, int], ties: dict[str, str | int]) -> dict[str, int]:
     for symbol, partner in ties.items():
         out[symbol] = partner if isinstance(partner, int) else out[partner]
     return out
+
+
+def _cap_of(pairs, binding: dict[str, int], ties: dict, caps: dict[str, int]) -> tuple[str, int] | None:
+    """A size limit that explains a conflict: a free symbol's sample against a smaller size no
+    symbol has (a fixed extent), as where a seq slices a fixed table that stops short of it
+    (CLIP's `position_ids = buffer[:, :seq]` of 128 rows, added to seq token embeddings). The
+    caller checks the limit: below it the conflict must be gone (else the graph ties the symbol
+    to that size, which `_explain` finds)."""
+    owners: dict[int, list[str]] = {}
+    for symbol, size in binding.items():
+        if symbol not in ties:
+            owners.setdefault(size, []).append(symbol)
+    for a, b in pairs:
+        fixed, sample = sorted((a, b))
+        symbols = owners.get(sample, [])
+        if len(symbols) == 1 and fixed >= 1 and fixed not in owners and fixed < caps.get(symbols[0], sample + 1):
+            return symbols[0], fixed
+    return None
+
+
+def _slices_a_fixed_table(graph: Graph) -> bool:
+    """Whether a Slice cuts a constant table at bounds computed in the graph (CLIP's
+    `position_ids = buffer[:, :seq]`): what makes a graph run only up to a fixed size."""
+    return any(node.op_type == "Slice" and node.domain in DEFAULT_DOMAINS and node.inputs[0] is not None
+               and node.inputs[0].is_constant()
+               and any(v is not None and not v.is_constant() for v in node.inputs[1:3])
+               for node in graph.all_nodes())
+
+
+def _first_conflict(evaluator: "Evaluator", probes: list[Value]) -> tuple[ShapeConflict, Value] | None:
+    for value in probes:
+        try:
+            evaluator.shape_of(value)
+        except ShapeConflict as exc:
+            return exc, value
+        except Unprovable:
+            continue
+    return None
+
+
+def _runs_past(evaluator: "Evaluator", probe: Value, conflict: ShapeConflict) -> bool:
+    """Whether `probe`'s shape infers under `evaluator` without the same conflict again."""
+    try:
+        evaluator.shape_of(probe)
+    except ShapeConflict as exc:
+        return exc.node is not conflict.node
+    except Unprovable:
+        return True
+    return True
 
 
 def _explain(pairs, moved_pairs, binding: dict[str, int], moved: dict[str, int], ties: dict) -> tuple[str, str | int] | None:
@@ -182,8 +238,13 @@ class Evaluator:
 
     @classmethod
     def for_graph(cls, graph: Graph, declared_inputs=None, seq: int = FIRST_SEQ_SAMPLE,
-                  ties: dict[str, str | int] | None = None, *, mask_inputs=None) -> "Evaluator":
-        evaluator = cls(graph, _tie(sample_binding(graph, seq), ties or {}), declared_inputs, ties)
+                  ties: dict[str, str | int] | None = None, *, mask_inputs=None,
+                  caps: dict[str, int] | None = None, below_caps: bool = False) -> "Evaluator":
+        """An evaluator with every free seq symbol at `seq` (and up), at most where `caps` limit
+        it (`below_caps`: below the limit, leaving room for `varied`)."""
+        caps = {} if caps is None else caps
+        binding = sample_binding(graph, seq, caps, below_caps=below_caps)
+        evaluator = cls(graph, _tie(binding, ties or {}), declared_inputs, ties, caps)
         evaluator.mask_inputs = mask_inputs or {}
         return evaluator
 
@@ -192,24 +253,49 @@ class Evaluator:
         """An evaluator whose free symbols are tied where the graph ties them: distinct sample
         sizes that the graph cannot run with (a MatMul or broadcast between two free dims, or a
         free dim against a fixed one, say an unnamed hidden dim) are made equal, and the shapes
-        of `probes` inferred again, until they infer or no tie explains the conflict."""
+        of `probes` inferred again, until they infer or no tie explains the conflict. A symbol
+        the graph admits only up to a fixed size (a seq slicing a fixed position table) is
+        sampled at or below it (`caps`), here and at `varied` and `at_seq`."""
         ties: dict[str, str | int] = {}
+        caps: dict[str, int] = {}
+
+        def new(with_caps):
+            evaluator = cls.for_graph(graph, declared_inputs, ties=ties, mask_inputs=mask_inputs, caps=with_caps,
+                                      below_caps=True)
+            evaluator.probes = probes
+            return evaluator
+
+        # Whether a limit may lie between the two samples: the second is then checked to run (a
+        # walk of the whole graph, which graphs without such a table do not pay).
+        limited = _slices_a_fixed_table(graph)
         while True:
-            evaluator = cls.for_graph(graph, declared_inputs, ties=ties, mask_inputs=mask_inputs)
-            conflict = probe = None
-            for value in probes:
-                try:
-                    evaluator.shape_of(value)
-                except ShapeConflict as exc:
-                    conflict, probe = exc, value
-                    break
-                except Unprovable:
-                    continue
-            if conflict is None or len(ties) >= MAX_TIES:
+            evaluator = new(caps)
+            evaluator.limited = limited
+            found = _first_conflict(evaluator, probes)
+            varied = evaluator.varied()
+            if found is None and not limited:
                 return evaluator
+            if found is None:  # the second sample must run too: a limit between the two shows there
+                found = _first_conflict(varied, probes)
+                if found is None:
+                    return evaluator
+                cap = _cap_of(found[0].pairs, varied.binding, ties, caps)
+                if cap is None or len(ties) + len(caps) >= MAX_TIES:
+                    return evaluator
+                trial = new({**caps, cap[0]: cap[1]})
+                if not (_runs_past(trial, found[1], found[0]) and _runs_past(trial.varied(), found[1], found[0])):
+                    return evaluator
+                caps[cap[0]] = cap[1]
+                continue
+            conflict, probe = found
+            if len(ties) + len(caps) >= MAX_TIES:
+                return evaluator
+            cap = _cap_of(conflict.pairs, evaluator.binding, ties, caps)
+            if cap is not None and _runs_past(new({**caps, cap[0]: cap[1]}), probe, conflict):
+                caps[cap[0]] = cap[1]
+                continue
             # The same conflict with every symbol moved tells which sizes follow which symbol
             # (a size computed from the samples moves; a size the graph fixes does not).
-            varied = evaluator.varied()
             try:
                 varied.shape_of(probe)
                 return evaluator
@@ -225,12 +311,41 @@ class Evaluator:
             ties[tie[0]] = tie[1]
 
     def at_seq(self, seq: int) -> "Evaluator":
-        """The same graph with its symbolic seq lengths bound to `seq` (and up); one per seq."""
+        """The same graph with its symbolic seq lengths bound to `seq` (and up); one per seq. A
+        symbol the graph admits only up to a known limit (`caps`) is bound at most there."""
         if seq not in self._rebound:
-            other = Evaluator.for_graph(self.graph, self.declared_inputs, seq, self.ties, mask_inputs=self.mask_inputs)
-            other.declared_used = self.declared_used
-            self._rebound[seq] = other
+            self._rebound[seq] = self._bound_at(seq, self.caps)
         return self._rebound[seq]
+
+    def admitted_at_seq(self, seq: int) -> "Evaluator | None":
+        """After a proof failed at `at_seq(seq)`: if that binding is past a limit the graph puts
+        on a symbol (found as in `tied_for_graph`, from every probe's shape), the evaluator at
+        the limit — it replaces `at_seq(seq)`, and the limit holds for every later binding —
+        else None. Only on failure, and only in a graph that may have a limit (`limited`): probing
+        walks the whole graph at that binding."""
+        if not self.limited:
+            return None
+        other, found_any = self.at_seq(seq), False
+        for _ in range(MAX_TIES):
+            found = _first_conflict(other, self.probes)
+            cap = None if found is None else _cap_of(found[0].pairs, other.binding, self.ties, self.caps)
+            if cap is None:
+                break
+            trial = self._bound_at(seq, {**self.caps, cap[0]: cap[1]})
+            if not _runs_past(trial, found[1], found[0]):
+                break
+            self.caps[cap[0]] = cap[1]
+            other, found_any = trial, True
+        if not found_any:
+            return None
+        self._rebound[seq] = other
+        return other
+
+    def _bound_at(self, seq: int, caps: dict[str, int]) -> "Evaluator":
+        other = Evaluator.for_graph(self.graph, self.declared_inputs, seq, self.ties, mask_inputs=self.mask_inputs,
+                                    caps=caps)
+        other.declared_used = self.declared_used
+        return other
 
     def for_masks(self) -> "Evaluator":
         """The evaluator of mask and bias operands: this binding, plus the inputs whose contents the
@@ -240,7 +355,7 @@ class Evaluator:
             return self
         if self._for_masks is None:
             self._for_masks = Evaluator(self.graph, self.binding, {**self.declared_inputs, **self.mask_inputs},
-                                        self.ties)
+                                        self.ties, self.caps)
             self._for_masks.declared_used = self.declared_used
         return self._for_masks
 
@@ -249,15 +364,21 @@ class Evaluator:
         that comes out equal under both evaluators is fixed by the graph."""
         if self._varied is None:
             moved = {k: v * 2 if v == BATCH_SAMPLE else v + 64 for k, v in self.binding.items()}
-            self._varied = Evaluator(self.graph, _tie(moved, self.ties), self.declared_inputs, self.ties)
+            moved = {k: min(v, self.caps.get(k, v)) for k, v in moved.items()}
+            self._varied = Evaluator(self.graph, _tie(moved, self.ties), self.declared_inputs, self.ties, self.caps)
             self._varied.declared_used = self.declared_used
             self._varied.mask_inputs = self.mask_inputs
         return self._varied
 
     def __init__(self, graph: Graph, binding: dict[str, int], declared_inputs=None,
-                 ties: dict[str, str | int] | None = None):
+                 ties: dict[str, str | int] | None = None, caps: dict[str, int] | None = None):
         self.graph = graph
         self.ties = ties or {}
+        # The largest size the graph admits for a free symbol, where it has one (shared by the
+        # evaluators of one graph: found at one binding, it holds at all of them).
+        self.caps = {} if caps is None else caps
+        self.probes: list[Value] = []  # values whose shapes show a binding the graph cannot run
+        self.limited = False  # whether the graph slices a fixed table by a computed bound (a seq limit)
         self.binding = binding
         self._dim_expressions: dict[str, int | None] = {}
         self.declared_inputs = declared_inputs or {}
