@@ -160,13 +160,34 @@ def _scope(model: onnx.ModelProto, data_sets) -> str | None:
     return None
 
 
+_COLLECT_ALL = """
+import pickle, sys, warnings
+warnings.simplefilter("ignore")
+from onnx.backend.test.case.node import collect_testcases
+sys.stdout.buffer.write(pickle.dumps(collect_testcases()))
+"""
+
+
+def _all_testcases() -> list:
+    """Every node test case. onnx generates them once per process, while importing its case modules,
+    and keeps only the op_type of the first `collect_testcases(op_type)` call: after a filtered call
+    in this process (another test's), they are collected in a fresh Python."""
+    import onnx.backend.test.case.node as node_cases
+
+    if getattr(node_cases, "_TargetOpType", None) is None:
+        return node_cases.collect_testcases()
+    import pickle
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", _COLLECT_ALL], capture_output=True, check=True)
+    return pickle.loads(done.stdout)  # noqa: S301 - onnx's own test cases, from our own child process
+
+
 def collect(ops: Iterable[str] | None = None, include_out_of_scope: bool = False) -> list[Case]:
     """The node test cases (in scope unless asked), each named with the op it tests."""
-    from onnx.backend.test.case.node import collect_testcases
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the generators' own numpy overflow warnings
-        raw = collect_testcases()
+        raw = _all_testcases()
     single = {c.name: c.model.graph.node[0].op_type for c in raw if len(c.model.graph.node) == 1}
     single_constants = {c.name: _constant_operand_names(c.model) for c in raw if len(c.model.graph.node) == 1}
     wanted = set(ops) if ops else None

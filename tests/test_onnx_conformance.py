@@ -155,3 +155,16 @@ def test_readme_states_the_coverage():
         readme = f.read()
     block = node_tests.readme_block(CASES, NOT_YET_COVERED, ONNX_VERSION)
     assert block in readme, "README.md's node-test block is out of date; it should read:\n" + block
+
+
+def test_cli_prints_per_op_counts_and_failures(capsys, monkeypatch):
+    from fuse_attn.compile import onnx_ops
+
+    monkeypatch.delitem(onnx_ops.RULES, "Tanh")  # a failing op, whatever rules have landed
+    assert node_tests.main(["--op", "Relu", "Tanh"]) == 1
+    out = capsys.readouterr().out
+    assert "Relu                           2/2" in out and "Tanh                           0/2" in out
+    assert "test_tanh: lowering: Tanh node 'y': the lowering has no rule for ai.onnx.Tanh" in out
+    assert out.strip().splitlines()[-1].startswith("total: 2/4 cases pass; 1/2 ops pass every case")
+    assert node_tests.main(["--op", "NoSuchOp"]) == 2
+    assert "not default-domain ONNX ops: NoSuchOp" in capsys.readouterr().err
