@@ -47,6 +47,8 @@ class FusionPlan:
     output_perm: tuple[int, ...] | None = None
     # (old, new): once the kernel is in, readers of `old` read `new` (an op planned in a canonical form).
     rewire_after: list = dataclasses.field(default_factory=list)
+    # The key mask the key-bias column carries (None: no column; see `masks.KeyMask`).
+    key_mask: object = None
 
 
 @dataclasses.dataclass(frozen=True)
