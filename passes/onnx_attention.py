@@ -161,6 +161,7 @@ def plan_onnx_attention(node: Node, evaluator: Evaluator) -> FusionPlan:
         score_steps=score_steps,
         output=node.outputs[0],
         insert_before=node,
+        scores_follow_q=True,  # the canonical op's scores are (b, h, s_q, s_k)
     )
     plan.rewire_after = adopt
     return plan

@@ -53,6 +53,12 @@ class NodeBuilder:
             return self.op("Squeeze", [x, self.ints(axes, f"{hint}_axes")], hint)
         return self.op("Squeeze", [x], hint, axes=list(axes))
 
+    def shape(self, x: str, start: int, end: int, hint: str) -> str:
+        """Shape(x)[start:end] (Shape's start/end came at opset 15)."""
+        if self.graph.opset >= 15:
+            return self.op("Shape", [x], hint, start=start, end=end)
+        return self.slice(self.op("Shape", [x], f"{hint}_all"), [start], [end], [0], hint)
+
     def slice(self, x: str, starts: list[int], ends: list[int], axes: list[int], hint: str) -> str:
         return self.op("Slice", [x, self.ints(starts, f"{hint}_starts"), self.ints(ends, f"{hint}_ends"),
                                  self.ints(axes, f"{hint}_axes")], hint)
