@@ -80,6 +80,8 @@ class KeyMask:
     ranks: tuple[tuple[str, int], ...]  # the rank of each operand the replay reads, by value name
     masked: float = contract.KEY_BIAS_MASKED  # the bias a masked key gets (after scaling)
     dtype: int = TensorProto.FLOAT  # the block's data dtype, the column's
+    # A general per-key additive term (carried as it is) instead of a kept/masked key mask.
+    general: bool = False
 
 
 class _Tracer:
@@ -338,17 +340,36 @@ def read_with_key_mask(steps: tuple[ScoreStep, ...], evaluator: Evaluator, seq_q
                 pass
     kept = next((c for c in ("ones", "zeros") if isinstance(readings[c], ScoreReading)
                  and readings["zeros" if c == "ones" else "ones"] == "masked"), None)
-    if kept is None:
-        ones = readings["ones"]
-        said = (ones.reason if isinstance(ones, NotFused) else "every score masked" if ones == "masked"
-                else "causal" if ones.causal else "no mask")
-        raise NotFused(f"the mask from graph input '{name}' is not a key mask: with '{name}' all ones it reads as "
-                       f"{said}, and all zeros should then mask every score" + _SUFFIX)
-    ranks = []
-    for step in steps:
-        for value in _operands(step):
-            ranks.append((value.name, len(evaluator.shape_of(value))))
-    return readings[kept], KeyMask((name,), assumption, steps, scores_rank, tuple(ranks))
+    ranks = tuple((value.name, len(evaluator.shape_of(value))) for step in steps for value in _operands(step))
+    if kept is not None:
+        return readings[kept], KeyMask((name,), assumption, steps, scores_rank, ranks)
+    general = _general_term(steps, dependent, evaluator, seq_q, seq_k)
+    if general is not None:
+        return general, KeyMask((name,), None, steps, scores_rank, ranks, general=True)
+    ones = readings["ones"]
+    said = (ones.reason if isinstance(ones, NotFused) else "every score masked" if ones == "masked"
+            else "causal" if ones.causal else "no mask")
+    raise NotFused(f"the mask from graph input '{name}' is not a key mask: with '{name}' all ones it reads as "
+                   f"{said}, and all zeros should then mask every score; nor is it an additive term per key on a "
+                   "block without a mask" + _SUFFIX)
+
+
+def _general_term(steps: tuple[ScoreStep, ...], dependent, evaluator: Evaluator, seq_q: int,
+                  seq_k: int) -> ScoreReading | None:
+    """The reading of a block whose input enters only as additive terms, one per (batch entry, key),
+    on scores the other steps leave unmasked: softmax(scale·s + P·t(b, j)) with P the factors after
+    the term, which the replay at the last row gives as it is. None when that is not the form.
+
+    Only without a mask: a term added to scores an additive mask removes could bring them back."""
+    if any(step.kind not in ("add", "sub") or value is not step.operand for step, value, _ in dependent):
+        return None
+    terms = {id(step) for step, _, _ in dependent}
+    rest = tuple(dataclasses.replace(s, kind="cast") if id(s) in terms else s for s in steps)
+    try:
+        reading = read_scores(rest, evaluator, seq_q, seq_k)
+    except NotFused:
+        return None
+    return None if reading.causal else reading
 
 
 # --- the column in the fused graph -------------------------------------------------------------
@@ -403,8 +424,12 @@ def key_bias_column(nodes: NodeBuilder, key_mask: KeyMask, k: str, scale: float)
         z = nodes.unsqueeze(z, list(range(key_mask.scores_rank - rank)), "mask_z_rank")
     if key_mask.scores_rank == 3:  # (b, 1, s) -> (b, 1, 1, s)
         z = nodes.unsqueeze(z, [1], "mask_z_4d")
-    kept = nodes.op("Greater", [z, const(MASKED_AT_MOST)], "mask_kept")
-    column = nodes.op("Where", [kept, const(0.0), const(key_mask.masked / scale)], "key_bias")
+    if key_mask.general:  # the term as it is, a masked one (-inf, say) at the finite masked value
+        column = nodes.op("Div", [nodes.op("Max", [z, const(key_mask.masked)], "mask_floor"), const(scale)],
+                          "key_bias")
+    else:
+        kept = nodes.op("Greater", [z, const(MASKED_AT_MOST)], "mask_kept")
+        column = nodes.op("Where", [kept, const(0.0), const(key_mask.masked / scale)], "key_bias")
     column = nodes.op("Cast", [column], "key_bias_cast", to=key_mask.dtype)
     shape = nodes.concat([nodes.shape(k, 0, 2, "k_bk"), nodes.ints([1], "one"),
                           nodes.shape(k, 3, 4, "k_s")], 0, "key_bias_shape")

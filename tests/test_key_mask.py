@@ -397,3 +397,66 @@ def test_zoo_masked_exports_fuse_exactly_under_padding(name, zoo_log, tmp_path):
             a, b = original.run(None, feeds)[0], rewritten.run(None, feeds)[0]
             rows = visible_rows(mask, causal)
             assert _diff_on_visible(a, b, rows, 1) <= 2e-4 * max(1.0, float(np.abs(a).max())), (seq, side)
+
+
+# --- a general additive term per key, and the ONNX Attention op's attn_mask --------------------------
+
+def test_general_additive_term_per_key_is_carried_as_it_is():
+    """A float (b, s) input added to unmasked scores: no 0/1 assumption, the term rides in the column
+    as it is (a -inf or huge negative term at the finite masked value), and the report says what
+    precision it gets under mixed precision."""
+    nodes = [helper.make_node("Unsqueeze", ["key_bias", "ax12"], ["bias"])]
+    model = _block(nodes, [helper.make_tensor_value_info("key_bias", TensorProto.FLOAT, [B, S])])
+    fused, block = _fused_one(model)
+    assert block.fused and not block.causal and block.key_mask_inputs == ["key_bias"], block.reason
+    assert block.key_mask_assumption is None
+    assert any("as it is" in n and "2^-8" in n for n in block.notes), block.notes
+    rng = np.random.default_rng(3)
+    terms = rng.normal(size=(B, S)) * 3.0
+    terms[0, -4:] = -np.inf
+    terms[1, :5] = -1e30
+    feeds = _feeds(model, terms.astype(np.float32))
+    (a,), (b,) = run(model, feeds), run(fused, feeds)
+    assert np.isfinite(b).all() and float(np.abs(a - b).max()) <= TOL
+    # a wrong column (the term's sign) is caught
+    wrong = onnx.ModelProto()
+    wrong.CopyFrom(fused)
+    for n in wrong.graph.node:
+        if n.op_type == "Div" and n.output[0].endswith("_key_bias"):
+            n.op_type = "Sub"
+    assert float(np.abs(a - run(wrong, feeds)[0]).max()) > 100 * TOL
+
+
+def _attention_op(mask_nodes, mask_inputs, *, causal: bool) -> onnx.ModelProto:
+    nodes = list(mask_nodes) + [helper.make_node("Attention", ["Q", "K", "V", "attn_mask"], ["Y"],
+                                                 is_causal=int(causal))]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [B, H, S, D]) for n in "QKV"] + list(mask_inputs)
+    inits = [numpy_helper.from_array(np.array([1, 2], np.int64), "ax12"),
+             numpy_helper.from_array(np.array([1, 1, S, 1], np.int64), "rows"),
+             numpy_helper.from_array(np.array(0.0, np.float32), "zero_f"),
+             numpy_helper.from_array(np.array(-np.inf, np.float32), "neg_inf")]
+    graph = helper.make_graph(nodes, "attention_op", inputs,
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [B, H, S, D])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+    model.ir_version = 10
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@pytest.mark.parametrize("form", ["bool", "float"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_op_attn_mask_from_an_input(form, causal):
+    """The ONNX Attention op's attn_mask computed from attention_mask goes through the same proof."""
+    nodes = [helper.make_node("Unsqueeze", ["attention_mask", "ax12"], ["m4"]),
+             helper.make_node("Expand", ["m4", "rows"], ["m4s"]),  # onnxruntime wants the query axis whole
+             helper.make_node("Cast", ["m4s"], ["keep"], to=TensorProto.BOOL)]
+    if form == "float":
+        nodes.append(helper.make_node("Where", ["keep", "zero_f", "neg_inf"], ["attn_mask"]))
+    else:
+        nodes[-1].output[0] = "attn_mask"
+    model = _attention_op(nodes, [helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [B, S])],
+                          causal=causal)
+    fused, block = _fused_one(model)
+    assert block.fused and block.causal == causal and block.key_mask_inputs == ["attention_mask"], block.reason
+    for name, mask in padded_masks(B, S).items():
+        assert _block_diff(model, fused, mask, causal) <= TOL, name
