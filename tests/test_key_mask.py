@@ -236,7 +236,8 @@ def test_a_wrong_column_is_caught(causal):
 # --- the builders' padding variants and an exporter's decoder ---------------------------------------
 
 @pytest.mark.parametrize("name", ["padding_batch3_seq16", "causal_padding_gqa_batch2", "padding_symbolic",
-                                  "padding_input", "causal_plus_padding"])
+                                  "padding_input", "causal_plus_padding", "causal_padding_fp16",
+                                  "causal_padding_bf16"])
 def test_builder_padding_variants_match_under_padded_masks(name):
     spec = POSITIVE_VARIANTS[name]
     built = build(spec)
