@@ -6,19 +6,24 @@ the causal triangle rides in one extra head-dim column (`contract.FlashFwdAttrs.
 q' = [q; 1], k' = [k; bias/scale], v' = [v; 0], so the kernel's scale·q'ᵀk' adds the bias.
 
 The proof has two parts; nothing is sampled.
-1. Structure. Each score-step operand that reads the contents of a graph input is traced back to
-   it through position-wise ops (Cast, Not, Sub, Mul, Where, ...) and axis moves that never mix
-   positions (Unsqueeze, Squeeze, Expand, Transpose, a Reshape or Slice that is the identity on
-   the input's axes). Every element of the operand then reads the input at one index, and each of
-   the input's axes follows one axis of the operand; those must be the scores' batch and key axes.
+1. Structure. Each score-step operand that reads the contents of a graph input is followed back
+   to it: data movement (Unsqueeze, Reshape, Expand, Slice, Gather, GatherND, ScatterND, ...) is
+   run on index arrays, so every element of the operand is known to read one element of the input
+   (or none); position-wise ops (Cast, Not, Sub, Mul, Where, ...) must read one element at each
+   position; anything else (CumSum, reductions, MatMul, indices read from the input) is refused.
+   The element read must follow only the scores' batch and key axes, and all operands together
+   must read one element per (batch entry, key).
 2. Values. For an input that holds two values (bool, or a 0/1 token mask: the assumption is
-   named in the report), the score reading at each (batch entry, key) is a function of one
+   named in the report), the score reading at each (batch entry, key) is then a function of one
    element of the input, so reading the steps with the input all ones and all zeros covers every
-   case: one must read as no mask or top-left causal, the other must mask every score.
+   case: one must read as no mask or top-left causal, the other must mask every score. A float
+   input that enters only as an additive term per key, on a block without a mask, is carried as
+   it is.
 
-The column is computed in the fused graph from the input the model reads: the score steps are
-replayed on zero scores at the last query row, which sees every key under a top-left causal mask
-with seq_q == seq_k, with the model's own operands sliced there.
+The column is computed in the fused graph from the input the model reads: from the input itself
+when each (batch entry, key) reads element [b, j] of a (batch, seq) input, else by replaying the
+score steps on zero scores at the last query row, which sees every key under a top-left causal
+mask with seq_q == seq_k, with the model's own operands sliced there.
 """
 
 from __future__ import annotations
