@@ -63,6 +63,8 @@ def _block_report(anchor: Node, plan: FusionPlan, node: Node, inserted: list[Nod
         grid=[plan.batch, attrs.num_kv_heads], seq_tile_size=attrs.seq_tile_size,
         dropout_p=attrs.dropout_p, notes=list(plan.notes),
         transposes_added=sum(is_op(n, "Transpose") for n in inserted),
+        key_mask_inputs=list(plan.key_mask.inputs) if plan.key_mask is not None else [],
+        key_mask_assumption=plan.key_mask.assumption if plan.key_mask is not None else None,
     )
 
 

@@ -32,6 +32,10 @@ class BlockReport:
     dropout_p: float | None = None
     transposes_added: int = 0  # Transpose nodes this block's rewrite added for q, k and v
     notes: list[str] = dataclasses.field(default_factory=list)
+    # The key mask carried in the key-bias column: the graph inputs whose contents it is computed
+    # from (empty: no column), and what the proof assumes about them (None: nothing).
+    key_mask_inputs: list[str] = dataclasses.field(default_factory=list)
+    key_mask_assumption: str | None = None
 
     @property
     def block(self) -> str:
@@ -46,6 +50,10 @@ class BlockReport:
                 f"{'causal' if self.causal else 'no mask'}, grid {self.grid}")
         if self.dropout_p:
             text += f", dropout {self.dropout_p}"
+        if self.key_mask_inputs:
+            text += f", key mask from {', '.join(repr(n) for n in self.key_mask_inputs)}"
+            if self.key_mask_assumption:
+                text += f" ({self.key_mask_assumption})"
         return text + "".join(f"; {note}" for note in self.notes)
 
 
