@@ -126,7 +126,7 @@ def _signal_name(returncode: int) -> str:
 
 def _failed(status: str, problem: str) -> dict:
     return {"status": status, "exporter": "", "dtype": "", "found": None, "fused": None, "not_fused": [],
-            "blocks": [], "assumptions": [], "specialized": [], "max_err": None, "outputs": [], "seconds": None,
+            "blocks": [], "assumptions": [], "specialized": [], "max_err": None, "outputs": [], "feeds": [], "seconds": None,
             "problems": [problem]}
 
 

@@ -309,15 +309,20 @@ def test_dim_fuses_a_kv_cache_decoder_and_leaves_other_models_alone(tmp_path):
 
     proc = run_check(tmp_path, "--jobs", "2", "--dim", "past_sequence_length=0", "--assume-no-padding",
                      "--shape", "past_key_values.9.key=1x4x0x16", "--json", tmp_path / "r.json")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stderr.splitlines() == ["fuse-attn check: note: --shape past_key_values.9.key=1x4x0x16 fixed no model"]
     results = {m["model"]: m for m in json.loads((tmp_path / "r.json").read_text())["models"]}
     decoder, causal = results["decoder.onnx"], results["causal.onnx"]
-    assert decoder["ok"] and (decoder["found"], decoder["fused"]) == (2, 2), decoder
+    assert (decoder["found"], decoder["fused"]) == (2, 2), decoder
     assert decoder["specialized"] == ["past_sequence_length = 0"]
-    # Verified against the original at the specialized shapes: every output, past and present.
+    # Verified against the original at the specialized shapes: every output, past and present,
+    # with attention_mask all ones...
     assert len(decoder["outputs"]) == 5 and all(o["ok"] for o in decoder["outputs"])
-    assert decoder["max_err"] <= decoder["outputs"][0]["tolerance"]
+    assert decoder["feeds"][0]["feed"] == "all-ones" and decoder["feeds"][0]["ok"]
+    # ...and padded, which the flag's all-ones assumption gets wrong: the model is "wrong", exit 1.
+    assert [f["feed"] for f in decoder["feeds"][1:]] == ["right", "left", "random", "tiles"]
+    assert not any(f["ok"] for f in decoder["feeds"][1:]) and decoder["status"] == "wrong"
+    assert any("taken as all ones (--assume-no-padding)" in p for p in decoder["problems"]), decoder["problems"]
+    assert proc.returncode == 1, proc.stdout + proc.stderr
     assert causal["ok"] and causal["fused"] == 2 and causal["specialized"] == []
 
 
@@ -390,7 +395,8 @@ def test_a_wrong_rewrite_of_a_specialized_model_is_reported_wrong(tmp_path, monk
     a FlashFwd that drops the causal mask fails there."""
     onnx.save(kv_cache_decoder(layers=1), tmp_path / "decoder.onnx")
     options = FuseOptions(assume_no_padding=True, dims={"past_sequence_length": 0})
-    assert check_worker.check_model(str(tmp_path / "decoder.onnx"), options)["status"] == "ok"
+    # Right with attention_mask all ones (padded, the flag's assumption fails: not this test's point).
+    assert check_worker.check_model(str(tmp_path / "decoder.onnx"), options)["feeds"][0]["ok"]
     real_fuse_graph = check_worker.fuse_graph
 
     def fuse_without_causal(graph, **kwargs):
@@ -401,6 +407,7 @@ def test_a_wrong_rewrite_of_a_specialized_model_is_reported_wrong(tmp_path, monk
     monkeypatch.setattr(check_worker, "fuse_graph", fuse_without_causal)
     result = check_worker.check_model(str(tmp_path / "decoder.onnx"), options)
     assert result["status"] == "wrong" and result["fused"] == 1, result
+    assert not result["feeds"][0]["ok"]
     assert result["specialized"] == ["past_sequence_length = 0"]
 
 
