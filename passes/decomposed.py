@@ -54,6 +54,7 @@ def plan_decomposed(softmax, evaluator: Evaluator, opset: int) -> FusionPlan:
         output_perm=output_perm,
         dropout_p=match.dropout_p,
         seed=match.dropout_seed,
+        scores_follow_q=match.qk.equation is None and not match.score_moves,
     )
     for condition in match.prob_guards:  # after the mask: a mask read from an input says so first
         _check_never_true(condition, evaluator)

@@ -142,12 +142,13 @@ def _multiplier(step: ScoreStep, evaluator: Evaluator, seq_q: int, seq_k: int,
         raise NotFused(f"the scale '{step.operand.name}' is neither a constant nor computed from shapes: {exc}",
                        step.node) from None
     values = array.table if isinstance(array, Strip) else array
-    if uniform(values) is not None:
+    if uniform(values) is not None and (from_shapes or uniform(values) != 0):
         factor = scale_value(step.operand, evaluator) if from_shapes else uniform(values)
         return (1.0 / factor if factor else float("inf")) if step.divides else factor, None
     not_one = f"the scale '{step.operand.name}' is not one number (a per-head or per-position scale)"
     values = _float(values)
-    factor = uniform(values[values != 0])  # kept scores all get the same factor
+    # Kept scores all get the same factor (a mask read from an input may keep none: any factor does).
+    factor = uniform(values[values != 0]) if (values != 0).any() else 1.0
     if step.divides or factor is None or np.isnan(values).any():
         raise NotFused(not_one, step.node)
     return factor, _square(_float(array), seq_q, seq_k, "multiplicative mask", strips,
@@ -183,7 +184,34 @@ def _read_scores(steps: tuple[ScoreStep, ...], evaluator: Evaluator, seq_q: int,
     return _read(steps, evaluator, seq_q, seq_k, strips=False)
 
 
+def all_masked(steps: tuple[ScoreStep, ...], evaluator: Evaluator, seq_q: int, seq_k: int) -> bool:
+    """Whether the steps mask every score (whatever the scores are)."""
+    try:
+        return bool(_masked(steps, evaluator, seq_q, seq_k, strips=True)[1].all())
+    except NotDiagonal as exc:
+        if seq_q * seq_k > MAX_DENSE_POSITIONS:
+            raise NotFused(f"the mask is not a function of i - j ({exc}), and evaluating it whole at seq "
+                           f"{seq_q} x {seq_k} would take seq² memory") from None
+    return bool(_masked(steps, evaluator, seq_q, seq_k, strips=False)[1].all())
+
+
 def _read(steps: tuple[ScoreStep, ...], evaluator: Evaluator, seq_q: int, seq_k: int, strips: bool) -> ScoreReading:
+    square = (seq_q + seq_k - 1,) if strips else (seq_q, seq_k)
+    scale, masked = _masked(steps, evaluator, seq_q, seq_k, strips)
+    if strips:
+        causal = np.arange(-(seq_k - 1), seq_q) < 0  # j > i
+    else:
+        causal = np.triu(np.ones(square, dtype=bool), 1)
+    if not masked.any():
+        return ScoreReading(scale, causal=False)
+    if np.array_equal(masked, causal):
+        return ScoreReading(scale, causal=True)
+    raise NotFused(_describe_strip(masked, seq_q, seq_k) if strips else _describe_mask(masked, causal))
+
+
+def _masked(steps: tuple[ScoreStep, ...], evaluator: Evaluator, seq_q: int, seq_k: int,
+            strips: bool) -> tuple[float, np.ndarray]:
+    """The scale and the masked positions (a strip of diagonals, or seq_q × seq_k)."""
     scale = 1.0
     square = (seq_q + seq_k - 1,) if strips else (seq_q, seq_k)
     bias = None  # additive term on positions the scores still reach (None: zero everywhere)
@@ -246,15 +274,7 @@ def _read(steps: tuple[ScoreStep, ...], evaluator: Evaluator, seq_q: int, seq_k:
         if zeroed is not None and (zeroed & ~masked).any():
             raise NotFused("a multiplicative mask sets scores to 0 that no additive mask then removes: "
                            "they stay in the softmax as 0, which the kernel cannot compute")
-    if strips:
-        causal = np.arange(-(seq_k - 1), seq_q) < 0  # j > i
-    else:
-        causal = np.triu(np.ones(square, dtype=bool), 1)
-    if not masked.any():
-        return ScoreReading(scale, causal=False)
-    if np.array_equal(masked, causal):
-        return ScoreReading(scale, causal=True)
-    raise NotFused(_describe_strip(masked, seq_q, seq_k) if strips else _describe_mask(masked, causal))
+    return scale, masked
 
 
 def _describe_mask(masked: np.ndarray, causal: np.ndarray) -> str:

@@ -12,8 +12,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
+from fuse_attn.ir.builder import NodeBuilder
 from fuse_attn.ir.diagonal import Strip
 from fuse_attn.ir.evaluator import Evaluator, Unprovable
 from fuse_attn.ir.graph import Node, Value
@@ -97,44 +98,31 @@ def _canonical(node: Node, evaluator: Evaluator) -> tuple[Node, list[tuple[Value
     has_past = _input(node, 4) is not None or _input(node, 5) is not None
     if not three_d and not has_past:
         return node, []
-    graph, protos = node.graph, []
+    graph, nodes = node.graph, NodeBuilder(node.graph, node.name or "Attention")
 
     def heads_first(x: Value, heads: int, hint: str) -> str:
         if not three_d:
             return x.name
         if _fixed_last_dim(x, evaluator) % heads:
             raise NotFused(f"'{x.name}' has {_fixed_last_dim(x, evaluator)} features, not a multiple of {heads} heads")
-        shape, split, out = (graph.unique_name(f"{node.name}_{hint}_{s}") for s in ("shape", "split", "heads"))
-        dims = np.array([0, 0, heads, _fixed_last_dim(x, evaluator) // heads], dtype=np.int64)
-        protos.append(helper.make_node("Constant", [], [shape], name=shape, value=numpy_helper.from_array(dims, shape)))
-        protos.append(helper.make_node("Reshape", [x.name, shape], [split], name=split))
-        protos.append(helper.make_node("Transpose", [split], [out], name=out, perm=[0, 2, 1, 3]))
-        return out
+        split = nodes.reshape(x.name, [0, 0, heads, _fixed_last_dim(x, evaluator) // heads], f"{hint}_split")
+        return nodes.transpose(split, [0, 2, 1, 3], f"{hint}_heads")
 
     heads, kv_heads = node.attr("q_num_heads", 0), node.attr("kv_num_heads", 0)
     inputs = [heads_first(query, heads, "q"), heads_first(key, kv_heads, "k"), heads_first(value, kv_heads, "v")]
     mask = _input(node, 3)
     if mask is not None:
         inputs.append(mask.name)
-    out4 = graph.unique_name(f"{node.name}_4d")
     attrs = {a.name: helper.get_attribute_value(a) for a in node.proto.attribute
              if a.name not in ("q_num_heads", "kv_num_heads")}
-    protos.append(helper.make_node("Attention", inputs, [out4], name=graph.unique_name(f"{node.name}_4d"), **attrs))
+    out4 = nodes.op("Attention", inputs, "4d", **attrs)
     if three_d:  # back to (b, s, h·dv)
-        moved, merged, merge = (graph.unique_name(f"{node.name}_{s}") for s in ("y_moved", "y_merged", "y_merge"))
-        protos.append(helper.make_node("Transpose", [out4], [moved], name=moved, perm=[0, 2, 1, 3]))
-        protos.append(helper.make_node("Constant", [], [merge], name=merge,
-                                       value=numpy_helper.from_array(np.array([0, 0, -1], dtype=np.int64), merge)))
-        protos.append(helper.make_node("Reshape", [moved, merge], [merged], name=merged))
+        merged = nodes.reshape(nodes.transpose(out4, [0, 2, 1, 3], "y_moved"), [0, 0, -1], "y_merged")
     else:  # a reader of the 4D output, which the kernel's output then replaces
-        merged = graph.unique_name(f"{node.name}_y")
-        protos.append(helper.make_node("Identity", [out4], [merged], name=merged))
-    presents = []
-    for index, source in ((1, inputs[1]), (2, inputs[2])):  # present K/V of an empty past: the new K/V
-        out = graph.unique_name(f"{node.name}_present_{index}")
-        protos.append(helper.make_node("Identity", [source], [out], name=out))
-        presents.append(out)
-    added = graph.insert_before(node, protos)
+        merged = nodes.identity(out4, "y")
+    # present K/V of an empty past: the new K/V
+    presents = [nodes.identity(source, f"present_{index}") for index, source in ((1, inputs[1]), (2, inputs[2]))]
+    added = nodes.insert_before(node)
     canonical = next(n for n in added if n.op_type == "Attention")
     canonical_output = graph.value(merged)
     # What the original node's outputs become once the block fuses: Y, and the present K/V
@@ -173,6 +161,7 @@ def plan_onnx_attention(node: Node, evaluator: Evaluator) -> FusionPlan:
         score_steps=score_steps,
         output=node.outputs[0],
         insert_before=node,
+        scores_follow_q=True,  # the canonical op's scores are (b, h, s_q, s_k)
     )
     plan.rewire_after = adopt
     return plan

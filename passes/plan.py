@@ -18,6 +18,7 @@ from fuse_attn.ir.graph import Node, Value
 from fuse_attn.passes._graph import NotFused, dtype_name, in_model_dims, memoized
 from fuse_attn.passes.layout import (Chain, Source, chain_labels, chain_signature, choose_source, grid_order,
                                      kv_heads_of)
+from fuse_attn.passes.key_mask import KeyMask, read_with_key_mask
 from fuse_attn.passes.masks import ScoreReading, read_scores
 
 
@@ -47,8 +48,8 @@ class FusionPlan:
     output_perm: tuple[int, ...] | None = None
     # (old, new): once the kernel is in, readers of `old` read `new` (an op planned in a canonical form).
     rewire_after: list = dataclasses.field(default_factory=list)
-    # The key mask the key-bias column carries (None: no column; see `masks.KeyMask`).
-    key_mask: object = None
+    # The key mask the key-bias column carries (None: no column).
+    key_mask: KeyMask | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,8 +172,36 @@ def _prove_layout(q: Operand, k: Operand, v: Operand, evaluator: Evaluator) -> L
                        grid_order(k_heads))
 
 
+@dataclasses.dataclass(frozen=True)
+class ScoresLayout:
+    """Where the scores' batch axis is (negative; None when the products do not say) and their rank."""
+
+    batch_axis: int | None
+    rank: int
+
+
+def _read_mask(steps, evaluator: Evaluator, seq_q: int, seq_k: int, layout: ScoresLayout,
+               head_dim: int) -> tuple[ScoreReading, KeyMask | None]:
+    """The scale and mask of the steps, with a key mask read from an input carried in the column;
+    what the column cannot carry is read as before when --assume-no-padding vouches for the input."""
+    try:
+        reading, key_mask = read_with_key_mask(steps, evaluator, seq_q, seq_k, layout.batch_axis, layout.rank)
+        if key_mask is not None and head_dim + 1 > contract.MAX_HEAD_DIM:
+            name = key_mask.inputs[0]
+            raise NotFused(f"the mask reads graph input '{name}' per key (a padding mask); carrying it in the "
+                           f"key-bias column needs head dim {head_dim} + 1 > {contract.MAX_HEAD_DIM}, the kernel's "
+                           f"limit: there is no room for the column. --assume-no-padding ('{name}' always all ones, "
+                           "unsafe with padded batches) is the only route there")
+        return reading, key_mask
+    except NotFused:
+        if not evaluator.mask_inputs:
+            raise
+    return read_scores(steps, evaluator, seq_q, seq_k), None
+
+
 def _check_mask_at_longer_seq(score_steps, query: Value, seq_axis: int, reading: ScoreReading,
-                              evaluator: Evaluator) -> None:
+                              evaluator: Evaluator, layout: ScoresLayout, head_dim: int,
+                              key_mask: KeyMask | None) -> None:
     """A symbolic seq was proven at a small sample size; a mask computed from shapes may change
     with the length (a sliding window is causal up to its window). Prove it again at a length
     past every constant its computation uses."""
@@ -192,9 +221,11 @@ def _check_mask_at_longer_seq(score_steps, query: Value, seq_axis: int, reading:
     # Both lengths are the pass's own: say so, with the dim's name, so they read as where it looked.
     (name,) = in_model_dims(evaluator, lambda ev: (ev.shape_of(query)[seq_axis],))
     try:
-        again = read_scores(score_steps(seq, seq), at_longer, seq, seq)
+        again, again_key_mask = _read_mask(score_steps(seq, seq), at_longer, seq, seq, layout, head_dim)
     except NotFused as exc:
         raise NotFused(f"with seq {name} at {seq}: {exc.reason}") from None
+    if (again_key_mask is None) != (key_mask is None):
+        raise NotFused(f"the mask reads an input per key with seq {name} at one of {sample} and {seq} only")
     if again != reading:
         raise NotFused(f"the mask reads as {reading} with seq {name} at {sample} but {again} at {seq}")
 
@@ -211,7 +242,10 @@ def plan_block(
     dropout_p: float = 0.0,
     seed: int = 0,
     output_perm: tuple[int, ...] | None = None,
+    scores_follow_q: bool = False,
 ) -> FusionPlan:
+    """`scores_follow_q`: the scores' axes are q's with its head-dim axis (last) holding the keys
+    (a MatMul product, no data movement before the score steps); it locates their batch axis."""
     try:
         dtypes = {evaluator.dtype_of(op.chain.values[-1]) for op in (q, k, v)}
         out_dtype = evaluator.dtype_of(output)
@@ -245,10 +279,15 @@ def plan_block(
     query = q.chain.values[-1]
     axes = kernel_axes(q, evaluator)  # where the query's batch and seq axes are (an Einsum's operand: anywhere)
     seq = _size(query, axes[3], proof.seq_q, evaluator) if axes[3] is not None else proof.seq_q
+    rank = len(evaluator.shape_of(query))
+    batch_first = scores_follow_q and axes[0] == 0 and axes[2] == rank - 1 and axes[3] == rank - 2 and rank in (3, 4)
+    layout = ScoresLayout(-rank if batch_first and not proof.batched_heads else None, rank)
     try:
-        reading = read_scores(score_steps(proof.seq_q, proof.seq_k), evaluator, proof.seq_q, proof.seq_k)
+        reading, key_mask = _read_mask(score_steps(proof.seq_q, proof.seq_k), evaluator, proof.seq_q, proof.seq_k,
+                                       layout, proof.head_dim)
         if isinstance(seq, str):
-            _check_mask_at_longer_seq(score_steps, query, axes[3], reading, evaluator)
+            _check_mask_at_longer_seq(score_steps, query, axes[3], reading, evaluator, layout, proof.head_dim,
+                                      key_mask)
     except Unprovable as exc:
         raise NotFused(f"cannot prove what the mask is: {exc}") from None
     q_src, k_src, v_src = (
@@ -260,16 +299,34 @@ def plan_block(
     notes = []
     if proof.q_head_order is not None:
         notes.append("kv heads are shared in another order than repeat_kv's: q heads reordered for the grid")
+    if key_mask is not None:
+        dtype = evaluator.dtype_of(output)
+        masked = contract.key_bias_masked_value(scale, dtype)
+        if masked is None:
+            raise NotFused(f"the key mask cannot be carried in the key-bias column: at softmax scale {scale:g} no "
+                           f"masked value <= {contract.KEY_BIAS_MASKED_AT_MOST:g} divided by the scale is finite in "
+                           f"{dtype_name(dtype)}")
+        key_mask = dataclasses.replace(key_mask, masked=masked, dtype=dtype)
+        notes.append(f"key mask from graph input {', '.join(repr(n) for n in key_mask.inputs)} in head-dim column "
+                     f"{proof.head_dim + 1} (a masked key's score gets {masked:g})")
+        if reading.causal:
+            notes.append("query rows with no visible key (left padding, before a sequence's first real token) "
+                         "attend over their own padded keys here, where the original's value is an artefact of its "
+                         "mask constant; no real position reads them, they are masked keys in every later layer")
     tile = None
     if isinstance(seq, int):
         tile = contract.seq_tile_size_for(seq)
         if tile is None:
-            if not reading.causal:
-                raise NotFused(f"seq {seq} is not a multiple of 512: the kernel cannot run it, and a "
-                               "non-causal block cannot be padded exactly")
             padded = math.ceil(seq / 512) * 512
+            if reading.causal:
+                notes.append(f"compile pads seq {seq} to {padded} (exact under the causal mask)")
+            elif proof.head_dim + 1 > contract.MAX_HEAD_DIM:
+                raise NotFused(f"seq {seq} is not a multiple of 512: the kernel cannot run it, and padding a "
+                               "non-causal block masks the padded keys in a key-bias column, which needs head dim "
+                               f"{proof.head_dim} + 1 <= {contract.MAX_HEAD_DIM}")
+            else:
+                notes.append(f"compile pads seq {seq} to {padded} and masks the padded keys in the key-bias column")
             tile = contract.seq_tile_size_for(padded)
-            notes.append(f"compile pads seq {seq} to {padded} (exact under the causal mask)")
     attrs = contract.FlashFwdAttrs(
         softmax_scale=float(np.float32(scale)),
         use_causal_mask=reading.causal,
@@ -277,11 +334,12 @@ def plan_block(
         num_kv_heads=proof.kv_heads,
         dropout_p=dropout_p,
         seq_tile_size=tile,
+        key_bias_column=key_mask is not None,
     )
     return FusionPlan(
         q=q_src, k=k_src, v=v_src, attrs=attrs, output=output,
         squeeze_heads=proof.batched_heads,
         insert_before=insert_before,
         batch=_size(query, axes[0], proof.batch, evaluator) if axes[0] is not None else proof.batch, seq=seq, head_dim=proof.head_dim, notes=notes, seed=seed,
-        q_head_order=proof.q_head_order, output_perm=output_perm,
+        q_head_order=proof.q_head_order, output_perm=output_perm, key_mask=key_mask,
     )

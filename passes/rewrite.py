@@ -7,81 +7,52 @@ Only new nodes are added and the block's output is rewired; the old nodes become
 from __future__ import annotations
 
 import numpy as np
-from onnx import helper, numpy_helper
 
 from fuse_attn.ir import contract
+from fuse_attn.ir.builder import NodeBuilder
 from fuse_attn.ir.graph import Graph, Node, Value
+from fuse_attn.passes.key_mask import key_bias_column, widen
 from fuse_attn.passes.layout import Source
 from fuse_attn.passes.plan import FusionPlan
 
 
-def _axis_one(graph: Graph, name: str, protos: list) -> str:
-    out = graph.unique_name(f"{name}_axes")
-    protos.append(helper.make_node("Constant", [], [out], name=out,
-                                   value=numpy_helper.from_array(np.array([1], dtype=np.int64), out)))
-    return out
-
-
-def _gather_heads(graph: Graph, value: str, order, name: str, protos: list) -> str:
-    """Heads (axis 1) of `value` taken in `order`."""
-    indices, out = graph.unique_name(f"{name}_order"), graph.unique_name(name)
-    protos.append(helper.make_node("Constant", [], [indices], name=indices,
-                                   value=numpy_helper.from_array(np.array(order, dtype=np.int64), indices)))
-    protos.append(helper.make_node("Gather", [value, indices], [out], name=graph.unique_name(f"{name}_gather"),
-                                   axis=1))
-    return out
-
-
-def _kernel_input(graph: Graph, source: Source, name: str, protos: list) -> str:
+def _kernel_input(nodes: NodeBuilder, source: Source, hint: str) -> str:
     """The name of the kernel input made from `source`: the graph's own value when it already is."""
     value = source.value.name
     if source.perm != tuple(range(len(source.perm))):
-        out = graph.unique_name(name)
-        protos.append(helper.make_node("Transpose", [value], [out], name=graph.unique_name(f"{name}_transpose"),
-                                       perm=list(source.perm)))
-        value = out
+        value = nodes.transpose(value, source.perm, hint)
     if source.unsqueeze:
-        out = graph.unique_name(f"{name}_heads")
-        protos.append(helper.make_node("Unsqueeze", [value, _axis_one(graph, name, protos)], [out],
-                                       name=graph.unique_name(f"{name}_unsqueeze")))
-        value = out
+        value = nodes.unsqueeze(value, [1], f"{hint}_heads")
     return value
 
 
 def emit_flash_fwd(graph: Graph, plan: FusionPlan, name: str) -> tuple[Node, Value, list[Node]]:
     """Insert the FlashFwd node for `plan` and point every reader of the block's output at it.
     Returns the node, the value that now stands for the block's output, and every node inserted."""
-    protos: list = []
-    inputs = [
-        _kernel_input(graph, plan.q, f"{name}_q", protos),
-        _kernel_input(graph, plan.k, f"{name}_k", protos),
-        _kernel_input(graph, plan.v, f"{name}_v", protos),
-    ]
+    nodes = NodeBuilder(graph, name)
+    inputs = [_kernel_input(nodes, source, hint) for source, hint in ((plan.q, "q"), (plan.k, "k"), (plan.v, "v"))]
     if plan.q_head_order is not None:
-        inputs[0] = _gather_heads(graph, inputs[0], plan.q_head_order, f"{name}_q_grouped", protos)
+        inputs[0] = nodes.gather(inputs[0], plan.q_head_order, 1, "q_grouped")
+    if plan.key_mask is not None:  # q' = [q; 1], k' = [k; bias/scale], v' = [v; 0] on the head dim
+        dtype = plan.key_mask.dtype
+        column = key_bias_column(nodes, plan.key_mask, inputs[1], plan.attrs.softmax_scale)
+        inputs = [widen(nodes, inputs[0], 1.0, 2, dtype),
+                  nodes.concat([inputs[1], column], 2, "k_widened"),
+                  widen(nodes, inputs[2], 0.0, 3, dtype)]
     if plan.attrs.dropout_p > 0:
-        seed = graph.unique_name(f"{name}_seed")
-        protos.append(helper.make_node("Constant", [], [seed], name=seed,
-                                       value=numpy_helper.from_array(np.array([plan.seed], dtype=np.int32), seed)))
-        inputs.append(seed)
-    result = graph.unique_name(f"{name}_o")
-    protos.append(helper.make_node(contract.OP_TYPE, inputs, [result], name=name, domain=contract.DOMAIN,
-                                   **plan.attrs.as_onnx_attributes()))
+        inputs.append(nodes.constant(np.array([plan.seed], dtype=np.int32), "seed"))
+    result = nodes.op(contract.OP_TYPE, inputs, "o", name=name, domain=contract.DOMAIN,
+                      **plan.attrs.as_onnx_attributes())
+    if plan.key_mask is not None:  # o = o'[..., :d]
+        result = nodes.slice(result, [0], [plan.head_dim], [3], "o_sliced")
     if plan.q_head_order is not None:  # back to the graph's head order
-        inverse = np.argsort(plan.q_head_order).tolist()
-        result = _gather_heads(graph, result, inverse, f"{name}_o_ungrouped", protos)
+        result = nodes.gather(result, np.argsort(plan.q_head_order).tolist(), 1, "o_ungrouped")
     if plan.squeeze_heads:  # batched heads ran as h = 1: (b·h, 1, s, d) -> (b·h, s, d)
-        squeezed = graph.unique_name(f"{name}_o_batched")
-        protos.append(helper.make_node("Squeeze", [result, _axis_one(graph, f"{name}_o", protos)], [squeezed],
-                                       name=graph.unique_name(f"{name}_o_squeeze")))
-        result = squeezed
+        result = nodes.squeeze(result, [1], "o_batched")
     if plan.output_perm is not None:  # an Einsum wrote the output's axes in another order
-        ordered = graph.unique_name(f"{name}_o_ordered")
-        protos.append(helper.make_node("Transpose", [result], [ordered], name=graph.unique_name(f"{name}_o_transpose"),
-                                       perm=list(plan.output_perm)))
-        result = ordered
-    nodes = graph.insert_before(plan.insert_before, protos)
+        result = nodes.transpose(result, plan.output_perm, "o_ordered")
+    inserted = nodes.insert_before(plan.insert_before)
     new_output = graph.value(result)
     graph.set_type(new_output, plan.output)
     graph.replace_uses(plan.output, new_output)
-    return next(n for n in nodes if n.op_type == contract.OP_TYPE), new_output, nodes
+    return next(n for n in inserted if n.op_type == contract.OP_TYPE), new_output, inserted

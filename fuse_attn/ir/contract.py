@@ -44,6 +44,28 @@ def seq_tile_size_for(seq: int) -> int | None:
     return None
 
 
+# The score a masked key gets through the key-bias column (after scaling). Finite: with -inf a kv
+# tile whose keys are all masked computes exp(-inf - (-inf)) = NaN in the kernel. Any value at or
+# below the pass's MASKED_AT_MOST (-1000) underflows exp to exactly 0 next to a real score.
+KEY_BIAS_MASKED = -5000.0
+KEY_BIAS_MASKED_AT_MOST = -1000.0
+# The largest finite value of each float dtype the column may be stored in (TensorProto enums).
+_DTYPE_MAX = {TensorProto.FLOAT: 3.4028235e38, TensorProto.DOUBLE: 1.7976931348623157e308,
+              TensorProto.FLOAT16: 65504.0, TensorProto.BFLOAT16: 3.3895314e38}
+
+
+def key_bias_masked_value(scale: float, dtype: int) -> float | None:
+    """The bias b a masked key gets, such that the column's entry b/scale is finite in `dtype`
+    (fp16 tops out at 65504: with scale 0.125, b = -5000 would store -40000, which fits, but at
+    scale 0.05 it would not). None when no b <= KEY_BIAS_MASKED_AT_MOST fits."""
+    largest = _DTYPE_MAX.get(dtype)
+    if largest is None or not scale > 0:
+        return None
+    # Half the dtype's range: the kernel's own rounding (bf16 under mixed precision) stays finite.
+    bias = -min(-KEY_BIAS_MASKED, 0.5 * largest * scale)
+    return bias if bias <= KEY_BIAS_MASKED_AT_MOST else None
+
+
 @dataclasses.dataclass(frozen=True)
 class FlashFwdAttrs:
     """The node's attributes, exactly as written on a FlashFwd node."""

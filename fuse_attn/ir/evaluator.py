@@ -251,6 +251,19 @@ class Evaluator:
             self._for_masks.declared_used = self.declared_used
         return self._for_masks
 
+    def with_mask_contents(self, contents: dict) -> "Evaluator":
+        """This binding with the mask inputs `contents` ({name: maker}) in place of `mask_inputs`:
+        a proof's own exhaustive cases (a 0/1 mask all ones, all zeros), not an assumption, so
+        what it reads is not counted in `declared_used`. Shapes already inferred are kept (they
+        never depend on an input's contents: such a shape raised DependsOnInput instead)."""
+        key = tuple(sorted((name, id(maker)) for name, maker in contents.items()))
+        if key not in self._with_contents:
+            other = Evaluator(self.graph, self.binding, self.declared_inputs, self.ties)
+            other._types = dict(self._types)
+            other.mask_inputs = dict(contents)
+            self._with_contents[key] = other
+        return self._with_contents[key]
+
     def varied(self) -> "Evaluator":
         """The same graph with every free symbol, batch included, bound to another size: a dim
         that comes out equal under both evaluators is fixed by the graph."""
@@ -277,6 +290,7 @@ class Evaluator:
         self._rebound: dict[int, Evaluator] = {}
         self._varied: Evaluator | None = None
         self.mask_inputs: dict = {}  # see `for_masks`
+        self._with_contents: dict[tuple, Evaluator] = {}
         self._for_masks: Evaluator | None = None
 
     # --- the model's words for sample sizes ------------------------------------------------

@@ -1,0 +1,370 @@
+"""A key mask read from a graph input (a padding mask), proven and carried in the key-bias column.
+
+The kernel applies no mask but its causal one. A mask that is, for every value of its input, a
+term per (batch entry, key) — 0 for a kept key, "masked" for a padded one — on top of no mask or
+the causal triangle rides in one extra head-dim column (`contract.FlashFwdAttrs.key_bias_column`):
+q' = [q; 1], k' = [k; bias/scale], v' = [v; 0], so the kernel's scale·q'ᵀk' adds the bias.
+
+The proof has two parts; nothing is sampled.
+1. Structure. Each score-step operand that reads the contents of a graph input is traced back to
+   it through position-wise ops (Cast, Not, Sub, Mul, Where, ...) and axis moves that never mix
+   positions (Unsqueeze, Squeeze, Expand, Transpose, a Reshape or Slice that is the identity on
+   the input's axes). Every element of the operand then reads the input at one index, and each of
+   the input's axes follows one axis of the operand; those must be the scores' batch and key axes.
+2. Values. For an input that holds two values (bool, or a 0/1 token mask: the assumption is
+   named in the report), the score reading at each (batch entry, key) is a function of one
+   element of the input, so reading the steps with the input all ones and all zeros covers every
+   case: one must read as no mask or top-left causal, the other must mask every score.
+
+The column is computed in the fused graph from the input the model reads: the score steps are
+replayed on zero scores at the last query row, which sees every key under a top-left causal mask
+with seq_q == seq_k, with the model's own operands sliced there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from onnx import TensorProto
+
+from fuse_attn.ir import contract
+from fuse_attn.ir.builder import NodeBuilder
+from fuse_attn.ir.diagonal import Strip
+from fuse_attn.ir.evaluator import MAX_CONE_NODES, DependsOnInput, Evaluator, Unprovable
+from fuse_attn.ir.graph import DEFAULT_DOMAINS, Node, Value
+from fuse_attn.passes._graph import NotFused, describe, is_op, reads_type_only
+from fuse_attn.passes.find_attention import ScoreStep
+from fuse_attn.passes.masks import MASKED_AT_MOST, ScoreReading, all_masked, read_scores
+
+# Ops whose output element reads each input at the broadcast index: they move no position.
+_POSITIONWISE = {"Cast", "CastLike", "Not", "Neg", "Identity", "Abs", "Sign", "Exp", "Log", "Sqrt", "Reciprocal",
+                 "Floor", "Ceil", "Round", "Relu", "Sigmoid", "Tanh", "Erf", "IsNaN", "IsInf", "Clip",
+                 "Add", "Sub", "Mul", "Div", "Pow", "Mod", "Equal", "Less", "LessOrEqual", "Greater",
+                 "GreaterOrEqual", "And", "Or", "Xor", "Where", "Max", "Min", "BitwiseAnd", "BitwiseOr",
+                 "BitwiseXor", "BitwiseNot"}
+# Ops that move axes; each is accepted only where it keeps every index of the input's axes.
+_AXIS_MOVES = {"Unsqueeze", "Squeeze", "Reshape", "Flatten", "Expand", "Transpose", "Slice"}
+_TO_THE_END = np.iinfo(np.int64).max
+_INTEGER_TYPES = {TensorProto.INT8, TensorProto.INT16, TensorProto.INT32, TensorProto.INT64, TensorProto.UINT8,
+                  TensorProto.UINT16, TensorProto.UINT32, TensorProto.UINT64}
+_FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
+_SUFFIX = "; if it is always all ones, --assume-no-padding fuses it without the column (unsafe with padded batches)"
+
+# For each graph input an operand reads: the operand axis (negative) each input axis follows,
+# None for a unit input axis (it carries no position).
+AxisMap = dict[str, tuple[int | None, ...]]
+
+
+def _ones(shape, dtype):
+    return np.ones(shape, dtype=dtype)
+
+
+def _zeros(shape, dtype):
+    return np.zeros(shape, dtype=dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyMask:
+    """A proven key mask: what the column is computed from and how."""
+
+    inputs: tuple[str, ...]
+    assumption: str | None  # what the proof assumes of the inputs' contents (None: nothing)
+    steps: tuple[ScoreStep, ...]  # replayed at the last query row to compute the column
+    scores_rank: int
+    ranks: tuple[tuple[str, int], ...]  # the rank of each operand the replay reads, by value name
+    masked: float = contract.KEY_BIAS_MASKED  # the bias a masked key gets (after scaling)
+    dtype: int = TensorProto.FLOAT  # the block's data dtype, the column's
+
+
+class _Tracer:
+    """Where the contents of graph inputs land in a value's axes (`AxisMap`), or NotFused saying
+    which op mixes their positions."""
+
+    def __init__(self, evaluator: Evaluator):
+        self.evaluator = evaluator
+        self.memo: dict[Value, AxisMap] = {}
+
+    def axes(self, value: Value) -> AxisMap:
+        pending, visited = [value], 0
+        while pending:  # inputs first, with an explicit stack (cones may be deep)
+            current = pending[-1]
+            if current in self.memo:
+                pending.pop()
+                continue
+            missing = [i for i in self._reads(current) if i not in self.memo]
+            if missing:
+                visited += 1
+                if visited > MAX_CONE_NODES:
+                    raise NotFused(f"the mask operand '{value.name}' is computed by more than {MAX_CONE_NODES} nodes")
+                pending.extend(missing)
+                continue
+            self.memo[current] = self._map(current)
+            pending.pop()
+        return self.memo[value]
+
+    @staticmethod
+    def _reads(v: Value) -> list[Value]:
+        """The values whose contents `v`'s producer reads (none for a leaf)."""
+        node = v.producer()
+        if v.is_constant() or v.is_graph_input() or node is None or is_op(node, "Shape", "Size"):
+            return []
+        return [i for i in node.inputs if i is not None and not reads_type_only(node, i)]
+
+    def _shape(self, v: Value) -> tuple[int, ...]:
+        try:
+            return self.evaluator.shape_of(v)
+        except Unprovable as exc:
+            raise NotFused(f"cannot prove the shape of the mask operand '{v.name}': {exc}") from None
+
+    def _map(self, v: Value) -> AxisMap:
+        if v.is_constant():
+            return {}
+        if v.is_graph_input():
+            if v.is_overridable():
+                raise DependsOnInput(v.name, overridable=True)
+            shape = self._shape(v)
+            return {v.name: tuple(a - len(shape) if n != 1 else None for a, n in enumerate(shape))}
+        node = v.producer()
+        if node is None or is_op(node, "Shape", "Size"):
+            return {}
+        maps = [(i, self.memo[i]) for i in self._reads(v) if self.memo[i]]
+        if not maps:
+            return {}
+        if node.domain not in DEFAULT_DOMAINS:
+            raise NotFused(self._mixes(maps[0][1], node))
+        if node.op_type in _POSITIONWISE:
+            return self._merge([m for _, m in maps], node)  # negative axes survive right-aligned broadcasting
+        if node.op_type in _AXIS_MOVES and len(maps) == 1 and maps[0][0] is node.inputs[0]:
+            return self._moved(maps[0][1], node, v)
+        raise NotFused(self._mixes(maps[0][1], node))
+
+    @staticmethod
+    def _mixes(axis_map: AxisMap, node: Node) -> str:
+        name = next(iter(axis_map))
+        return (f"the mask reads graph input '{name}' through {describe(node)}, which combines its positions "
+                "(cumulative lengths, packed sequences?); the key-bias column carries one term per key" + _SUFFIX)
+
+    @staticmethod
+    def _merge(maps: list[AxisMap], node: Node) -> AxisMap:
+        merged: AxisMap = {}
+        for axis_map in maps:
+            for name, axes in axis_map.items():
+                if merged.setdefault(name, axes) != axes:
+                    raise NotFused(f"the mask reads graph input '{name}' at two different positions for one score "
+                                   f"(in {describe(node)}); the key-bias column carries one term per key" + _SUFFIX)
+        return merged
+
+    def _moved(self, axis_map: AxisMap, node: Node, out: Value) -> AxisMap:
+        source = node.inputs[0]
+        shape_in, shape_out = self._shape(source), self._shape(out)
+        rank_in, rank_out = len(shape_in), len(shape_out)
+        mapped = {a for axes in axis_map.values() for a in axes if a is not None}
+        if node.op_type == "Expand":
+            if any(shape_out[a] != shape_in[a] for a in mapped):
+                raise NotFused(self._mixes(axis_map, node))
+            return axis_map
+        if node.op_type == "Transpose":
+            perm = node.attr("perm") or list(reversed(range(rank_in)))
+            where = {p: k for k, p in enumerate(perm)}  # input axis -> output axis
+            return {name: tuple(None if a is None else where[a + rank_in] - rank_out for a in axes)
+                    for name, axes in axis_map.items()}
+        if node.op_type == "Slice":
+            if rank_in != rank_out or any(shape_out[a] != shape_in[a] for a in mapped):
+                raise NotFused(self._mixes(axis_map, node))
+            steps = node.inputs[4] if len(node.inputs) > 4 else None
+            if steps is not None:
+                try:
+                    if (np.asarray(self.evaluator.value_of(steps)) < 0).any():  # a full-length reversal
+                        raise NotFused(self._mixes(axis_map, node))
+                except Unprovable:
+                    raise NotFused(self._mixes(axis_map, node)) from None
+            return axis_map
+        # Unsqueeze, Squeeze, Reshape, Flatten: only unit axes come and go.
+        kept_in = [a for a, n in enumerate(shape_in) if n != 1]
+        kept_out = [a for a, n in enumerate(shape_out) if n != 1]
+        if [shape_in[a] for a in kept_in] != [shape_out[a] for a in kept_out]:
+            raise NotFused(self._mixes(axis_map, node))
+        where = dict(zip(kept_in, kept_out))
+        return {name: tuple(None if a is None else where[a + rank_in] - rank_out for a in axes)
+                for name, axes in axis_map.items()}
+
+
+def _operands(step: ScoreStep) -> list[Value]:
+    return [v for v in (step.operand, step.condition) if isinstance(v, Value)]
+
+
+def input_dependence(steps: tuple[ScoreStep, ...], evaluator: Evaluator) -> list[tuple[ScoreStep, Value, AxisMap]]:
+    """The operands that read graph inputs' contents, with where those land (NotFused when an op mixes them)."""
+    tracer = _Tracer(evaluator)
+    found = []
+    for step in steps:
+        for value in _operands(step):
+            try:
+                axis_map = tracer.axes(value)
+            except DependsOnInput as exc:  # an initializer a caller may replace
+                raise NotFused(f"the mask operand '{value.name}' {exc}", step.node) from None
+            if axis_map:
+                found.append((step, value, axis_map))
+    return found
+
+
+def _check_landing(step: ScoreStep, axis_map: AxisMap, batch_axis: int | None) -> None:
+    for name, axes in axis_map.items():
+        for axis in axes:
+            if axis is None or axis == -1 or axis == batch_axis:
+                continue
+            if axis == -2:
+                raise NotFused(f"the mask from graph input '{name}' varies along the query axis (a query-side mask, "
+                               "packed sequences or a block-diagonal mask); the key-bias column carries one term per "
+                               "key, the same for every query" + _SUFFIX, step.node)
+            if batch_axis is None:
+                raise NotFused(f"the mask from graph input '{name}' varies along a score axis that is not the key "
+                               "axis, and the block's layout does not say which score axis is the batch" + _SUFFIX,
+                               step.node)
+            raise NotFused(f"the mask from graph input '{name}' differs between q heads; the key-bias column carries "
+                           "one term per batch entry and key, shared by every head" + _SUFFIX, step.node)
+
+
+def _assumption(name: str, dtype: int) -> str | None:
+    if dtype == TensorProto.BOOL:
+        return None
+    if dtype in _INTEGER_TYPES | _FLOAT_TYPES:
+        return f"assumes '{name}' holds only 0 and 1"
+    raise NotFused(f"the mask reads graph input '{name}' of type {TensorProto.DataType.Name(dtype).lower()}, "
+                   "not a bool or 0/1 token mask" + _SUFFIX)
+
+
+def _check_replayable(steps: tuple[ScoreStep, ...], seq_q: int, seq_k: int) -> None:
+    """Implied operands (the Attention op's causal strip, a -inf fill) must be replayable at the last row."""
+    for step in steps:
+        for value in (step.operand, step.condition):
+            if isinstance(value, Strip):
+                if value is step.condition and (value.rows, value.cols) == (seq_q, seq_k):
+                    last = np.asarray(value.dense()).reshape(-1, seq_q, seq_k)[:, -1]
+                    if (last.astype(bool) == step.scores_when_true).all():
+                        continue  # the last row keeps every score: the Where is the identity there
+                raise NotFused("the mask's implied causal operand cannot be replayed for the key-bias column",
+                               step.node)
+            if isinstance(value, np.ndarray) and value.size != 1:
+                raise NotFused("the mask's implied operand cannot be replayed for the key-bias column", step.node)
+
+
+def read_with_key_mask(steps: tuple[ScoreStep, ...], evaluator: Evaluator, seq_q: int, seq_k: int,
+                       batch_axis: int | None, scores_rank: int) -> tuple[ScoreReading, KeyMask | None]:
+    """The scale and mask of the steps, and the key mask they read from a graph input (None: none).
+
+    `batch_axis` is the scores' batch axis (negative; None when the layout does not tell)."""
+    dependent = input_dependence(steps, evaluator)
+    if not dependent:
+        return read_scores(steps, evaluator, seq_q, seq_k), None
+    names = sorted({name for _, _, axis_map in dependent for name in axis_map})
+    if len(names) > 1:
+        raise NotFused(f"the mask reads graph inputs {', '.join(repr(n) for n in names)}; the key-bias column is "
+                       "proven for a mask read from one input" + _SUFFIX)
+    (name,) = names
+    for step, _, axis_map in dependent:
+        _check_landing(step, axis_map, batch_axis)
+    if seq_q != seq_k:
+        raise NotFused("a key mask read from an input needs seq_q == seq_k")
+    _check_replayable(steps, seq_q, seq_k)
+    source = evaluator.graph.value(name)
+    assumption = _assumption(name, evaluator.dtype_of(source))
+    # Every (batch entry, key) reads one element of the input: its two values are every case.
+    readings = {}
+    for contents, maker in (("ones", _ones), ("zeros", _zeros)):
+        at = evaluator.with_mask_contents({name: maker})
+        try:
+            readings[contents] = read_scores(steps, at, seq_q, seq_k)
+        except NotFused as exc:
+            readings[contents] = exc
+        if isinstance(readings[contents], NotFused):
+            try:
+                readings[contents] = "masked" if all_masked(steps, at, seq_q, seq_k) else readings[contents]
+            except NotFused:
+                pass
+    kept = next((c for c in ("ones", "zeros") if isinstance(readings[c], ScoreReading)
+                 and readings["zeros" if c == "ones" else "ones"] == "masked"), None)
+    if kept is None:
+        ones = readings["ones"]
+        said = (ones.reason if isinstance(ones, NotFused) else "every score masked" if ones == "masked"
+                else "causal" if ones.causal else "no mask")
+        raise NotFused(f"the mask from graph input '{name}' is not a key mask: with '{name}' all ones it reads as "
+                       f"{said}, and all zeros should then mask every score" + _SUFFIX)
+    ranks = []
+    for step in steps:
+        for value in _operands(step):
+            ranks.append((value.name, len(evaluator.shape_of(value))))
+    return readings[kept], KeyMask((name,), assumption, steps, scores_rank, tuple(ranks))
+
+
+# --- the column in the fused graph -------------------------------------------------------------
+def _row(nodes: NodeBuilder, value: Value, rank: int, scores_rank: int, batch_axis: int, as_float: bool) -> str:
+    """`value` at the last query row and the first of any other axis but batch and key."""
+    starts, ends, axes = [], [], []
+    for axis in range(-min(rank, scores_rank), 0):
+        if axis in (-1, batch_axis):
+            continue
+        start = -1 if axis == -2 else 0
+        starts.append(start)
+        ends.append(_TO_THE_END if start == -1 else 1)
+        axes.append(axis)
+    out = nodes.slice(value.name, starts, ends, axes, "mask_row") if axes else value.name
+    return nodes.op("Cast", [out], "mask_row_f", to=TensorProto.FLOAT) if as_float else out
+
+
+def key_bias_column(nodes: NodeBuilder, key_mask: KeyMask, k: str, scale: float) -> str:
+    """The column (b, kv, 1, s) the kernel's k gains: masked/scale where the key is masked, else 0."""
+    rank_of = dict(key_mask.ranks)
+    batch_axis = -key_mask.scores_rank
+
+    def row(value: Value, as_float: bool = True) -> str:
+        return _row(nodes, value, rank_of[value.name], key_mask.scores_rank, batch_axis, as_float)
+
+    def const(x: float) -> str:
+        return nodes.constant(np.array(x, dtype=np.float32), "mask_const")
+
+    z = const(0.0)  # the scores replayed as 0: what remains is the mask
+    for step in key_mask.steps:
+        if step.kind == "cast":
+            continue
+        if step.kind == "scale":
+            if step.factor is not None:
+                z = nodes.op("Mul", [z, const(step.factor)], "mask_z")
+            else:
+                z = nodes.op("Div" if step.divides else "Mul", [z, row(step.operand)], "mask_z")
+        elif step.kind in ("add", "sub"):
+            term = row(step.operand) if isinstance(step.operand, Value) else const(float(step.operand))
+            z = nodes.op("Add" if step.kind == "add" else "Sub", [z, term], "mask_z")
+        elif step.kind == "renorm":
+            dropped = nodes.op("Equal", [row(step.operand), const(0.0)], "mask_dropped")
+            z = nodes.op("Where", [dropped, const(-1e9), z], "mask_z")
+        else:  # where
+            if isinstance(step.condition, Strip):
+                continue  # keeps every score of the last row (_check_replayable)
+            cond = row(step.condition, as_float=False)
+            fill = row(step.operand) if isinstance(step.operand, Value) else const(float(np.asarray(step.operand)))
+            z = nodes.op("Where", [cond, z, fill] if step.scores_when_true else [cond, fill, z], "mask_z")
+    rank = max((r for _, r in key_mask.ranks), default=0)
+    if rank < key_mask.scores_rank:
+        z = nodes.unsqueeze(z, list(range(key_mask.scores_rank - rank)), "mask_z_rank")
+    if key_mask.scores_rank == 3:  # (b, 1, s) -> (b, 1, 1, s)
+        z = nodes.unsqueeze(z, [1], "mask_z_4d")
+    kept = nodes.op("Greater", [z, const(MASKED_AT_MOST)], "mask_kept")
+    column = nodes.op("Where", [kept, const(0.0), const(key_mask.masked / scale)], "key_bias")
+    column = nodes.op("Cast", [column], "key_bias_cast", to=key_mask.dtype)
+    shape = nodes.concat([nodes.shape(k, 0, 2, "k_bk"), nodes.ints([1], "one"),
+                          nodes.shape(k, 3, 4, "k_s")], 0, "key_bias_shape")
+    return nodes.op("Expand", [column, shape], "key_bias_column")
+
+
+def widen(nodes: NodeBuilder, x: str, fill: float, axis: int, dtype: int) -> str:
+    """`x` with one more index on `axis` (its last) holding `fill`: q's 1 or v's 0."""
+    rank = 4
+    parts = [nodes.shape(x, 0, axis, "lead"), nodes.ints([1], "one")]
+    if axis < rank - 1:
+        parts.append(nodes.shape(x, axis + 1, rank, "tail"))
+    shape = nodes.concat(parts, 0, "column_shape")
+    value = nodes.op("Cast", [nodes.constant(np.array(fill, dtype=np.float32), "column_fill")], "column_fill_cast",
+                     to=dtype)
+    return nodes.concat([x, nodes.op("Expand", [value, shape], "column")], axis, "widened")
