@@ -22,6 +22,8 @@ from fuse_attn.report import BlockReport, FuseReport
 ENCODER = _r(BIDIR, mask="padding", batch=2, blocks=2)
 # GPT-2-like: the causal mask plus the padding mask, two blocks.
 DECODER = _r(MASKED, mask="causal_padding", batch=2, blocks=2)
+# At head dim 128 the column has no room (d + 1 > 128): --assume-no-padding is the only route.
+WIDE_ENCODER, WIDE_DECODER = _r(ENCODER, head_dim=128), _r(DECODER, head_dim=128)
 
 
 def _report(*, causal: bool, key_mask_inputs=(), assumed=()) -> FuseReport:
@@ -101,9 +103,10 @@ def test_rows_without_a_visible_key_are_left_out_of_the_comparison():
 
 # -- --assume-no-padding: wrong on padded batches, and the checks say so ----------------------------
 
-@pytest.mark.parametrize("spec", [ENCODER, DECODER], ids=["encoder", "decoder"])
+@pytest.mark.parametrize("spec", [WIDE_ENCODER, WIDE_DECODER], ids=["encoder", "decoder"])
 def test_a_model_fused_assuming_no_padding_fails_the_padded_feeds(spec):
     built = build(spec)
+    assert fuse(built.model)[1].fused == 0  # no room for the column
     fused, report = fuse(built.model, assume_no_padding=True)
     assert report.fused == 2 and report.assumed_all_ones == ["attention_mask"]
     results = verify.verify_fused(built.model, fused, report)
@@ -117,7 +120,7 @@ def test_a_model_fused_assuming_no_padding_fails_the_padded_feeds(spec):
 
 def test_verify_exits_1_and_the_json_report_has_every_feed(tmp_path, capsys):
     src = tmp_path / "encoder.onnx"
-    onnx.save(build(ENCODER).model, src)
+    onnx.save(build(WIDE_ENCODER).model, src)
     code = cli.main([str(src), "-o", str(tmp_path / "out.onnx"), "--assume-no-padding", "--verify",
                      "--report", str(tmp_path / "r.json")])
     out = capsys.readouterr().out
@@ -132,8 +135,140 @@ def test_verify_exits_1_and_the_json_report_has_every_feed(tmp_path, capsys):
 
 
 def test_check_reports_the_padded_feeds_wrong(tmp_path):
-    onnx.save(build(ENCODER).model, tmp_path / "encoder.onnx")
+    onnx.save(build(WIDE_ENCODER).model, tmp_path / "encoder.onnx")
     result = check_worker.check_model(str(tmp_path / "encoder.onnx"), FuseOptions(assume_no_padding=True))
     assert result["status"] == "wrong" and result["fused"] == 2
     assert [f["ok"] for f in result["feeds"]] == [True, False, False, False, False]
     assert result["max_err"] == max(f["max_err"] for f in result["feeds"])
+
+
+# -- a correctly fused key mask, then its column corrupted -----------------------------------------
+
+def _producer(graph: onnx.GraphProto, name: str) -> onnx.NodeProto:
+    return next(n for n in graph.node if name in n.output)
+
+
+def _flash_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    return [n for n in graph.node if n.op_type == "FlashFwd"
+            and any(a.name == "key_bias_column" and a.i == 1 for a in n.attribute)]
+
+
+def corrupt_column(model: onnx.ModelProto, how: str) -> onnx.ModelProto:
+    """A copy of a fused model with every key-bias column made wrong. The column is k's last
+    head-dim index, (b, kv, 1, s), the second operand of the Concat feeding FlashFwd's k:
+    sign: negated (masked keys get +5000); scale: times 1e-3 (a masked key gets -5: it leaks);
+    batch: batch entries swapped (each gets another entry's mask); shift: moved by one key;
+    drop: the column gone (q, k, v read unwidened, key_bias_column 0: the mask is ignored)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    graph = m.graph
+    flashes = _flash_nodes(graph)
+    assert flashes, "no FlashFwd with a key-bias column"
+    for i, flash in enumerate(flashes):
+        concats = [_producer(graph, name) for name in flash.input[:3]]
+        assert all(c.op_type == "Concat" for c in concats)
+        k_concat = concats[1]
+        column, out = k_concat.input[1], f"corrupt_{how}_{i}"
+        if how == "drop":
+            for position, concat in enumerate(concats):
+                flash.input[position] = concat.input[0]
+            next(a for a in flash.attribute if a.name == "key_bias_column").i = 0
+            continue
+        if how == "sign":
+            nodes = [helper.make_node("Neg", [column], [out])]
+        elif how == "scale":
+            graph.initializer.append(onnx.numpy_helper.from_array(np.array(1e-3, np.float32), out + "_f"))
+            nodes = [helper.make_node("Mul", [column, out + "_f"], [out])]
+        elif how == "batch":  # the batch axis reversed: Slice with step -1
+            graph.initializer.extend([onnx.numpy_helper.from_array(np.array([v], np.int64), f"{out}_{n}")
+                                      for n, v in (("start", -1), ("end", -2**62), ("axis", 0), ("step", -1))])
+            nodes = [helper.make_node("Slice", [column] + [f"{out}_{n}" for n in ("start", "end", "axis", "step")],
+                                      [out])]
+        elif how == "shift":
+            # keys 1..s-1 then key 0: each key gets its neighbour's bias
+            graph.initializer.extend([onnx.numpy_helper.from_array(np.array([1], np.int64), out + "_one"),
+                                      onnx.numpy_helper.from_array(np.array([0], np.int64), out + "_zero"),
+                                      onnx.numpy_helper.from_array(np.array([3], np.int64), out + "_axis"),
+                                      onnx.numpy_helper.from_array(np.array([2**62], np.int64), out + "_end")])
+            nodes = [helper.make_node("Slice", [column, out + "_one", out + "_end", out + "_axis"], [out + "_tail"]),
+                     helper.make_node("Slice", [column, out + "_zero", out + "_one", out + "_axis"], [out + "_head"]),
+                     helper.make_node("Concat", [out + "_tail", out + "_head"], [out], axis=3)]
+        else:
+            raise ValueError(how)
+        k_concat.input[1] = out
+        index = list(graph.node).index(k_concat)
+        for offset, node in enumerate(nodes):
+            graph.node.insert(index + offset, node)
+    return m
+
+
+CORRUPTIONS = ("sign", "scale", "batch", "shift", "drop")
+
+
+@pytest.fixture(scope="module", params=[ENCODER, DECODER], ids=["encoder", "decoder"])
+def fused_key_mask(request):
+    """A padding-mask model fused with the default flags: the mask rides in the column, and every
+    feed, padded or not, matches the original."""
+    built = build(request.param)
+    fused, report = fuse(built.model)
+    assert report.fused == 2 and report.assumed_all_ones == []
+    assert all(b.key_mask_inputs == ["attention_mask"] for b in report.blocks)
+    results = verify.verify_fused(built.model, fused, report)
+    assert [r.feed.name for r in results] == ["all-ones", "right", "left", "random", "tiles"]
+    assert all(r.ok for r in results), verify.result_lines(results, report)
+    return built.model, fused, report
+
+
+@pytest.mark.parametrize("how", CORRUPTIONS)
+def test_a_corrupted_column_passes_all_ones_and_fails_every_padded_feed(fused_key_mask, how):
+    """With every mask all ones the column is all zeros, so no corruption of it shows there: only
+    the padded feeds catch it, each of them."""
+    original, fused, report = fused_key_mask
+    wrong = corrupt_column(fused, how)
+    onnx.checker.check_model(wrong)
+    results = verify.verify_fused(original, wrong, report)
+    assert results[0].ok, verify.result_lines(results)
+    failed = [r.feed.name for r in results[1:] if not r.ok]
+    assert failed == list(verify.PADDED_FEEDS), verify.result_lines(results)
+
+
+def test_a_column_scaled_but_still_masking_changes_nothing(fused_key_mask):
+    """Halving the column leaves a masked key's score at -2500: exp still gives exactly 0, so the
+    model is unchanged and the checks pass; the checks catch a column that stops masking (1e-3
+    above), not a different way of masking."""
+    original, fused, report = fused_key_mask
+    halved = onnx.ModelProto()
+    halved.CopyFrom(fused)
+    for i, flash in enumerate(_flash_nodes(halved.graph)):
+        k_concat = _producer(halved.graph, flash.input[1])
+        halved.graph.initializer.append(onnx.numpy_helper.from_array(np.array(0.5, np.float32), f"half_{i}"))
+        halved.graph.node.insert(list(halved.graph.node).index(k_concat),
+                                 helper.make_node("Mul", [k_concat.input[1], f"half_{i}"], [f"halved_{i}"]))
+        k_concat.input[1] = f"halved_{i}"
+    assert all(r.ok for r in verify.verify_fused(original, halved, report))
+
+
+def test_verify_and_check_fail_a_flipped_column(tmp_path, monkeypatch, capsys):
+    """End to end: the fuse command's --verify and `check`, with the pass made to emit a column of
+    the wrong sign."""
+    from fuse_attn import pipeline
+
+    src = tmp_path / "encoder.onnx"
+    onnx.save(build(ENCODER).model, src)
+    real_fuse_graph = pipeline.fuse_graph
+
+    def fuse_with_flipped_column(graph, **kwargs):
+        report = real_fuse_graph(graph, **kwargs)
+        graph.model.CopyFrom(corrupt_column(graph.model, "sign"))
+        return report
+
+    monkeypatch.setattr(check_worker, "fuse_graph", fuse_with_flipped_column)
+    result = check_worker.check_model(str(src))
+    assert result["status"] == "wrong" and [f["ok"] for f in result["feeds"]] == [True, False, False, False, False]
+
+    monkeypatch.setattr(pipeline, "fuse_graph", fuse_with_flipped_column)
+    assert cli.main([str(src), "-o", str(tmp_path / "out.onnx"), "--verify"]) == cli.EXIT_VERIFY_FAILED
+    out = capsys.readouterr().out
+    assert "verify y: " in out and " ok" in out.splitlines()[out.splitlines().index(next(
+        line for line in out.splitlines() if line.startswith("verify y: ")))]
+    assert "verify [right] y: " in out and "MISMATCH" in out
