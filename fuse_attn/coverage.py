@@ -32,6 +32,7 @@ class Row:
     known_issue: str | None = None  # the manifest's "known_issue": a failure the suite expects
     failure: str | None = None  # what kind of failure, shown after ❌: "wrong", "crashed", ...
     runnable: int | None = None  # blocks the kernel can run (the manifest's; None: no manifest)
+    padded: str | None = None  # padded feeds within tolerance, "4 of 4" (None: no token mask to pad)
 
 
 class Column(NamedTuple):
@@ -78,6 +79,7 @@ ZOO_COLUMNS = (
     FUSED,
     Column("expected fused", "---:", lambda r: f"{r.expected} of {r.expected_found}"),
     Column("kernel can run", "---:", lambda r: _count(r.runnable)),
+    Column("padded feeds ok", "---:", lambda r: r.padded or "—"),
     MAX_ERR,
     SECONDS,
     OK,

@@ -225,7 +225,7 @@ def _check(name: str, want: np.ndarray, got: np.ndarray, feed: str) -> OutputChe
     return OutputCheck(name, max_abs, max_abs / scale if scale else max_abs, atol + rtol * scale, feed=feed)
 
 
-def _run(original, fused, names: list[str], feed: Feed) -> tuple[list[OutputCheck], list[str]]:
+def run_feed(original, fused, names: list[str], feed: Feed) -> tuple[list[OutputCheck], list[str]]:
     """The checks of one feed (sessions given), and the outputs compared whole although the
     feed has rows without a visible key (not laid out like the mask)."""
     expected = original.run(None, feed.inputs)
@@ -245,7 +245,7 @@ def compare(original: onnx.ModelProto, fused: onnx.ModelProto, feeds: dict[str, 
     key is compared at its real positions)."""
     feed = feeds if isinstance(feeds, Feed) else Feed(ALL_ONES, feeds)
     names = [o.name for o in original.graph.output]
-    return _run(_session(original, base_dir), _session(fused, base_dir), names, feed)[0]
+    return run_feed(_session(original, base_dir), _session(fused, base_dir), names, feed)[0]
 
 
 @dataclasses.dataclass
@@ -308,4 +308,4 @@ def verify_fused(original: onnx.ModelProto, fused: onnx.ModelProto, report, *, s
     feeds += padded_feeds(shapes_from, mask_inputs(report), causal=causal, seed=seed)
     sessions = _session(original, base_dir), _session(fused, base_dir)
     names = [o.name for o in original.graph.output]
-    return [FeedResult(feed, *_run(*sessions, names, feed)) for feed in feeds]
+    return [FeedResult(feed, *run_feed(*sessions, names, feed)) for feed in feeds]
