@@ -30,10 +30,13 @@ DTYPES = {
 }
 
 # Mask semantics: which keys each query may see (plus additive biases for alibi/bias).
-POSITIVE_MASKS = ("none", "causal")
-NEAR_MISS_MASKS = (
-    "padding",  # (b, s) graph input -> (1 - m) * min added
+POSITIVE_MASKS = (
+    "none",
+    "causal",
+    "padding",  # (b, s) graph input -> (1 - m) * min added: a key mask, carried in the key-bias column
     "causal_padding",  # causal constant plus the padding input
+)
+NEAR_MISS_MASKS = (
     "off_by_one",  # causal with one entry above the diagonal let through (query 0 sees key 1)
     "shift",  # query i sees keys j <= i + 1
     "bottom_right",  # causal aligned to the bottom right (needs seq_kv > seq)
@@ -195,6 +198,16 @@ class AttnSpec:
     @property
     def causal(self) -> bool:
         return self.mask == "causal"
+
+    @property
+    def kernel_causal(self) -> bool:
+        """Whether the fused block runs the kernel's causal mask (a padding mask rides in the column)."""
+        return self.mask in ("causal", "causal_padding")
+
+    @property
+    def key_mask(self) -> bool:
+        """Whether the mask reads the attention_mask input (carried in the key-bias column)."""
+        return self.mask in ("padding", "causal_padding")
 
     @property
     def score_rank(self) -> int:
@@ -395,9 +408,10 @@ class AttnSpec:
             c.append("consumer")
         if self.probs_transpose:
             c.append("transpose")
-        if self.head_dim > 128:
+        if self.head_dim > 128 or self.key_mask and self.head_dim + 1 > 128:  # the column needs d + 1
             c.append("head dim")
-        if not self.causal and not self.symbolic_seq and self.seq_kv is None and (
+        # a non-causal seq no tile divides: compile pads it, masking the padded keys in the column (d + 1)
+        if not self.kernel_causal and not self.symbolic_seq and self.seq_kv is None and self.head_dim + 1 > 128 and (
                 self.seq % 128 or not any(self.seq % t == 0 for t in (2048, 1024, 512))):
             c.append("tile")
         if self.mask_batch > self.batch or self.scale_rank > self.score_rank:
@@ -1346,14 +1360,22 @@ POSITIVE_VARIANTS: dict[str, AttnSpec] = {
     "renorm_flax_nnx": _r(CAUSAL, mask_form="renorm"),
     "renorm_flax_nnx_symbolic": _r(CAUSAL, mask_form="renorm", symbolic_seq=True, to_the_end=True),
     "renorm_plain_symbolic": _r(CAUSAL, mask_form="renorm_plain", symbolic_seq=True, to_the_end=True),
+    # a padding mask from the attention_mask input, carried in the key-bias column (issue 17)
+    "padding_input": _r(BIDIR, mask="padding"),
+    "causal_plus_padding": _r(CAUSAL, seq=512, heads=2, mask="causal_padding"),
+    "padding_batch3_seq16": _r(BIDIR, mask="padding", seq=16, batch=3),
+    "causal_padding_gqa_batch2": _r(CAUSAL, mask="causal_padding", batch=2, heads=8, kv_heads=2, head_dim=4),
+    "padding_symbolic": _r(BIDIR, mask="padding", symbolic_seq=True, batch=2),
+    # non-causal at a seq no tile divides: compile pads it and masks the padded keys in the column
+    "seq_16_not_causal": _r(CAUSAL, mask="none"),
+    "seq_640_not_causal": _r(BIDIR, seq=640, heads=1),
+    "head_dim_127_seq_197": _r(BIDIR, seq=197, heads=1, head_dim=127),
 }
 
 # Near misses at seq 512 (masks) so that the mask, not the seq tile, is the one cause.
 MASKED = _r(CAUSAL, seq=512, heads=2)
 
 NEAR_MISSES: dict[str, AttnSpec] = {
-    "padding_input": _r(BIDIR, mask="padding"),
-    "causal_plus_padding": _r(MASKED, mask="causal_padding"),
     "off_by_one": _r(MASKED, mask="off_by_one"),
     "off_by_one_where": _r(MASKED, mask="off_by_one", mask_form="where"),
     "shift_const": _r(MASKED, mask="shift"),
@@ -1380,8 +1402,8 @@ NEAR_MISSES: dict[str, AttnSpec] = {
     "cross_attention": _r(BIDIR, seq_kv=1024),
     "cross_attention_shorter_kv": _r(BIDIR, seq=1024, seq_kv=512, heads=1),
     "head_dim_160": _r(CAUSAL, heads=1, head_dim=160),
-    "seq_16_not_causal": _r(CAUSAL, mask="none"),
-    "seq_640_not_causal": _r(BIDIR, seq=640, heads=1),
+    "padding_head_dim_128": _r(BIDIR, mask="padding", heads=1, head_dim=128),  # no room for the column
+    "seq_197_not_causal_head_dim_128": _r(BIDIR, seq=197, heads=1, head_dim=128),
     # added near misses (the first two classes found as wrong rewrites by hand, see
     # test_fuse_broadcasts.py and test_symbolic_seq.py)
     "mask_more_batch_than_qkv": _r(CAUSAL, mask_batch=2),  # (2, 1, s, s) mask, batch 1

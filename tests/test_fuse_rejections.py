@@ -14,6 +14,7 @@ import pytest
 from attention_graphs import (
     FUSED_TOL,
     NEAR_MISSES,
+    POSITIVE_VARIANTS,
     REASON_WORDS,
     build,
     count_ops,
@@ -65,24 +66,29 @@ def test_softmax_consumer_named():
     assert count_ops(fused, "Softmax") == 1
 
 
-def test_assume_no_padding_fuses_padding_mask():
-    built = build(NEAR_MISSES["padding_input"])
+def test_assume_no_padding_fuses_what_the_column_cannot_carry():
+    """At head dim 128 there is no room for the key-bias column: the flag's all-ones assumption is
+    the only route, and the report says it was made."""
+    built = build(NEAR_MISSES["padding_head_dim_128"])
     fused, report = fuse_model(built.model, assume_no_padding=True)
     assert [b.fused for b in report.blocks] == [True], report.blocks
-    assert report.blocks[0].causal is False or report.blocks[0].causal == 0
+    assert report.blocks[0].causal is False and report.blocks[0].key_mask_inputs == []
+    assert any("attention_mask" in a and "--assume-no-padding" in a for a in report.assumptions), report.assumptions
     (node,) = flash_nodes(fused)
-    assert node_attrs(node)["use_causal_mask"] == 0
+    assert node_attrs(node)["use_causal_mask"] == 0 and "key_bias_column" not in node_attrs(node)
     diff = fused_vs_original(built, fused, built.inputs(padding=False))  # all-ones mask, as assumed
     assert diff <= FUSED_TOL, diff
 
 
-def test_assume_no_padding_fuses_causal_plus_padding_as_causal():
-    built = build(NEAR_MISSES["causal_plus_padding"])
-    fused, report = fuse_model(built.model, assume_no_padding=True)
-    assert [b.fused for b in report.blocks] == [True], report.blocks
-    assert report.blocks[0].causal
-    diff = fused_vs_original(built, fused, built.inputs(padding=False))
-    assert diff <= FUSED_TOL, diff
+def test_assume_no_padding_leaves_the_column_where_it_fits():
+    """With the flag, a padding mask the column carries is still carried exactly (no assumption made)."""
+    for name, causal in (("padding_input", False), ("causal_plus_padding", True)):
+        built = build(POSITIVE_VARIANTS[name])
+        fused, report = fuse_model(built.model, assume_no_padding=True)
+        assert [(b.fused, b.causal) for b in report.blocks] == [(True, causal)], report.blocks
+        assert report.blocks[0].key_mask_inputs == ["attention_mask"] and report.assumptions == []
+        diff = fused_vs_original(built, fused, built.inputs(padding=True))
+        assert diff <= FUSED_TOL, diff
 
 
 def test_assume_no_padding_does_not_excuse_other_masks():

@@ -69,7 +69,7 @@ def test_report_and_attributes(name, fused_cache):
         assert block.heads == heads, why
         assert block.kv_heads == kv_heads, why
         assert block.head_dim == spec.head_dim, why
-        assert bool(block.causal) == spec.causal, why
+        assert bool(block.causal) == spec.kernel_causal, why
         assert math.isclose(block.scale, built.effective_scale, rel_tol=1e-6), (block.scale, built.effective_scale, why)
     # the report's figures are the graph's: the node's own scale, the Transposes each rewrite added
     nodes = {n.name: n for n in flash_nodes(fused)}
@@ -82,7 +82,7 @@ def test_report_and_attributes(name, fused_cache):
     for node in flash_nodes(fused):
         a = node_attrs(node)
         assert math.isclose(a["softmax_scale"], built.effective_scale, rel_tol=1e-6), (a, why)
-        assert a["use_causal_mask"] == int(spec.causal), (a, why)
+        assert a["use_causal_mask"] == int(spec.kernel_causal), (a, why)
         assert a["num_heads"] == heads and a["num_kv_heads"] == kv_heads, (a, why)
         assert a.get("dropout_p", 0.0) == 0.0, (a, why)
         assert len(node.input) == 3 or (len(node.input) == 4 and node.input[3] == ""), (list(node.input), why)
