@@ -169,13 +169,14 @@ def _real_tokens(feed: str, batch: int, seq: int, rng: np.random.Generator) -> n
     return real
 
 
-def padded_feeds(model: onnx.ModelProto, masks: list[str], *, causal: bool, seed: int = 0) -> list[Feed]:
+def padded_feeds(model: onnx.ModelProto, masks: list[str], *, causal: bool, seed: int = 0,
+                 template: dict[str, np.ndarray] | None = None) -> list[Feed]:
     """The four padded feeds for `model`'s inputs: every input in `masks` of rank >= 2 gets one
     real-token pattern per batch entry over its last axis (broadcast over the axes between),
-    in its own dtype; the other inputs are as `random_inputs` makes them, at PADDED_BATCH when
-    the batch is symbolic. `causal`: some fused block with a key mask is causal, so a row before
-    an entry's first real token has no visible key."""
-    base = random_inputs(model, seed, batch=PADDED_BATCH)
+    in its own dtype; the other inputs are `template`'s (default: as `random_inputs` makes them,
+    at PADDED_BATCH when the batch is symbolic). `causal`: some fused block with a key mask is
+    causal, so a row before an entry's first real token has no visible key."""
+    base = template if template is not None else random_inputs(model, seed, batch=PADDED_BATCH)
     targets = [n for n in masks if n in base and base[n].ndim >= 2 and base[n].shape[-1] > 0]
     if not targets:
         return []

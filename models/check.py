@@ -161,16 +161,30 @@ def check_model(zm: ZooModel, *, fused_dir: Path | None = None, manifest: dict[s
         if not row.max_err <= tol:
             row.problems.append(f"max error {row.max_err:.3g} > {tol:g}")
         try:
-            _check_padded(row, report, zm.path, fused_path, tol)
+            _check_padded(row, report, zm.path, fused_path, tol, inputs)
         except Exception as exc:
             row.problems.append(f"running the padded feeds: {describe_exc(exc)}"[:500])
     row.ok = not row.problems
     return row
 
 
-def _check_padded(row: Row, report, original_path: Path, fused_path: Path, tol: float) -> None:
-    """The padded feeds `fuse-attn --verify` runs, for every token mask a key-bias column is
-    computed from; each within the zoo's tolerance. `row.padded`: how many feeds, how many within
+def _padded_template(fused, inputs: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's inputs (its lengths: a recipe picks one at which padding covers whole tiles),
+    with a symbolic batch grown to two entries so each gets its own mask."""
+    import numpy as np
+
+    from fuse_attn import verify
+
+    symbolic = {i.name for i in fused.graph.input
+                if i.type.tensor_type.shape.dim and not i.type.tensor_type.shape.dim[0].HasField("dim_value")}
+    return {n: np.repeat(a, verify.PADDED_BATCH, axis=0) if n in symbolic and a.ndim and a.shape[0] == 1 else a
+            for n, a in inputs.items()}
+
+
+def _check_padded(row: Row, report, original_path: Path, fused_path: Path, tol: float,
+                  row_inputs: dict[str, Any]) -> None:
+    """The padded feeds `fuse-attn --verify` runs, on the manifest's inputs, for every token mask
+    a key-bias column is computed from; each within the zoo's tolerance. `row.padded`: how many feeds, how many within
     it. Inputs the manifest's `assume_no_padding` vouches for are not padded here (the recipe says
     they are all ones; `--verify` pads them to show what that costs): the cell says so."""
     import onnx
@@ -186,7 +200,7 @@ def _check_padded(row: Row, report, original_path: Path, fused_path: Path, tol: 
     # Shapes from the fused model: it declares any the manifest's `fuse` options fixed.
     fused = onnx.load(str(fused_path), load_external_data=False)
     causal = any(b.fused and b.causal and b.key_mask_inputs for b in report.blocks)
-    feeds = verify.padded_feeds(fused, masks, causal=causal, seed=1)
+    feeds = verify.padded_feeds(fused, masks, causal=causal, seed=1, template=_padded_template(fused, row_inputs))
     if not feeds:
         row.problems.append(f"the key-bias columns read {masks}, but no input of rank >= 2 to pad")
         return
