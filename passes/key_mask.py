@@ -43,17 +43,22 @@ _POSITIONWISE = {"Cast", "CastLike", "Not", "Neg", "Identity", "Abs", "Sign", "E
                  "Add", "Sub", "Mul", "Div", "Pow", "Mod", "Equal", "Less", "LessOrEqual", "Greater",
                  "GreaterOrEqual", "And", "Or", "Xor", "Where", "Max", "Min", "BitwiseAnd", "BitwiseOr",
                  "BitwiseXor", "BitwiseNot"}
-# Ops that move axes; each is accepted only where it keeps every index of the input's axes.
-_AXIS_MOVES = {"Unsqueeze", "Squeeze", "Reshape", "Flatten", "Expand", "Transpose", "Slice"}
+# Data movement: followed by running the op on the index arrays (its data inputs by position).
+_MOVES = {"Identity", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Expand", "Transpose", "Slice", "Gather",
+          "GatherND", "GatherElements", "ScatterND", "ScatterElements", "Tile", "Concat"}
+_DATA_INPUTS = {"Identity": (0,), "Unsqueeze": (0,), "Squeeze": (0,), "Reshape": (0,), "Flatten": (0,),
+                "Expand": (0,), "Transpose": (0,), "Slice": (0,), "Gather": (0,), "GatherND": (0,),
+                "GatherElements": (0,), "ScatterND": (0, 2), "ScatterElements": (0, 2), "Tile": (0,)}  # Concat: all
+MAX_INDEX_ELEMENTS = 1 << 24
 _TO_THE_END = np.iinfo(np.int64).max
 _INTEGER_TYPES = {TensorProto.INT8, TensorProto.INT16, TensorProto.INT32, TensorProto.INT64, TensorProto.UINT8,
                   TensorProto.UINT16, TensorProto.UINT32, TensorProto.UINT64}
 _FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
 _SUFFIX = "; if it is always all ones, --assume-no-padding fuses it without the column (unsafe with padded batches)"
 
-# For each graph input an operand reads: the operand axis (negative) each input axis follows,
-# None for a unit input axis (it carries no position).
-AxisMap = dict[str, tuple[int | None, ...]]
+# For each graph input a value reads: the flat index of the input element each of its elements
+# reads (-1: none, a constant there).
+Reads = dict[str, np.ndarray]
 
 
 def _ones(shape, dtype):
@@ -75,36 +80,40 @@ class KeyMask:
     ranks: tuple[tuple[str, int], ...]  # the rank of each operand the replay reads, by value name
     masked: float = contract.KEY_BIAS_MASKED  # the bias a masked key gets (after scaling)
     dtype: int = TensorProto.FLOAT  # the block's data dtype, the column's
+    # A general per-key additive term (carried as it is) instead of a kept/masked key mask.
+    general: bool = False
 
 
 class _Tracer:
-    """Where the contents of graph inputs land in a value's axes (`AxisMap`), or NotFused saying
-    which op mixes their positions."""
+    """Which element of each graph input every element of a value reads (`Reads`), or NotFused
+    saying which op mixes the input's positions. Data movement (Reshape, Gather, ScatterND, ...) is
+    run on the index arrays themselves, so whatever indices the graph computes from shapes are
+    followed exactly; position-wise ops must read one element of an input at each position."""
 
     def __init__(self, evaluator: Evaluator):
         self.evaluator = evaluator
-        self.memo: dict[Value, AxisMap] = {}
+        self.memo: dict[Value, Reads] = evaluator.memo.setdefault(("key mask reads",), {})
 
-    def axes(self, value: Value) -> AxisMap:
+    def reads(self, value: Value) -> Reads:
         pending, visited = [value], 0
         while pending:  # inputs first, with an explicit stack (cones may be deep)
             current = pending[-1]
             if current in self.memo:
                 pending.pop()
                 continue
-            missing = [i for i in self._reads(current) if i not in self.memo]
+            missing = [i for i in self._contents(current) if i not in self.memo]
             if missing:
                 visited += 1
                 if visited > MAX_CONE_NODES:
                     raise NotFused(f"the mask operand '{value.name}' is computed by more than {MAX_CONE_NODES} nodes")
                 pending.extend(missing)
                 continue
-            self.memo[current] = self._map(current)
+            self.memo[current] = self._reads(current)
             pending.pop()
         return self.memo[value]
 
     @staticmethod
-    def _reads(v: Value) -> list[Value]:
+    def _contents(v: Value) -> list[Value]:
         """The values whose contents `v`'s producer reads (none for a leaf)."""
         node = v.producer()
         if v.is_constant() or v.is_graph_input() or node is None or is_op(node, "Shape", "Size"):
@@ -113,106 +122,138 @@ class _Tracer:
 
     def _shape(self, v: Value) -> tuple[int, ...]:
         try:
-            return self.evaluator.shape_of(v)
+            shape = self.evaluator.shape_of(v)
         except Unprovable as exc:
             raise NotFused(f"cannot prove the shape of the mask operand '{v.name}': {exc}") from None
+        if int(np.prod(shape)) > MAX_INDEX_ELEMENTS:
+            raise NotFused(f"the mask operand '{v.name}' has {int(np.prod(shape))} elements at the proof's sample "
+                           "sizes, too many to follow which input element each reads")
+        return shape
 
-    def _map(self, v: Value) -> AxisMap:
+    def _reads(self, v: Value) -> Reads:
         if v.is_constant():
             return {}
         if v.is_graph_input():
             if v.is_overridable():
                 raise DependsOnInput(v.name, overridable=True)
             shape = self._shape(v)
-            return {v.name: tuple(a - len(shape) if n != 1 else None for a, n in enumerate(shape))}
+            return {v.name: np.arange(int(np.prod(shape)), dtype=np.int64).reshape(shape)}
         node = v.producer()
         if node is None or is_op(node, "Shape", "Size"):
             return {}
-        maps = [(i, self.memo[i]) for i in self._reads(v) if self.memo[i]]
-        if not maps:
+        contents = self._contents(v)
+        names = sorted({name for i in contents for name in self.memo[i]})
+        if not names:
             return {}
         if node.domain not in DEFAULT_DOMAINS:
-            raise NotFused(self._mixes(maps[0][1], node))
+            raise NotFused(_mixes(names[0], node))
         if node.op_type in _POSITIONWISE:
-            return self._merge([m for _, m in maps], node)  # negative axes survive right-aligned broadcasting
-        if node.op_type in _AXIS_MOVES and len(maps) == 1 and maps[0][0] is node.inputs[0]:
-            return self._moved(maps[0][1], node, v)
-        raise NotFused(self._mixes(maps[0][1], node))
+            return self._positionwise(node, v, contents, names)
+        if node.op_type in _MOVES:
+            return self._moved(node, v, names)
+        raise NotFused(_mixes(names[0], node))
 
-    @staticmethod
-    def _mixes(axis_map: AxisMap, node: Node) -> str:
-        name = next(iter(axis_map))
-        return (f"the mask reads graph input '{name}' through {describe(node)}, which combines its positions "
-                "(cumulative lengths, packed sequences?); the key-bias column carries one term per key" + _SUFFIX)
-
-    @staticmethod
-    def _merge(maps: list[AxisMap], node: Node) -> AxisMap:
-        merged: AxisMap = {}
-        for axis_map in maps:
-            for name, axes in axis_map.items():
-                if merged.setdefault(name, axes) != axes:
+    def _positionwise(self, node: Node, out: Value, contents: list[Value], names: list[str]) -> Reads:
+        shape = self._shape(out)
+        merged: Reads = {}
+        for name in names:
+            result = None
+            for value in contents:
+                index = self.memo[value].get(name)
+                if index is None:
+                    continue
+                index = np.broadcast_to(index, shape)
+                if result is None:
+                    result = index
+                    continue
+                if ((index != result) & (index >= 0) & (result >= 0)).any():
                     raise NotFused(f"the mask reads graph input '{name}' at two different positions for one score "
-                                   f"(in {describe(node)}); the key-bias column carries one term per key" + _SUFFIX)
+                                   f"(in {describe(node)}: a block-diagonal mask, packed sequences?); the key-bias "
+                                   "column carries one term per key" + _SUFFIX)
+                result = np.maximum(result, index)
+            merged[name] = np.ascontiguousarray(result)
         return merged
 
-    def _moved(self, axis_map: AxisMap, node: Node, out: Value) -> AxisMap:
-        source = node.inputs[0]
-        shape_in, shape_out = self._shape(source), self._shape(out)
-        rank_in, rank_out = len(shape_in), len(shape_out)
-        mapped = {a for axes in axis_map.values() for a in axes if a is not None}
-        if node.op_type == "Expand":
-            if any(shape_out[a] != shape_in[a] for a in mapped):
-                raise NotFused(self._mixes(axis_map, node))
-            return axis_map
-        if node.op_type == "Transpose":
-            perm = node.attr("perm") or list(reversed(range(rank_in)))
-            where = {p: k for k, p in enumerate(perm)}  # input axis -> output axis
-            return {name: tuple(None if a is None else where[a + rank_in] - rank_out for a in axes)
-                    for name, axes in axis_map.items()}
-        if node.op_type == "Slice":
-            if rank_in != rank_out or any(shape_out[a] != shape_in[a] for a in mapped):
-                raise NotFused(self._mixes(axis_map, node))
-            steps = node.inputs[4] if len(node.inputs) > 4 else None
-            if steps is not None:
-                try:
-                    if (np.asarray(self.evaluator.value_of(steps)) < 0).any():  # a full-length reversal
-                        raise NotFused(self._mixes(axis_map, node))
-                except Unprovable:
-                    raise NotFused(self._mixes(axis_map, node)) from None
-            return axis_map
-        # Unsqueeze, Squeeze, Reshape, Flatten: only unit axes come and go.
-        kept_in = [a for a, n in enumerate(shape_in) if n != 1]
-        kept_out = [a for a, n in enumerate(shape_out) if n != 1]
-        if [shape_in[a] for a in kept_in] != [shape_out[a] for a in kept_out]:
-            raise NotFused(self._mixes(axis_map, node))
-        where = dict(zip(kept_in, kept_out))
-        return {name: tuple(None if a is None else where[a + rank_in] - rank_out for a in axes)
-                for name, axes in axis_map.items()}
+    def _moved(self, node: Node, out: Value, names: list[str]) -> Reads:
+        data = _DATA_INPUTS.get(node.op_type, range(len(node.inputs)))
+        others = {}
+        for position, value in enumerate(node.inputs):
+            if value is None or position in data:
+                continue
+            if self.memo.get(value):  # indices or a shape read from the input's contents
+                raise NotFused(_mixes(names[0], node))
+            try:
+                others[position] = np.asarray(self.evaluator.value_of(value))
+            except Unprovable as exc:
+                raise NotFused(f"cannot follow the mask through {describe(node)}: {exc}") from None
+        self._shape(out)
+        result: Reads = {}
+        for name in names:
+            feeds = dict(others)
+            for position in data:
+                value = node.inputs[position] if position < len(node.inputs) else None
+                if value is None:
+                    continue
+                index = self.memo[value].get(name)
+                feeds[position] = index if index is not None else np.full(self._shape(value), -1, np.int64)
+            moved = _run_node(node, feeds, self.evaluator.graph.opset)
+            if (moved >= 0).any():
+                result[name] = moved
+        return result
+
+
+def _mixes(name: str, node: Node) -> str:
+    return (f"the mask reads graph input '{name}' through {describe(node)}, which combines its positions "
+            "(cumulative lengths, packed sequences?); the key-bias column carries one term per key" + _SUFFIX)
+
+
+def _run_node(node: Node, feeds: dict[int, np.ndarray], opset: int) -> np.ndarray:
+    """`node`'s first output on `feeds` (by input position), by the ONNX reference runtime."""
+    from onnx import helper
+    from onnx.reference import ReferenceEvaluator
+
+    names = [f"i{p}" if p in feeds else "" for p in range(len(node.inputs))]
+    proto = helper.make_node(node.op_type, names, ["o"])
+    proto.attribute.extend(node.proto.attribute)
+    graph = helper.make_graph(
+        [proto], "move",
+        [helper.make_tensor_value_info(f"i{p}", helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
+         for p, a in feeds.items()],
+        [helper.make_empty_tensor_value_info("o")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset or 18)])
+    try:
+        (out,) = ReferenceEvaluator(model).run(None, {f"i{p}": a for p, a in feeds.items()})[:1]
+    except Exception as exc:  # the reference runtime's own message is the best we have
+        raise NotFused(f"cannot follow the mask through {describe(node)}: {type(exc).__name__}: {exc}") from None
+    return np.asarray(out, dtype=np.int64)
 
 
 def _operands(step: ScoreStep) -> list[Value]:
     return [v for v in (step.operand, step.condition) if isinstance(v, Value)]
 
 
-def input_dependence(steps: tuple[ScoreStep, ...], evaluator: Evaluator) -> list[tuple[ScoreStep, Value, AxisMap]]:
-    """The operands that read graph inputs' contents, with where those land (NotFused when an op mixes them)."""
+def input_dependence(steps: tuple[ScoreStep, ...], evaluator: Evaluator) -> list[tuple[ScoreStep, Value, Reads]]:
+    """The operands that read graph inputs' contents, with which element each of their elements reads
+    (NotFused when an op mixes an input's positions)."""
     tracer = _Tracer(evaluator)
     found = []
     for step in steps:
         for value in _operands(step):
             try:
-                axis_map = tracer.axes(value)
+                reads = tracer.reads(value)
             except DependsOnInput as exc:  # an initializer a caller may replace
                 raise NotFused(f"the mask operand '{value.name}' {exc}", step.node) from None
-            if axis_map:
-                found.append((step, value, axis_map))
+            if reads:
+                found.append((step, value, reads))
     return found
 
 
-def _check_landing(step: ScoreStep, axis_map: AxisMap, batch_axis: int | None) -> None:
-    for name, axes in axis_map.items():
-        for axis in axes:
-            if axis is None or axis == -1 or axis == batch_axis:
+def _check_landing(step: ScoreStep, reads: Reads, batch_axis: int | None) -> None:
+    """Each operand element must read the input at an index that follows only the scores' batch
+    and key axes: the same along the query axis and every head axis."""
+    for name, index in reads.items():
+        for axis in range(-index.ndim, 0):
+            if axis == -1 or axis == batch_axis or (index == index.take([0], axis=axis)).all():
                 continue
             if axis == -2:
                 raise NotFused(f"the mask from graph input '{name}' varies along the query axis (a query-side mask, "
@@ -258,13 +299,27 @@ def read_with_key_mask(steps: tuple[ScoreStep, ...], evaluator: Evaluator, seq_q
     dependent = input_dependence(steps, evaluator)
     if not dependent:
         return read_scores(steps, evaluator, seq_q, seq_k), None
-    names = sorted({name for _, _, axis_map in dependent for name in axis_map})
+    names = sorted({name for _, _, reads in dependent for name in reads})
     if len(names) > 1:
         raise NotFused(f"the mask reads graph inputs {', '.join(repr(n) for n in names)}; the key-bias column is "
                        "proven for a mask read from one input" + _SUFFIX)
     (name,) = names
-    for step, _, axis_map in dependent:
-        _check_landing(step, axis_map, batch_axis)
+    if batch_axis is not None and batch_axis < -scores_rank:
+        batch_axis = None
+    per_key = None  # the input element each (batch entry, key) reads, over every operand
+    for step, _, reads in dependent:
+        _check_landing(step, reads, batch_axis)
+        index = reads[name]
+        for axis in range(-index.ndim, 0):
+            if axis not in (-1, batch_axis):
+                index = index.take([0], axis=axis)
+        index = index.reshape((1,) * (scores_rank - index.ndim) + index.shape)
+        if per_key is not None:
+            index, per_key = np.broadcast_arrays(index, per_key)
+            if ((index != per_key) & (index >= 0) & (per_key >= 0)).any():
+                raise NotFused(f"two mask operands read graph input '{name}' at different positions for one score; "
+                               "the key-bias column carries one term per key" + _SUFFIX, step.node)
+        per_key = index if per_key is None else np.maximum(index, per_key)
     if seq_q != seq_k:
         raise NotFused("a key mask read from an input needs seq_q == seq_k")
     _check_replayable(steps, seq_q, seq_k)
@@ -285,17 +340,36 @@ def read_with_key_mask(steps: tuple[ScoreStep, ...], evaluator: Evaluator, seq_q
                 pass
     kept = next((c for c in ("ones", "zeros") if isinstance(readings[c], ScoreReading)
                  and readings["zeros" if c == "ones" else "ones"] == "masked"), None)
-    if kept is None:
-        ones = readings["ones"]
-        said = (ones.reason if isinstance(ones, NotFused) else "every score masked" if ones == "masked"
-                else "causal" if ones.causal else "no mask")
-        raise NotFused(f"the mask from graph input '{name}' is not a key mask: with '{name}' all ones it reads as "
-                       f"{said}, and all zeros should then mask every score" + _SUFFIX)
-    ranks = []
-    for step in steps:
-        for value in _operands(step):
-            ranks.append((value.name, len(evaluator.shape_of(value))))
-    return readings[kept], KeyMask((name,), assumption, steps, scores_rank, tuple(ranks))
+    ranks = tuple((value.name, len(evaluator.shape_of(value))) for step in steps for value in _operands(step))
+    if kept is not None:
+        return readings[kept], KeyMask((name,), assumption, steps, scores_rank, ranks)
+    general = _general_term(steps, dependent, evaluator, seq_q, seq_k)
+    if general is not None:
+        return general, KeyMask((name,), None, steps, scores_rank, ranks, general=True)
+    ones = readings["ones"]
+    said = (ones.reason if isinstance(ones, NotFused) else "every score masked" if ones == "masked"
+            else "causal" if ones.causal else "no mask")
+    raise NotFused(f"the mask from graph input '{name}' is not a key mask: with '{name}' all ones it reads as "
+                   f"{said}, and all zeros should then mask every score; nor is it an additive term per key on a "
+                   "block without a mask" + _SUFFIX)
+
+
+def _general_term(steps: tuple[ScoreStep, ...], dependent, evaluator: Evaluator, seq_q: int,
+                  seq_k: int) -> ScoreReading | None:
+    """The reading of a block whose input enters only as additive terms, one per (batch entry, key),
+    on scores the other steps leave unmasked: softmax(scale·s + P·t(b, j)) with P the factors after
+    the term, which the replay at the last row gives as it is. None when that is not the form.
+
+    Only without a mask: a term added to scores an additive mask removes could bring them back."""
+    if any(step.kind not in ("add", "sub") or value is not step.operand for step, value, _ in dependent):
+        return None
+    terms = {id(step) for step, _, _ in dependent}
+    rest = tuple(dataclasses.replace(s, kind="cast") if id(s) in terms else s for s in steps)
+    try:
+        reading = read_scores(rest, evaluator, seq_q, seq_k)
+    except NotFused:
+        return None
+    return None if reading.causal else reading
 
 
 # --- the column in the fused graph -------------------------------------------------------------
@@ -350,8 +424,12 @@ def key_bias_column(nodes: NodeBuilder, key_mask: KeyMask, k: str, scale: float)
         z = nodes.unsqueeze(z, list(range(key_mask.scores_rank - rank)), "mask_z_rank")
     if key_mask.scores_rank == 3:  # (b, 1, s) -> (b, 1, 1, s)
         z = nodes.unsqueeze(z, [1], "mask_z_4d")
-    kept = nodes.op("Greater", [z, const(MASKED_AT_MOST)], "mask_kept")
-    column = nodes.op("Where", [kept, const(0.0), const(key_mask.masked / scale)], "key_bias")
+    if key_mask.general:  # the term as it is, a masked one (-inf, say) at the finite masked value
+        column = nodes.op("Div", [nodes.op("Max", [z, const(key_mask.masked)], "mask_floor"), const(scale)],
+                          "key_bias")
+    else:
+        kept = nodes.op("Greater", [z, const(MASKED_AT_MOST)], "mask_kept")
+        column = nodes.op("Where", [kept, const(0.0), const(key_mask.masked / scale)], "key_bias")
     column = nodes.op("Cast", [column], "key_bias_cast", to=key_mask.dtype)
     shape = nodes.concat([nodes.shape(k, 0, 2, "k_bk"), nodes.ints([1], "one"),
                           nodes.shape(k, 3, 4, "k_s")], 0, "key_bias_shape")

@@ -307,8 +307,13 @@ def plan_block(
                            f"masked value <= {contract.KEY_BIAS_MASKED_AT_MOST:g} divided by the scale is finite in "
                            f"{dtype_name(dtype)}")
         key_mask = dataclasses.replace(key_mask, masked=masked, dtype=dtype)
-        notes.append(f"key mask from graph input {', '.join(repr(n) for n in key_mask.inputs)} in head-dim column "
-                     f"{proof.head_dim + 1} (a masked key's score gets {masked:g})")
+        if key_mask.general:
+            notes.append(f"additive term per key from graph input {', '.join(repr(n) for n in key_mask.inputs)} in "
+                         f"head-dim column {proof.head_dim + 1}, as it is (terms at or below {masked:g} as {masked:g}); "
+                         "under mixed precision the kernel's bf16 product rounds it to about 2^-8 of its size")
+        else:
+            notes.append(f"key mask from graph input {', '.join(repr(n) for n in key_mask.inputs)} in head-dim "
+                         f"column {proof.head_dim + 1} (a masked key's score gets {masked:g})")
         if reading.causal:
             notes.append("query rows with no visible key (left padding, before a sequence's first real token) "
                          "attend over their own padded keys here, where the original's value is an artefact of its "

@@ -25,7 +25,7 @@ TOL = 1e-4
 def padded_masks(batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
     """0/1 masks (batch, seq): right- and left-padded at several lengths, and random lengths."""
     rng = np.random.default_rng(seed)
-    lengths = [seq, max(1, seq // 2), 1, max(1, seq - 3)][:batch] + list(rng.integers(1, seq + 1, max(0, batch - 4)))
+    lengths = [max(1, seq // 2), seq, 1, max(1, seq - 3)][:batch] + list(rng.integers(1, seq + 1, max(0, batch - 4)))
     out = {}
     for side in ("right", "left"):
         m = np.zeros((batch, seq), np.int64)
@@ -342,3 +342,121 @@ def test_two_mask_inputs_refused():
     model = _block(nodes, [helper.make_tensor_value_info("attention_mask", TensorProto.BOOL, [B, S]),
                            helper.make_tensor_value_info("other_mask", TensorProto.BOOL, [B, S])])
     assert "one input" in _reason(model)
+
+
+# --- the zoo's exports that take attention_mask -----------------------------------------------------
+
+ZOO_MASKED = ["bert-padmask-dynamo-sdpa", "gpt2-tf444-torchscript17-eager", "gpt2-tf444-torchscript14-eager",
+              "gpt2-tf444-torchscript17-sdpa", "gpt2-optimum-textgen", "llama-tf444-torchscript17-eager",
+              "llama-tf444-torchscript14-sdpa", "llama-tf444-torchscript17-sdpa", "llama-optimum-textgen",
+              "bart-optimum-encoder"]
+ZOO_CAUSAL = {"gpt2", "llama"}
+
+
+def _zoo_feeds(session, batch: int, seq: int, mask: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for value in session.get_inputs():
+        if value.name == "attention_mask":
+            feeds[value.name] = mask
+        elif value.name == "position_ids":
+            feeds[value.name] = np.tile(np.arange(seq, dtype=np.int64), (batch, 1))
+        elif value.name == "token_type_ids":
+            feeds[value.name] = np.zeros((batch, seq), np.int64)
+        else:
+            feeds[value.name] = rng.integers(0, 1000, (batch, seq)).astype(np.int64)
+    return feeds
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("name", ZOO_MASKED)
+def test_zoo_masked_exports_fuse_exactly_under_padding(name, zoo_log, tmp_path):
+    """BERT/RoBERTa/BART encoders and GPT-2/LLaMA decoders as the exporters write them, fused with the
+    default flags, against the original under right, left and random padding."""
+    import onnxruntime as ort
+
+    from fuse_attn import fuse, models
+    from fuse_attn.modelio import save
+
+    (zm,) = models.build_all(only=name, log=zoo_log)
+    assert zm.ok, zm.error
+    fused, report = fuse(str(zm.path))
+    assert report.blocks and all(b.fused and b.key_mask_inputs == ["attention_mask"] for b in report.blocks), \
+        report.lines()
+    out = tmp_path / "fused.onnx"
+    save(fused, out)
+    original = ort.InferenceSession(str(zm.path), providers=["CPUExecutionProvider"])
+    rewritten = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    causal = name.split("-")[0] in ZOO_CAUSAL
+    dims = [d for d in original.get_inputs()[0].shape]
+    seqs = [dims[1]] if isinstance(dims[1], int) else [16, 40]
+    batch = 3 if not isinstance(dims[0], int) else dims[0]
+    for seq in seqs:
+        for side, mask in padded_masks(batch, seq).items():
+            feeds = _zoo_feeds(original, batch, seq, mask)
+            a, b = original.run(None, feeds)[0], rewritten.run(None, feeds)[0]
+            rows = visible_rows(mask, causal)
+            assert _diff_on_visible(a, b, rows, 1) <= 2e-4 * max(1.0, float(np.abs(a).max())), (seq, side)
+
+
+# --- a general additive term per key, and the ONNX Attention op's attn_mask --------------------------
+
+def test_general_additive_term_per_key_is_carried_as_it_is():
+    """A float (b, s) input added to unmasked scores: no 0/1 assumption, the term rides in the column
+    as it is (a -inf or huge negative term at the finite masked value), and the report says what
+    precision it gets under mixed precision."""
+    nodes = [helper.make_node("Unsqueeze", ["key_bias", "ax12"], ["bias"])]
+    model = _block(nodes, [helper.make_tensor_value_info("key_bias", TensorProto.FLOAT, [B, S])])
+    fused, block = _fused_one(model)
+    assert block.fused and not block.causal and block.key_mask_inputs == ["key_bias"], block.reason
+    assert block.key_mask_assumption is None
+    assert any("as it is" in n and "2^-8" in n for n in block.notes), block.notes
+    rng = np.random.default_rng(3)
+    terms = rng.normal(size=(B, S)) * 3.0
+    terms[0, -4:] = -np.inf
+    terms[1, :5] = -1e30
+    feeds = _feeds(model, terms.astype(np.float32))
+    (a,), (b,) = run(model, feeds), run(fused, feeds)
+    assert np.isfinite(b).all() and float(np.abs(a - b).max()) <= TOL
+    # a wrong column (the term's sign) is caught
+    wrong = onnx.ModelProto()
+    wrong.CopyFrom(fused)
+    for n in wrong.graph.node:
+        if n.op_type == "Div" and n.output[0].endswith("_key_bias"):
+            n.op_type = "Sub"
+    assert float(np.abs(a - run(wrong, feeds)[0]).max()) > 100 * TOL
+
+
+def _attention_op(mask_nodes, mask_inputs, *, causal: bool) -> onnx.ModelProto:
+    nodes = list(mask_nodes) + [helper.make_node("Attention", ["Q", "K", "V", "attn_mask"], ["Y"],
+                                                 is_causal=int(causal))]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [B, H, S, D]) for n in "QKV"] + list(mask_inputs)
+    inits = [numpy_helper.from_array(np.array([1, 2], np.int64), "ax12"),
+             numpy_helper.from_array(np.array([1, 1, S, 1], np.int64), "rows"),
+             numpy_helper.from_array(np.array(0.0, np.float32), "zero_f"),
+             numpy_helper.from_array(np.array(-np.inf, np.float32), "neg_inf")]
+    graph = helper.make_graph(nodes, "attention_op", inputs,
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [B, H, S, D])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+    model.ir_version = 10
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@pytest.mark.parametrize("form", ["bool", "float"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_op_attn_mask_from_an_input(form, causal):
+    """The ONNX Attention op's attn_mask computed from attention_mask goes through the same proof."""
+    nodes = [helper.make_node("Unsqueeze", ["attention_mask", "ax12"], ["m4"]),
+             helper.make_node("Expand", ["m4", "rows"], ["m4s"]),  # onnxruntime wants the query axis whole
+             helper.make_node("Cast", ["m4s"], ["keep"], to=TensorProto.BOOL)]
+    if form == "float":
+        nodes.append(helper.make_node("Where", ["keep", "zero_f", "neg_inf"], ["attn_mask"]))
+    else:
+        nodes[-1].output[0] = "attn_mask"
+    model = _attention_op(nodes, [helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [B, S])],
+                          causal=causal)
+    fused, block = _fused_one(model)
+    assert block.fused and block.causal == causal and block.key_mask_inputs == ["attention_mask"], block.reason
+    for name, mask in padded_masks(B, S).items():
+        assert _block_diff(model, fused, mask, causal) <= TOL, name
