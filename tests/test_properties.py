@@ -593,3 +593,20 @@ def test_per_key_additive_terms_fused_exactly_or_left_alone(data):
     real = data.draw(real_tokens(spec.batch, spec.seq))
     for check in _key_mask_errors(km, fused, real, spec.seed):
         assert check.ok, f"{spec.short_id()}: {check.line()}"
+
+
+# The first examples the two key-mask properties above found wrong (fused, and different from the
+# original): a per-key term from the input beside a constant that is not per key (the causal
+# triangle, ALiBi's per-head distance bias) must keep that constant, or be left alone.
+@pytest.mark.parametrize("mask, form, heads", [("causal_padding", "additive", 1), ("padding", "alibi", 2)])
+def test_a_constant_beside_a_key_term_is_kept_or_the_block_left_alone(mask, form, heads):
+    from key_mask_graphs import key_mask_model
+
+    spec = AttnSpec(seq=8, heads=heads, kv_heads=heads, head_dim=4, mask=mask, target_score_std=2.0)
+    km = key_mask_model(spec, form)
+    fused, report = fuse_model(km.model)
+    (block,) = report.blocks
+    if block.fused:
+        real = np.array([[1, 1, 1, 1, 1, 0, 0, 0]], dtype=bool)
+        errors = [c for c in _key_mask_errors(km, fused, real, 0) if not c.ok]
+        assert not errors, f"{form} on {mask}: fused as {report.blocks[0].line()!r}, {errors[0].line()}"
