@@ -31,7 +31,6 @@ PADDED_BATCH = 2
 # The kernel's smallest kv tile and its query tile: the "tiles" feed pads whole ones.
 KV_TILE, QUERY_TILE = 512, 128
 
-
 ALL_ONES = "all-ones"
 PADDED_FEEDS = ("right", "left", "random", "tiles")
 
@@ -185,10 +184,10 @@ def padded_feeds(model: onnx.ModelProto, masks: list[str], *, causal: bool, seed
         rng = np.random.default_rng([seed, number])
         inputs, real = dict(base), {}
         for mask in targets:
-            template = base[mask]
-            tokens = _real_tokens(name, template.shape[0], template.shape[-1], rng)
-            shape = (template.shape[0],) + (1,) * (template.ndim - 2) + (template.shape[-1],)
-            inputs[mask] = np.broadcast_to(tokens.reshape(shape), template.shape).astype(template.dtype)
+            given = base[mask]
+            tokens = _real_tokens(name, given.shape[0], given.shape[-1], rng)
+            shape = (given.shape[0],) + (1,) * (given.ndim - 2) + (given.shape[-1],)
+            inputs[mask] = np.broadcast_to(tokens.reshape(shape), given.shape).astype(given.dtype)
             real[mask] = tokens
         without_key = causal and any((~r[:, 0]).any() for r in real.values())
         feeds.append(Feed(name, inputs, real, without_key))
