@@ -272,3 +272,19 @@ def test_verify_and_check_fail_a_flipped_column(tmp_path, monkeypatch, capsys):
     assert "verify y: " in out and " ok" in out.splitlines()[out.splitlines().index(next(
         line for line in out.splitlines() if line.startswith("verify y: ")))]
     assert "verify [right] y: " in out and "MISMATCH" in out
+
+
+def test_the_tables_count_the_padded_feeds(tmp_path):
+    """check's table and the zoo's share the 'padded feeds ok' column; the zoo pads at the
+    manifest's lengths, a symbolic batch grown to two entries."""
+    from fuse_attn import check
+    from fuse_attn.models.check import _padded_template
+
+    onnx.save(build(WIDE_ENCODER).model, tmp_path / "encoder.onnx")
+    result = check_worker.check_model(str(tmp_path / "encoder.onnx"), FuseOptions(assume_no_padding=True))
+    row = check.to_row({"model": "encoder.onnx", "ok": False, **result})
+    assert row.padded == "0 of 4"
+    assert "| 0 of 4 |" in check.render_markdown([row], columns=check.MODEL_COLUMNS)
+    model = _model({"ids": (TensorProto.INT64, ["batch", 1024]), "fixed": (TensorProto.INT64, [1, 1024])})
+    template = _padded_template(model, {"ids": np.zeros((1, 1024), np.int64), "fixed": np.zeros((1, 1024), np.int64)})
+    assert template["ids"].shape == (verify.PADDED_BATCH, 1024) and template["fixed"].shape == (1, 1024)
