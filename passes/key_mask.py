@@ -44,9 +44,9 @@ _POSITIONWISE = {"Cast", "CastLike", "Not", "Neg", "Identity", "Abs", "Sign", "E
                  "GreaterOrEqual", "And", "Or", "Xor", "Where", "Max", "Min", "BitwiseAnd", "BitwiseOr",
                  "BitwiseXor", "BitwiseNot"}
 # Data movement: followed by running the op on the index arrays (its data inputs by position).
-_MOVES = {"Identity", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Expand", "Transpose", "Slice", "Gather",
+_MOVES = {"Unsqueeze", "Squeeze", "Reshape", "Flatten", "Expand", "Transpose", "Slice", "Gather",
           "GatherND", "GatherElements", "ScatterND", "ScatterElements", "Tile", "Concat"}
-_DATA_INPUTS = {"Identity": (0,), "Unsqueeze": (0,), "Squeeze": (0,), "Reshape": (0,), "Flatten": (0,),
+_DATA_INPUTS = {"Unsqueeze": (0,), "Squeeze": (0,), "Reshape": (0,), "Flatten": (0,),
                 "Expand": (0,), "Transpose": (0,), "Slice": (0,), "Gather": (0,), "GatherND": (0,),
                 "GatherElements": (0,), "ScatterND": (0, 2), "ScatterElements": (0, 2), "Tile": (0,)}  # Concat: all
 MAX_INDEX_ELEMENTS = 1 << 24

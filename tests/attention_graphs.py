@@ -1366,6 +1366,8 @@ POSITIVE_VARIANTS: dict[str, AttnSpec] = {
     "padding_batch3_seq16": _r(BIDIR, mask="padding", seq=16, batch=3),
     "causal_padding_gqa_batch2": _r(CAUSAL, mask="causal_padding", batch=2, heads=8, kv_heads=2, head_dim=4),
     "padding_symbolic": _r(BIDIR, mask="padding", symbolic_seq=True, batch=2),
+    "causal_padding_fp16": _r(CAUSAL, mask="causal_padding", dtype="float16", batch=3, mask_value="min"),
+    "causal_padding_bf16": _r(CAUSAL, mask="causal_padding", dtype="bfloat16", batch=3, mask_value="min"),
     # non-causal at a seq no tile divides: compile pads it and masks the padded keys in the column
     "seq_16_not_causal": _r(CAUSAL, mask="none"),
     "seq_640_not_causal": _r(BIDIR, seq=640, heads=1),

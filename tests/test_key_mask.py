@@ -236,7 +236,8 @@ def test_a_wrong_column_is_caught(causal):
 # --- the builders' padding variants and an exporter's decoder ---------------------------------------
 
 @pytest.mark.parametrize("name", ["padding_batch3_seq16", "causal_padding_gqa_batch2", "padding_symbolic",
-                                  "padding_input", "causal_plus_padding"])
+                                  "padding_input", "causal_plus_padding", "causal_padding_fp16",
+                                  "causal_padding_bf16"])
 def test_builder_padding_variants_match_under_padded_masks(name):
     spec = POSITIVE_VARIANTS[name]
     built = build(spec)
@@ -460,3 +461,20 @@ def test_attention_op_attn_mask_from_an_input(form, causal):
     assert block.fused and block.causal == causal and block.key_mask_inputs == ["attention_mask"], block.reason
     for name, mask in padded_masks(B, S).items():
         assert _block_diff(model, fused, mask, causal) <= TOL, name
+
+
+def test_report_names_the_key_mask_inputs_and_assumption():
+    """The interface `--verify`/`check` read: each fused block's key_mask_inputs and key_mask_assumption,
+    in the JSON report and on the block's line."""
+    import json
+
+    nodes, inputs = _hf_additive()
+    _, report = fuse_model(_block(nodes, inputs, causal=True))
+    (block,) = json.loads(report.to_json())["blocks"]
+    assert block["key_mask_inputs"] == ["attention_mask"]
+    assert block["key_mask_assumption"] == "assumes 'attention_mask' holds only 0 and 1"
+    line = report.blocks[0].line()
+    assert "key mask from 'attention_mask' (assumes 'attention_mask' holds only 0 and 1)" in line, line
+    assert "no visible key" in line, line
+    _, plain = fuse_model(build(POSITIVE_VARIANTS["kt_perm0132"]).model)
+    assert json.loads(plain.to_json())["blocks"][0]["key_mask_inputs"] == []
