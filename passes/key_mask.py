@@ -6,19 +6,24 @@ the causal triangle rides in one extra head-dim column (`contract.FlashFwdAttrs.
 q' = [q; 1], k' = [k; bias/scale], v' = [v; 0], so the kernel's scale·q'ᵀk' adds the bias.
 
 The proof has two parts; nothing is sampled.
-1. Structure. Each score-step operand that reads the contents of a graph input is traced back to
-   it through position-wise ops (Cast, Not, Sub, Mul, Where, ...) and axis moves that never mix
-   positions (Unsqueeze, Squeeze, Expand, Transpose, a Reshape or Slice that is the identity on
-   the input's axes). Every element of the operand then reads the input at one index, and each of
-   the input's axes follows one axis of the operand; those must be the scores' batch and key axes.
+1. Structure. Each score-step operand that reads the contents of a graph input is followed back
+   to it: data movement (Unsqueeze, Reshape, Expand, Slice, Gather, GatherND, ScatterND, ...) is
+   run on index arrays, so every element of the operand is known to read one element of the input
+   (or none); position-wise ops (Cast, Not, Sub, Mul, Where, ...) must read one element at each
+   position; anything else (CumSum, reductions, MatMul, indices read from the input) is refused.
+   The element read must follow only the scores' batch and key axes, and all operands together
+   must read one element per (batch entry, key).
 2. Values. For an input that holds two values (bool, or a 0/1 token mask: the assumption is
-   named in the report), the score reading at each (batch entry, key) is a function of one
+   named in the report), the score reading at each (batch entry, key) is then a function of one
    element of the input, so reading the steps with the input all ones and all zeros covers every
-   case: one must read as no mask or top-left causal, the other must mask every score.
+   case: one must read as no mask or top-left causal, the other must mask every score. A float
+   input that enters only as an additive term per key, on a block without a mask, is carried as
+   it is.
 
-The column is computed in the fused graph from the input the model reads: the score steps are
-replayed on zero scores at the last query row, which sees every key under a top-left causal mask
-with seq_q == seq_k, with the model's own operands sliced there.
+The column is computed in the fused graph from the input the model reads: from the input itself
+when each (batch entry, key) reads element [b, j] of a (batch, seq) input, else by replaying the
+score steps on zero scores at the last query row, which sees every key under a top-left causal
+mask with seq_q == seq_k, with the model's own operands sliced there.
 """
 
 from __future__ import annotations
@@ -82,6 +87,9 @@ class KeyMask:
     dtype: int = TensorProto.FLOAT  # the block's data dtype, the column's
     # A general per-key additive term (carried as it is) instead of a kept/masked key mask.
     general: bool = False
+    # A two-valued mask whose (batch entry, key) reads the (batch, seq) input in place: the input
+    # value that keeps a key (the column is computed from the input itself); None: replay the steps.
+    kept_value: float | None = None
 
 
 class _Tracer:
@@ -342,7 +350,9 @@ def read_with_key_mask(steps: tuple[ScoreStep, ...], evaluator: Evaluator, seq_q
                  and readings["zeros" if c == "ones" else "ones"] == "masked"), None)
     ranks = tuple((value.name, len(evaluator.shape_of(value))) for step in steps for value in _operands(step))
     if kept is not None:
-        return readings[kept], KeyMask((name,), assumption, steps, scores_rank, ranks)
+        direct = _reads_in_place(per_key, evaluator.shape_of(source))
+        return readings[kept], KeyMask((name,), assumption, steps, scores_rank, ranks,
+                                       kept_value=(1.0 if kept == "ones" else 0.0) if direct else None)
     general = _general_term(steps, dependent, evaluator, seq_q, seq_k)
     if general is not None:
         return general, KeyMask((name,), None, steps, scores_rank, ranks, general=True)
@@ -352,6 +362,15 @@ def read_with_key_mask(steps: tuple[ScoreStep, ...], evaluator: Evaluator, seq_q
     raise NotFused(f"the mask from graph input '{name}' is not a key mask: with '{name}' all ones it reads as "
                    f"{said}, and all zeros should then mask every score; nor is it an additive term per key on a "
                    "block without a mask" + _SUFFIX)
+
+
+def _reads_in_place(per_key: np.ndarray, input_shape: tuple[int, ...]) -> bool:
+    """Whether (batch entry b, key j) reads element [b, j] of a (batch, seq) input: then a two-valued
+    mask's column is computed from the input directly, without the model's mask ops (exact: each
+    key is kept where the input holds the kept value)."""
+    index = np.squeeze(per_key)
+    return (len(input_shape) == 2 and min(input_shape) > 1 and index.shape == tuple(input_shape)
+            and np.array_equal(index, np.arange(index.size).reshape(index.shape)))
 
 
 def _general_term(steps: tuple[ScoreStep, ...], dependent, evaluator: Evaluator, seq_q: int,
@@ -389,6 +408,8 @@ def _row(nodes: NodeBuilder, value: Value, rank: int, scores_rank: int, batch_ax
 
 def key_bias_column(nodes: NodeBuilder, key_mask: KeyMask, k: str, scale: float) -> str:
     """The column (b, kv, 1, s) the kernel's k gains: masked/scale where the key is masked, else 0."""
+    if key_mask.kept_value is not None:
+        return _column_from_input(nodes, key_mask, k, scale)
     rank_of = dict(key_mask.ranks)
     batch_axis = -key_mask.scores_rank
 
@@ -430,9 +451,26 @@ def key_bias_column(nodes: NodeBuilder, key_mask: KeyMask, k: str, scale: float)
     else:
         kept = nodes.op("Greater", [z, const(MASKED_AT_MOST)], "mask_kept")
         column = nodes.op("Where", [kept, const(0.0), const(key_mask.masked / scale)], "key_bias")
-    column = nodes.op("Cast", [column], "key_bias_cast", to=key_mask.dtype)
-    shape = nodes.concat([nodes.shape(k, 0, 2, "k_bk"), nodes.ints([1], "one"),
-                          nodes.shape(k, 3, 4, "k_s")], 0, "key_bias_shape")
+    return _expanded(nodes, nodes.op("Cast", [column], "key_bias_cast", to=key_mask.dtype), k)
+
+
+def _column_from_input(nodes: NodeBuilder, key_mask: KeyMask, k: str, scale: float) -> str:
+    """The column of a two-valued (batch, seq) mask input read in place: 0 where it holds the kept
+    value, masked/scale elsewhere."""
+    def const(x: float) -> str:
+        return nodes.constant(np.array(x, dtype=np.float32), "mask_const")
+
+    (name,) = key_mask.inputs
+    mask = nodes.op("Cast", [nodes.unsqueeze(name, [1, 2], "mask_4d")], "mask_f", to=TensorProto.FLOAT)
+    kept = nodes.op("Equal", [mask, const(key_mask.kept_value)], "mask_kept")
+    column = nodes.op("Where", [kept, const(0.0), const(key_mask.masked / scale)], "key_bias")
+    return _expanded(nodes, nodes.op("Cast", [column], "key_bias_cast", to=key_mask.dtype), k)
+
+
+def _expanded(nodes: NodeBuilder, column: str, k: str) -> str:
+    """`column` (b | 1, 1, 1, s | 1) as k's extra row: (b, kv, 1, s)."""
+    shape = nodes.concat([nodes.shape(k, 0, 2, "k_bk"), nodes.ints([1], "one"), nodes.shape(k, 3, 4, "k_s")], 0,
+                         "key_bias_shape")
     return nodes.op("Expand", [column, shape], "key_bias_column")
 
 

@@ -308,12 +308,12 @@ def plan_block(
                            f"{dtype_name(dtype)}")
         key_mask = dataclasses.replace(key_mask, masked=masked, dtype=dtype)
         if key_mask.general:
-            notes.append(f"additive term per key from graph input {', '.join(repr(n) for n in key_mask.inputs)} in "
-                         f"head-dim column {proof.head_dim + 1}, as it is (terms at or below {masked:g} as {masked:g}); "
-                         "under mixed precision the kernel's bf16 product rounds it to about 2^-8 of its size")
+            notes.append(f"an additive term per key, carried as it is in head-dim column {proof.head_dim + 1} "
+                         f"(terms at or below {masked:g} as {masked:g}); under mixed precision the kernel's bf16 "
+                         "product rounds it to about 2^-8 of its size")
         else:
-            notes.append(f"key mask from graph input {', '.join(repr(n) for n in key_mask.inputs)} in head-dim "
-                         f"column {proof.head_dim + 1} (a masked key's score gets {masked:g})")
+            notes.append(f"the key mask rides in head-dim column {proof.head_dim + 1} (a masked key's score gets "
+                         f"{masked:g})")
         if reading.causal:
             notes.append("query rows with no visible key (left padding, before a sequence's first real token) "
                          "attend over their own padded keys here, where the original's value is an artefact of its "

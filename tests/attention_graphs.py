@@ -1210,13 +1210,13 @@ def wrong_scale_and_mask_diffs(built: Built, feeds: dict[str, np.ndarray] | None
     s = built.spec
     out = {
         "scale x1.05": max_abs_diff(right, built.reference(feeds, scale_factor=1.05)),
-        "causal flipped": max_abs_diff(right, built.reference(feeds, mask="none" if s.causal else "causal")),
+        "causal flipped": max_abs_diff(right, built.reference(feeds, mask="none" if s.kernel_causal else "causal")),
     }
     default = 1.0 / math.sqrt(s.head_dim)
     if abs(built.effective_scale - default) > 1e-3 * default:
         out["default scale"] = max_abs_diff(
             right, built.reference(feeds, scale_factor=default / built.effective_scale))
-    if s.causal:
+    if s.kernel_causal:
         out["off by one"] = max_abs_diff(right, built.reference(feeds, mask="off_by_one"))
     if 1 < s.kv < s.heads:
         out["kv tiled"] = max_abs_diff(right, built.reference(feeds, kv_order="tile"))

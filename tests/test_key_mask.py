@@ -478,3 +478,36 @@ def test_report_names_the_key_mask_inputs_and_assumption():
     assert "no visible key" in line, line
     _, plain = fuse_model(build(POSITIVE_VARIANTS["kt_perm0132"]).model)
     assert json.loads(plain.to_json())["blocks"][0]["key_mask_inputs"] == []
+
+
+def _column_ops(fused: onnx.ModelProto) -> set[str]:
+    return {n.op_type for n in fused.graph.node if "mask_" in n.output[0] or "key_bias" in n.output[0]}
+
+
+def test_a_mask_not_read_in_place_is_replayed_from_the_models_operands():
+    """A (b, 1, 1, s) float mask input: the column replays the score steps at the last query row."""
+    nodes = [helper.make_node("Sub", ["one_f", "attention_mask"], ["inv"]),
+             helper.make_node("Mul", ["inv", "min_f"], ["bias"])]
+    model = _block(nodes, [helper.make_tensor_value_info("attention_mask", TensorProto.FLOAT, [B, 1, 1, S])],
+                   causal=True)
+    fused, block = _fused_one(model)
+    assert block.fused and block.key_mask_inputs == ["attention_mask"], block.reason
+    assert "Slice" in _column_ops(fused)  # the operands read at the last row
+    for name, mask in padded_masks(B, S).items():
+        feeds = _feeds(model, mask.reshape(B, 1, 1, S))
+        (a,), (b,) = run(model, feeds), run(fused, feeds)
+        assert _diff_on_visible(a, b, visible_rows(mask, True), 2) <= TOL, name
+
+
+def test_key_padding_mask_true_means_padded():
+    """nn.MultiheadAttention's key_padding_mask: True marks a padded key (the kept value is 0)."""
+    nodes = [helper.make_node("Unsqueeze", ["key_padding_mask", "ax12"], ["m4"]),
+             helper.make_node("Where", ["m4", "neg_inf", "zero_f"], ["bias"])]
+    model = _block(nodes, [helper.make_tensor_value_info("key_padding_mask", TensorProto.BOOL, [B, S])])
+    fused, block = _fused_one(model)
+    assert block.fused and block.key_mask_inputs == ["key_padding_mask"] and block.key_mask_assumption is None
+    assert "Slice" not in _column_ops(fused)  # read in place: computed from the input itself
+    for name, mask in padded_masks(B, S).items():
+        feeds = _feeds(model, mask == 0)
+        (a,), (b,) = run(model, feeds), run(fused, feeds)
+        assert _diff_on_visible(a, b, visible_rows(mask, False), 2) <= TOL, name
