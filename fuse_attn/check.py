@@ -127,7 +127,7 @@ def _signal_name(returncode: int) -> str:
 
 def _failed(status: str, problem: str) -> dict:
     return {"status": status, "exporter": "", "dtype": "", "found": None, "fused": None, "not_fused": [],
-            "blocks": [], "assumptions": [], "specialized": [], "max_err": None, "outputs": [], "seconds": None,
+            "blocks": [], "assumptions": [], "specialized": [], "max_err": None, "outputs": [], "feeds": [], "seconds": None,
             "problems": [problem]}
 
 
@@ -213,8 +213,14 @@ def regressions(results: dict[str, dict], baseline: dict[str, dict]) -> list[str
 
 # -- output ------------------------------------------------------------------------------------
 
+def _padded(result: dict) -> str | None:
+    """"3 of 4": the padded feeds (all but the first, all-ones, feed) within tolerance."""
+    padded = result.get("feeds", [])[1:]
+    return f"{sum(f['ok'] for f in padded)} of {len(padded)}" if padded else None
+
+
 def to_row(result: dict) -> Row:
-    return Row(model=result["model"], exporter=result["exporter"] or "—", found=result["found"],
+    return Row(padded=_padded(result), model=result["model"], exporter=result["exporter"] or "—", found=result["found"],
                fused=result["fused"], expected=None, expected_found=None, max_err=result["max_err"],
                seconds=result["seconds"], ok=result["ok"], problems=list(result["problems"]),
                dtype=result["dtype"], not_fused=list(result["not_fused"]),

@@ -50,10 +50,11 @@ def _dtype(proto: onnx.ModelProto) -> str:
 def check_model(path: str, options: FuseOptions = FuseOptions()) -> dict:
     """What `fuse-attn check` reports for one model: status "ok", "wrong" (the fused model's
     outputs differ beyond tolerance) or "error" (it could not be read, specialized, fused or run),
-    with the block counts, the not-fused reasons, the largest error and what --shape/--dim fixed."""
+    with the block counts, the not-fused reasons, the largest error over every feed (all-ones
+    masks, then the padded ones: `feeds`) and what --shape/--dim fixed."""
     result: dict = {"status": "error", "exporter": "", "dtype": "", "found": None, "fused": None,
                     "not_fused": [], "blocks": [], "assumptions": [], "specialized": [], "max_err": None,
-                    "outputs": [], "seconds": None, "problems": []}
+                    "outputs": [], "feeds": [], "seconds": None, "problems": []}
     try:
         original = modelio.load_proto(path)
         modelio.validate(original, path)
@@ -89,17 +90,22 @@ def check_model(path: str, options: FuseOptions = FuseOptions()) -> dict:
         result["status"] = "ok"
         return result
     try:
-        # Inputs at the specialized shapes (the fused model declares them), fed to both models.
-        checks = verify.compare(original, fused, verify.random_inputs(fused if specialized is not None else original),
-                                os.path.dirname(os.path.abspath(path)))
+        # Inputs at the specialized shapes (the fused model declares them), fed to both models:
+        # all-ones masks, then every token mask the report names padded (verify.verify_fused).
+        results = verify.verify_fused(original, fused, report, base_dir=os.path.dirname(os.path.abspath(path)),
+                                      shapes_from=fused if specialized is not None else None)
     except Exception as exc:
         result["problems"].append(f"running the original or the fused model in onnxruntime: {_one_line(exc)}")
         return result
-    result["outputs"] = [{"name": c.name, "max_abs": c.max_abs, "max_rel": c.max_rel,
-                          "tolerance": c.tolerance, "ok": c.ok} for c in checks]
+    feeds = [r.to_json() for r in results]
+    result["feeds"] = feeds
+    result["outputs"] = feeds[0]["outputs"]  # the all-ones feed, as before the padded feeds
+    checks = [c for r in results for c in r.checks]
     result["max_err"] = max((c.max_abs for c in checks), default=None)
     wrong = [c for c in checks if not c.ok]
     result["problems"] += [c.line() for c in wrong]
+    if wrong and report.assumed_all_ones:
+        result["problems"] += [line for line in verify.result_lines(results, report) if line.startswith("padded feeds fail")]
     result["status"] = "wrong" if wrong else "ok"
     return result
 

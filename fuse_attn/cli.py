@@ -69,21 +69,25 @@ def _fuse_main(argv: list[str]) -> int:
         print(printable(line), file=human)
     # Read before the output is written: with --in-place it replaces the original.
     original = modelio.load_proto(args.model) if args.verify and report.fused else None
-    # Inputs at the specialized shapes (the fused model declares them), fed to both models; made
-    # before anything is written, since an input's declared size may be refused.
-    feeds = None if original is None else verify.random_inputs(graph.model if specialized is not None else original)
+    verified_ok = True
+    if args.verify and original is None:
+        print("nothing fused; nothing to verify", file=human)
+    if original is not None:
+        # Inputs at the specialized shapes (the fused model declares them), fed to both models;
+        # verified before writing, so the JSON report carries the results (and an input whose
+        # declared size is refused leaves nothing written).
+        results = verify.verify_fused(original, graph.model, report, base_dir=os.path.dirname(source),
+                                      shapes_from=graph.model if specialized is not None else None)
+        for line in verify.result_lines(results, report):
+            print(printable(line), file=human)
+        report.verification = [r.to_json() for r in results]
+        verified_ok = all(r.ok for r in results)
     # Nothing fused: the model goes through exactly as it came.
     modelio.write_outputs(outputs, graph.model, report.to_json())
     if outputs.report == "-":
         sys.stdout.write(report.to_json())
-    if args.verify and original is None:
-        print("nothing fused; nothing to verify", file=human)
-    if original is not None:
-        checks = verify.compare(original, graph.model, feeds, os.path.dirname(source))
-        for check in checks:
-            print(printable(check.line()), file=human)
-        if not all(c.ok for c in checks):
-            return EXIT_VERIFY_FAILED
+    if not verified_ok:
+        return EXIT_VERIFY_FAILED
     return EXIT_OK
 
 

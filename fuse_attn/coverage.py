@@ -34,6 +34,7 @@ class Row:
     known_issue: str | None = None  # the manifest's "known_issue": a failure the suite expects
     failure: str | None = None  # what kind of failure, shown after ❌: "wrong", "crashed", ...
     runnable: int | None = None  # blocks the kernel can run (the manifest's; None: no manifest)
+    padded: str | None = None  # padded feeds within tolerance, "4 of 4" (None: no token mask to pad)
 
 
 class Column(NamedTuple):
@@ -68,6 +69,8 @@ FUSED = Column("fused", "---:", lambda r: _count(r.fused))
 MAX_ERR = Column("max err", "---:", lambda r: _fmt_err(r.max_err))
 SECONDS = Column("pass s", "---:", lambda r: "—" if r.seconds is None else f"{r.seconds:.2f}")
 OK = Column("ok", ":-:", _status)
+# The padded feeds (`fuse_attn.verify`) within tolerance, for models whose report names token masks.
+PADDED = Column("padded feeds ok", "---:", lambda r: r.padded or "—")
 
 # The zoo's table: what the manifest says about each model sits beside what the pass did.
 ZOO_COLUMNS = (
@@ -80,12 +83,13 @@ ZOO_COLUMNS = (
     FUSED,
     Column("expected fused", "---:", lambda r: f"{r.expected} of {r.expected_found}"),
     Column("kernel can run", "---:", lambda r: _count(r.runnable)),
+    PADDED,
     MAX_ERR,
     SECONDS,
     OK,
 )
 # A user's models: no manifest, so no family, attention implementation or expected counts.
-MODEL_COLUMNS = (MODEL, EXPORTER, DTYPE, FOUND, FUSED, MAX_ERR, SECONDS, OK)
+MODEL_COLUMNS = (MODEL, EXPORTER, DTYPE, FOUND, FUSED, PADDED, MAX_ERR, SECONDS, OK)
 
 
 def _summary(rows: list[Row]) -> str:

@@ -119,8 +119,9 @@ def fuse_graph(graph: Graph, *, name: str = "model", assume_no_padding: bool = F
         declare_flash_fwd(graph.model, function_dtype.dtype)
     report.transposes_added = sum(b.transposes_added for b in report.blocks)
     report.transposes_net = sum(is_op(n, "Transpose") for n in graph.all_nodes()) - transposes_before
+    report.assumed_all_ones = sorted(evaluator.declared_used)
     report.assumptions = [f"graph input '{n}' is all ones (--assume-no-padding): it reaches a mask"
-                          for n in sorted(evaluator.declared_used)]
+                          for n in report.assumed_all_ones]
     report.assumptions += [f"initializer '{n}', also a graph input, holds its stored value (--freeze-initializer-inputs)"
                            for n in sorted(graph.frozen_used)]
     report.seconds = time.perf_counter() - start

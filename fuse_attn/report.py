@@ -67,7 +67,12 @@ class FuseReport:
     transposes_added: int = 0
     transposes_net: int = 0
     assumptions: list[str] = dataclasses.field(default_factory=list)
+    # The graph inputs --assume-no-padding took as all ones (named in `assumptions` too): --verify
+    # feeds them padded, to show what the flag costs on a padded batch.
+    assumed_all_ones: list[str] = dataclasses.field(default_factory=list)
     specialized: list[str] = dataclasses.field(default_factory=list)  # dims fixed by --shape/--dim
+    # --verify's per-feed results (`verify.FeedResult.to_json`): all-ones, then the padded feeds.
+    verification: list[dict] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
 
     @property

@@ -7,7 +7,9 @@
 
 A row is ok when the pass found exactly the expected blocks, fused the expected number, reported
 every expected not-fused block with a reason that carries one of its keywords, and the fused
-model's outputs match the original's in onnxruntime on the same random inputs.
+model's outputs match the original's in onnxruntime on the same random inputs: the manifest's, and
+when the report names token masks (a key-bias column's inputs, or --assume-no-padding's), the
+padded feeds of `fuse-attn --verify` (right, left, random, whole tiles; `fuse_attn.verify`).
 """
 
 from __future__ import annotations
@@ -158,8 +160,62 @@ def check_model(zm: ZooModel, *, fused_dir: Path | None = None, manifest: dict[s
         tol = _tolerance(entry, manifest)
         if not row.max_err <= tol:
             row.problems.append(f"max error {row.max_err:.3g} > {tol:g}")
+        try:
+            _check_padded(row, report, zm.path, fused_path, tol, inputs)
+        except Exception as exc:
+            row.problems.append(f"running the padded feeds: {describe_exc(exc)}"[:500])
     row.ok = not row.problems
     return row
+
+
+def _padded_template(fused, inputs: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's inputs (its lengths: a recipe picks one at which padding covers whole tiles),
+    with a symbolic batch grown to two entries so each gets its own mask."""
+    import numpy as np
+
+    from fuse_attn import verify
+
+    symbolic = {i.name for i in fused.graph.input
+                if i.type.tensor_type.shape.dim and not i.type.tensor_type.shape.dim[0].HasField("dim_value")}
+    return {n: np.repeat(a, verify.PADDED_BATCH, axis=0) if n in symbolic and a.ndim and a.shape[0] == 1 else a
+            for n, a in inputs.items()}
+
+
+def _check_padded(row: Row, report, original_path: Path, fused_path: Path, tol: float,
+                  row_inputs: dict[str, Any]) -> None:
+    """The padded feeds `fuse-attn --verify` runs, on the manifest's inputs, for every token mask
+    a key-bias column is computed from; each within the zoo's tolerance. `row.padded`: how many feeds, how many within
+    it. Inputs the manifest's `assume_no_padding` vouches for are not padded here (the recipe says
+    they are all ones; `--verify` pads them to show what that costs): the cell says so."""
+    import onnx
+
+    from fuse_attn import verify
+
+    masks = list(dict.fromkeys(n for b in report.blocks if b.fused for n in b.key_mask_inputs))
+    if not masks:
+        if report.assumed_all_ones:
+            row.padded = "assumed all ones"
+        return
+    original = onnx.load(str(original_path), load_external_data=False)
+    # Shapes from the fused model: it declares any the manifest's `fuse` options fixed.
+    fused = onnx.load(str(fused_path), load_external_data=False)
+    causal = any(b.fused and b.causal and b.key_mask_inputs for b in report.blocks)
+    feeds = verify.padded_feeds(fused, masks, causal=causal, seed=1, template=_padded_template(fused, row_inputs))
+    if not feeds:
+        row.problems.append(f"the key-bias columns read {masks}, but no input of rank >= 2 to pad")
+        return
+    want_session, got_session = ort_session(original_path), ort_session(fused_path)
+    names = [o.name for o in original.graph.output]
+    good = 0
+    for feed in feeds:
+        checks, _ = verify.run_feed(want_session, got_session, names, feed)
+        err = max(c.max_abs for c in checks)
+        row.max_err = max(row.max_err, err)
+        if err <= tol:
+            good += 1
+        else:
+            row.problems.append(f"{feed.describe()}: max error {err:.3g} > {tol:g}")
+    row.padded = f"{good} of {len(feeds)}"
 
 
 def check_zoo(models: Iterable[ZooModel], *, fused_dir: Path | str | None = None, log=None) -> list[Row]:
@@ -199,7 +255,9 @@ def coverage_document(rows: list[Row]) -> str:
         "",
         "Every recipe in `models/manifest.json`, exported and run through the pass: blocks found, fused, "
         "and expected fused (of expected found); max abs error of the fused model against the original in "
-        "onnxruntime on the same inputs; the pass's own time. Regenerate with "
+        "onnxruntime on the same inputs (the manifest's, and for a model whose report names token masks the "
+        "padded feeds of `fuse-attn --verify`: right, left, random and whole tiles, counted in *padded feeds "
+        "ok*); the pass's own time. Regenerate with "
         "`fuse-attn zoo --markdown models/COVERAGE.md`.",
         "",
         "*Kernel can run*: the blocks flash_fwd can compute: those expected fused, and those the manifest "

@@ -309,15 +309,18 @@ def test_dim_fuses_a_kv_cache_decoder_and_leaves_other_models_alone(tmp_path):
 
     proc = run_check(tmp_path, "--jobs", "2", "--dim", "past_sequence_length=0", "--assume-no-padding",
                      "--shape", "past_key_values.9.key=1x4x0x16", "--json", tmp_path / "r.json")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stderr.splitlines() == ["fuse-attn check: note: --shape past_key_values.9.key=1x4x0x16 fixed no model"]
     results = {m["model"]: m for m in json.loads((tmp_path / "r.json").read_text())["models"]}
     decoder, causal = results["decoder.onnx"], results["causal.onnx"]
-    assert decoder["ok"] and (decoder["found"], decoder["fused"]) == (2, 2), decoder
+    assert (decoder["found"], decoder["fused"]) == (2, 2), decoder
     assert decoder["specialized"] == ["past_sequence_length = 0"]
-    # Verified against the original at the specialized shapes: every output, past and present.
-    assert len(decoder["outputs"]) == 5 and all(o["ok"] for o in decoder["outputs"])
+    # Verified against the original at the specialized shapes: every output, past and present,
+    # with attention_mask all ones and padded (the mask rides in the key-bias column).
+    assert decoder["ok"] and len(decoder["outputs"]) == 5 and all(o["ok"] for o in decoder["outputs"])
+    assert [f["feed"] for f in decoder["feeds"]] == ["all-ones", "right", "left", "random", "tiles"]
+    assert all(f["ok"] and len(f["outputs"]) == 5 for f in decoder["feeds"]), decoder["feeds"]
     assert decoder["max_err"] <= decoder["outputs"][0]["tolerance"]
+    assert proc.returncode == 0, proc.stdout + proc.stderr
     assert causal["ok"] and causal["fused"] == 2 and causal["specialized"] == []
 
 
@@ -401,6 +404,7 @@ def test_a_wrong_rewrite_of_a_specialized_model_is_reported_wrong(tmp_path, monk
     monkeypatch.setattr(check_worker, "fuse_graph", fuse_without_causal)
     result = check_worker.check_model(str(tmp_path / "decoder.onnx"), options)
     assert result["status"] == "wrong" and result["fused"] == 1, result
+    assert not result["feeds"][0]["ok"]
     assert result["specialized"] == ["past_sequence_length = 0"]
 
 

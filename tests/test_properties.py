@@ -68,6 +68,10 @@ def figure_lines() -> list[str]:
         f"left alone {FIGURE['left alone']} (near misses {FIGURE['near miss']}, of them fused exactly "
         f"{FIGURE['near miss fused exactly']}), wrong {FIGURE['wrong']} (must be 0)",
     ]
+    if FIGURE["key masks tried"] or FIGURE["key mask near misses"]:
+        lines.append(f"key masks: tried {FIGURE['key masks tried']}, fused and equal under random padding "
+                     f"{FIGURE['key masks fused']}; near misses {FIGURE['key mask near misses']}; per-key "
+                     f"additive terms fused {FIGURE['additive key terms fused']}")
     if LEFT_ALONE_POSITIVES:
         lines.append(f"positive specs with a block left alone ({len(LEFT_ALONE_POSITIVES)}), first few:")
         lines += ["  " + s for s in LEFT_ALONE_POSITIVES[:5]]
@@ -466,3 +470,143 @@ def test_long_masks_fused_only_when_exactly_causal(spec):
         assert not block.fused, f"{spec}: fused a near miss"
     else:
         assert block.fused and block.causal == (spec.expected == "causal"), f"{spec}: {block.reason}"
+
+
+# --- key masks (issue 17): a padding mask from an input rides in the key-bias column ------------------
+# A (b, s) attention_mask added as (1 - m)·min, alone or on the causal mask, must fuse with its column
+# and equal the original under random padded masks (real positions only where a row sees no key);
+# its near misses (a query-side mask, one mask per query row, masks that differ between the q heads
+# of a GQA group, ALiBi on top, head dim 128) must be left alone, each with its reason. A general
+# per-key additive term (a float input added as it is) is fused exactly or left alone with a reason.
+
+KEY_MASK_EXAMPLES = 40 if not EXAMPLES else max(EXAMPLES // 10, 1)
+
+
+@st.composite
+def key_mask_specs(draw) -> AttnSpec:
+    causal = draw(st.booleans())
+    heads = draw(st.sampled_from([1, 2, 4, 8]))
+    kv = draw(st.sampled_from([k for k in (1, 2, 4, 8) if heads % k == 0]))
+    kw: dict = dict(mask="causal_padding" if causal else "padding", batch=draw(st.sampled_from([1, 2, 3])),
+                    heads=heads, kv_heads=kv, head_dim=draw(st.sampled_from([4, 8, 16, 64])),
+                    dtype=draw(st.sampled_from(["float32", "float32", "float16"])),
+                    seq=draw(st.sampled_from([8, 16, 24, 40] + ([] if causal else [512]))),
+                    scale_form=draw(st.sampled_from(["div", "mul", "sqrt_both"])),
+                    mask_value=draw(st.sampled_from(["-inf", "min", "-1e4"])),
+                    seed=draw(st.integers(0, 2**16)), target_score_std=draw(st.sampled_from([2.0, 4.0, 6.0])))
+    if kw["seq"] == 512:
+        kw.update(heads=min(heads, 2), kv_heads=1, head_dim=8)
+    return AttnSpec(**kw)
+
+
+@st.composite
+def real_tokens(draw, batch: int, seq: int) -> np.ndarray:
+    """(batch, seq) bool: each entry right or left padded to a drawn length, or real tokens at drawn
+    positions; at least one real token per entry."""
+    real = np.zeros((batch, seq), dtype=bool)
+    for i in range(batch):
+        how = draw(st.sampled_from(["right", "left", "scattered", "full"]))
+        n = draw(st.integers(1, seq))
+        if how == "right":
+            real[i, :n] = True
+        elif how == "left":
+            real[i, seq - n:] = True
+        elif how == "scattered":
+            real[i, draw(st.lists(st.integers(0, seq - 1), min_size=1, max_size=seq, unique=True))] = True
+        else:
+            real[i] = True
+    return real
+
+
+def _key_mask_errors(km, fused, real: np.ndarray, seed: int):
+    """The fused model against the original on one padded feed, as `fuse-attn --verify` compares."""
+    from fuse_attn import verify
+    from key_mask_graphs import mask_feed
+
+    rows_without_key = km.spec.mask == "causal_padding" and bool((~real[:, 0]).any())
+    feed = verify.Feed("drawn", mask_feed(km, real, np.random.default_rng(seed)),
+                       {"attention_mask": real}, rows_without_key)
+    sessions = (verify._session(km.model, None), verify._session(fused, None))
+    return verify.run_feed(*sessions, [o.name for o in km.model.graph.output], feed)[0]
+
+
+@settings(settings.get_profile(PROFILE), max_examples=KEY_MASK_EXAMPLES)
+@given(st.data())
+def test_key_masks_fuse_and_match_under_random_padding(data):
+    from key_mask_graphs import key_mask_model
+
+    spec = data.draw(key_mask_specs())
+    km = key_mask_model(spec, "padding")
+    fused, report = fuse_model(km.model)
+    (block,) = report.blocks
+    FIGURE["key masks tried"] += 1
+    assert block.fused, f"{spec.short_id()}: {block.reason}"
+    assert block.key_mask_inputs == ["attention_mask"] and report.assumed_all_ones == []
+    assert all(node_attrs(n).get("key_bias_column") == 1 for n in flash_nodes(fused))
+    for draw_index in range(3):
+        real = data.draw(real_tokens(spec.batch, spec.seq), label=f"real tokens {draw_index}")
+        for check in _key_mask_errors(km, fused, real, spec.seed + draw_index):
+            if not check.ok:
+                FIGURE["wrong"] += 1
+            assert check.ok, f"{spec.short_id()}: {check.line()} with real tokens {real.astype(int).tolist()}"
+    FIGURE["key masks fused"] += 1
+
+
+@settings(settings.get_profile(PROFILE), max_examples=KEY_MASK_EXAMPLES)
+@given(st.data())
+def test_key_mask_near_misses_left_alone_with_their_reason(data):
+    from key_mask_graphs import NEAR_MISSES, REASON_WORDS, key_mask_model
+
+    spec = data.draw(key_mask_specs())
+    form = data.draw(st.sampled_from(NEAR_MISSES))
+    if form == "alibi":
+        assume(spec.dtype == "float32")  # the slopes' bias is a float32 constant
+    km = key_mask_model(spec, form)
+    fused, report = fuse_model(km.model)
+    (block,) = report.blocks
+    FIGURE["key mask near misses"] += 1
+    # One key mask per q head is a near miss inside a GQA group; with one q head per kv head the
+    # column could carry it, so there it may fuse, exactly.
+    if block.fused and form == "per_head" and spec.kv == spec.heads:
+        real = data.draw(real_tokens(spec.batch, spec.seq))
+        assert all(c.ok for c in _key_mask_errors(km, fused, real, spec.seed)), spec.short_id()
+        return
+    assert not block.fused, f"{form} {spec.short_id()}: fused a near miss"
+    words = REASON_WORDS[form]
+    assert any(w in block.reason.lower() for w in words), f"{form}: reason {block.reason!r} has none of {words}"
+    assert "attention_mask" in block.reason or form == "alibi" and "bias" in block.reason, block.reason
+
+
+@settings(settings.get_profile(PROFILE), max_examples=KEY_MASK_EXAMPLES // 2)
+@given(st.data())
+def test_per_key_additive_terms_fused_exactly_or_left_alone(data):
+    from key_mask_graphs import key_mask_model
+
+    spec = data.draw(key_mask_specs().filter(lambda s: s.dtype == "float32"))
+    km = key_mask_model(spec, "additive")
+    fused, report = fuse_model(km.model)
+    (block,) = report.blocks
+    if not block.fused:
+        assert "attention_mask" in block.reason, block.reason
+        return
+    FIGURE["additive key terms fused"] += 1
+    real = data.draw(real_tokens(spec.batch, spec.seq))
+    for check in _key_mask_errors(km, fused, real, spec.seed):
+        assert check.ok, f"{spec.short_id()}: {check.line()}"
+
+
+# The first examples the two key-mask properties above found wrong (fused, and different from the
+# original): a per-key term from the input beside a constant that is not per key (the causal
+# triangle, ALiBi's per-head distance bias) must keep that constant, or be left alone.
+@pytest.mark.parametrize("mask, form, heads", [("causal_padding", "additive", 1), ("padding", "alibi", 2)])
+def test_a_constant_beside_a_key_term_is_kept_or_the_block_left_alone(mask, form, heads):
+    from key_mask_graphs import key_mask_model
+
+    spec = AttnSpec(seq=8, heads=heads, kv_heads=heads, head_dim=4, mask=mask, target_score_std=2.0)
+    km = key_mask_model(spec, form)
+    fused, report = fuse_model(km.model)
+    (block,) = report.blocks
+    if block.fused:
+        real = np.array([[1, 1, 1, 1, 1, 0, 0, 0]], dtype=bool)
+        errors = [c for c in _key_mask_errors(km, fused, real, 0) if not c.ok]
+        assert not errors, f"{form} on {mask}: fused as {report.blocks[0].line()!r}, {errors[0].line()}"

@@ -63,12 +63,14 @@ def test_shape_fixes_every_input_sharing_the_symbols(decoder):
 def test_cli_dim_and_verify(decoder, tmp_path):
     src, out = tmp_path / "decoder.onnx", tmp_path / "fused.onnx"
     onnx.save(decoder, src)
-    proc = run_cli(src, "-o", out, "--dim", "past_sequence_length=0", "--assume-no-padding", "--verify")
+    proc = run_cli(src, "-o", out, "--dim", "past_sequence_length=0", "--verify")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "specialized: past_sequence_length = 0" in proc.stdout
     assert "2 of 2 attention blocks fused" in proc.stdout
+    # Every output at the specialized shapes, with attention_mask all ones and then padded four ways.
     verified = [line for line in proc.stdout.splitlines() if line.startswith("verify ")]
-    assert len(verified) == 5 and all(line.endswith(" ok") for line in verified), proc.stdout
+    assert len(verified) == 5 * 5 and all(line.endswith(" ok") for line in verified), proc.stdout
+    assert sum(line.startswith("verify [left] ") for line in verified) == 5
 
 
 @pytest.mark.parametrize("args, mentions", [
