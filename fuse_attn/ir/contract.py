@@ -129,9 +129,10 @@ _FINITE_MAX = {TensorProto.FLOAT: 3.4028234663852886e38, TensorProto.FLOAT16: 65
 def key_bias_masked_value(scale: float, dtype: int) -> float:
     """The bias b a masked key gets, for a launch with softmax `scale` and data `dtype` (a
     TensorProto enum: float, float16 or bfloat16): KEY_BIAS_MASKED unless b / scale (what the k
-    column holds) would overflow the dtype, then the largest negative b whose b / scale stays
-    below half the dtype's largest finite value (rounding cannot take it to inf)."""
-    limit = _FINITE_MAX[dtype] / 2 * abs(scale)
+    column holds) would overflow the dtype, then the b whose b / scale is 90% of the dtype's
+    largest finite value (rounding to the dtype cannot take it to inf). fp16 at scale 0.125 keeps
+    -5000 (-40000 in the column); at scale 0.01 it is -589.5."""
+    limit = _FINITE_MAX[dtype] * 0.9 * abs(scale)
     return max(KEY_BIAS_MASKED, -limit)
 
 
