@@ -153,31 +153,28 @@ def plan_node(
         fail(f"dtype {', '.join(sorted(dtypes))} is not one the kernel runs (float32, float16, bfloat16)",
              "cast the model to float32, float16 or bfloat16")
 
-    if kernel_min_seq is not None and s < kernel_min_seq:
-        # Plain attention ops need none of the kernel's shape limits (head dim, tiles); the grouping
-        # of heads, one dtype and no dropout they need as well.
-        for violation in contract.kernel_violations(
+    plain = kernel_min_seq is not None and s < kernel_min_seq
+    padding = None if plain else contract.seq_padding(
+        s, causal=attrs.use_causal_mask, key_bias_column=attrs.key_bias_column, head_dim=d,
+        preferred_tile=attrs.seq_tile_size)
+    if isinstance(padding, contract.SeqPadding):
+        violations = contract.kernel_violations(
+            batch=b, heads=h, kv_heads=kv, head_dim=padding.head_dim, seq=padding.padded_seq,
+            seq_tile_size=padding.seq_tile_size, dropout_p=attrs.dropout_p, dtypes=dtypes)
+    else:
+        # Plain attention ops (or a seq the padding cannot serve): the kernel's shape limits do not
+        # apply or are already said; the grouping of heads, one dtype and no dropout still hold.
+        violations = [padding] if padding is not None else []
+        violations += [v for v in contract.kernel_violations(
             batch=b, heads=h, kv_heads=kv, head_dim=d, seq=s, seq_tile_size=None, dropout_p=attrs.dropout_p,
-            dtypes=dtypes,
-        ):
-            if violation.kind not in contract.KERNEL_SHAPE_KINDS:
-                fail(violation)
-        if problems:
-            return None, problems
-        return FlashPlan(name, tuple(node.input), node.output[0], attrs, b, h, kv, d, s, s, 0, dtypes.pop(),
-                         kernel=False), []
-    padding = contract.seq_padding(s, causal=attrs.use_causal_mask, key_bias_column=attrs.key_bias_column,
-                                   head_dim=d, preferred_tile=attrs.seq_tile_size)
-    if isinstance(padding, contract.Violation):
-        fail(padding)
-        return None, problems
-    for violation in contract.kernel_violations(
-        batch=b, heads=h, kv_heads=kv, head_dim=padding.head_dim, seq=padding.padded_seq,
-        seq_tile_size=padding.seq_tile_size, dropout_p=attrs.dropout_p, dtypes=dtypes,
-    ):
+            dtypes=dtypes) if v.kind not in contract.KERNEL_SHAPE_KINDS]
+    for violation in violations:
         fail(violation)
     if problems:
         return None, problems
+    if plain:
+        return FlashPlan(name, tuple(node.input), node.output[0], attrs, b, h, kv, d, s, s, 0, dtypes.pop(),
+                         kernel=False), []
     return FlashPlan(name, tuple(node.input), node.output[0], attrs, b, h, kv, d, s, padding.padded_seq,
                      padding.seq_tile_size, dtypes.pop(), padding.how), []
 
