@@ -57,6 +57,10 @@ class FlashPlan:
     padding: str = contract.PAD_NONE  # how padded keys are masked (contract.PAD_*)
     kernel: bool = True
 
+    def __post_init__(self):
+        if (self.padded_seq > self.seq) != (self.padding != contract.PAD_NONE):
+            raise ValueError(f"{self.node_name}: seq {self.seq} -> {self.padded_seq} with padding {self.padding!r}")
+
     @property
     def pad(self) -> int:
         return self.padded_seq - self.seq
