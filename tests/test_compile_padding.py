@@ -221,3 +221,27 @@ def test_a_wrong_padding_column_fails_simulate(bias, tmp_path, capsys, monkeypat
             assert cli_main(["compile", str(path), "--simulate"]) == 1
         out = capsys.readouterr().out
         assert "): MISMATCH." in out
+
+
+def test_token_ids_behind_a_reshape_are_not_a_mask():
+    """TorchScript exports Reshape input_ids before the embedding's Gather: still token ids (fed
+    within the vocabulary), not a mask to pad; attention_mask is the mask."""
+    from onnx import helper, numpy_helper
+
+    from fuse_attn import verify
+
+    nodes = [helper.make_node("Reshape", ["input_ids", "flat"], ["ids_2d"]),
+             helper.make_node("Gather", ["table", "ids_2d"], ["emb"]),
+             helper.make_node("Cast", ["attention_mask"], ["mask_f"], to=TensorProto.FLOAT),
+             helper.make_node("Unsqueeze", ["mask_f", "axis2"], ["mask_3d"]),
+             helper.make_node("Mul", ["emb", "mask_3d"], ["y"])]
+    inits = [numpy_helper.from_array(np.array([1, 8], np.int64), "flat"),
+             numpy_helper.from_array(np.array([2], np.int64), "axis2"),
+             numpy_helper.from_array(np.ones((50, 4), np.float32), "table")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, 8]),
+                                           helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [1, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    feeds = verify.random_inputs(model, seed=0)
+    assert feeds["input_ids"].max() < 50 and not np.all(feeds["input_ids"] == 1)
+    assert padded_feeds.mask_inputs(model, feeds) == ["attention_mask"]
