@@ -60,16 +60,28 @@ class OutputCheck:
                 f"(tolerance {self.tolerance:.3g}) {verdict}")
 
 
+# Ops that pass index values through unchanged: TorchScript exports Reshape input_ids before the
+# embedding's Gather.
+_INDEX_PRESERVING = {"Reshape", "Identity", "Cast", "Unsqueeze", "Squeeze", "Flatten"}
+
+
 def _gather_rows(model: onnx.ModelProto) -> dict[str, int]:
-    """For integer inputs used as Gather indices (token ids): the table's row count."""
+    """For integer inputs used as Gather indices (token ids), directly or through ops that keep
+    their values (Reshape, Cast...): the table's row count."""
     tables = {t.name: list(t.dims) for t in model.graph.initializer}
+    producers = {out: node for node in model.graph.node for out in node.output}
     rows: dict[str, int] = {}
     for node in model.graph.node:
         if node.op_type == "Gather" and node.domain in ("", "ai.onnx") and len(node.input) > 1:
             dims = tables.get(node.input[0])
             axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
             if dims:
-                rows[node.input[1]] = min(rows.get(node.input[1], dims[axis]), dims[axis])
+                index = node.input[1]
+                seen = set()
+                while index in producers and producers[index].op_type in _INDEX_PRESERVING and index not in seen:
+                    seen.add(index)
+                    index = producers[index].input[0]
+                rows[index] = min(rows.get(index, dims[axis]), dims[axis])
     return rows
 
 

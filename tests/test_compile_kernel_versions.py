@@ -200,3 +200,55 @@ def test_simulator_reads_nothing_back_to_the_host(version):
         q, k, v = torch.empty(1, 4, 16, 2048), torch.empty(1, 2, 16, 2048), torch.empty(1, 2, 2048, 16)
         o = simulate_flash_fwd(q, k, v, seq_tile_size=1024, kernel_version=version)
     assert tuple(o.shape) == (1, 4, 2048, 16)
+
+
+# --- the key-bias column: a key mask as data in q, k and v ---------------------------------------
+
+
+def with_key_column(q, k, v, keep, scale, masked=-5000.0):
+    """q' = [q; 1], k' = [k; b / scale] with b = 0 at kept keys and `masked` elsewhere, v' = [v; 0]."""
+    b, h, d, n = q.shape
+    kv = k.shape[1]
+    bias = np.where(keep, 0.0, masked).astype(np.float32)  # (b, n)
+    q1 = np.concatenate([q, np.ones((b, h, 1, n), np.float32)], axis=2)
+    k1 = np.concatenate([k, np.broadcast_to(bias[:, None, None, :] / scale, (b, kv, 1, n))], axis=2).astype(np.float32)
+    v1 = np.concatenate([v, np.zeros((b, kv, n, 1), np.float32)], axis=3)
+    return q1, k1, v1, bias
+
+
+def biased_reference(q, k, v, bias, scale, causal):
+    """float64 attention with an additive per-key bias, q head i on kv head i // G."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    g = q.shape[1] // k.shape[1]
+    k, v = np.repeat(k, g, axis=1), np.repeat(v, g, axis=1)
+    s = np.swapaxes(q * scale, -1, -2) @ k + bias[:, None, None, :]
+    n = s.shape[-1]
+    if causal:
+        s = np.where(np.tril(np.ones((n, n), bool)), s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return (p / p.sum(-1, keepdims=True)) @ v
+
+
+@pytest.mark.parametrize("version", list(VERSIONS))
+@pytest.mark.parametrize("causal", [False, True])
+def test_key_bias_column_through_each_versions_arithmetic(version, causal):
+    """Entry 0 keeps its first 300 keys (keys 512-1023: a whole kv tile of masked keys), entry 1
+    its last 700 (left padding). The column is data to the kernel: the simulator follows the port
+    of each version within one bf16 ulp, with no NaN; without mixed precision both equal float64
+    attention with the bias on every row that has a visible key."""
+    q, k, v = peaked_qkv(b=2, h=2, kv=1, d=32, n=1024, seed=3)
+    keep = np.zeros((2, 1024), bool)
+    keep[0, :300], keep[1, 324:] = True, True
+    q1, k1, v1, bias = with_key_column(q, k, v, keep, SCALE)
+    for mixed_precision in (True, False):
+        port = port_flash_fwd(q1, k1, v1, version, scale=SCALE, causal=causal, mixed_precision=mixed_precision, tile=512)
+        got = simulate(q1, k1, v1, version, use_causal_mask=causal, mixed_precision=mixed_precision, seq_tile_size=512)
+        assert np.isfinite(got).all() and np.isfinite(port).all()
+        assert within_one_bf16_ulp(got, port) if mixed_precision else np.allclose(got, port, rtol=0, atol=1e-5)
+        if not mixed_precision:
+            allowed = np.tril(np.ones((1024, 1024), bool)) if causal else np.ones((1024, 1024), bool)
+            rows = (keep[:, None, :] & allowed).any(-1)  # (b, n): query rows with a visible key
+            assert (not causal) or not rows[1].all()  # left padding under the causal mask: rows without one
+            err = np.abs(got[..., :32] - biased_reference(q, k, v, bias, SCALE, causal)).max(-1)  # (b, h, n)
+            assert err[np.broadcast_to(rows[:, None], err.shape)].max() < 1e-4
+            assert np.abs(got[..., 32]).max() == 0  # v's column is 0: the output's column is sliced off as 0

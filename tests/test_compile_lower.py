@@ -128,7 +128,7 @@ def test_shape_args_and_symbol_binding():
 
 
 def problems_of(seq=512, batch=1, **kwargs):
-    fixed = shapes.fix_input_shapes(fused_model(**kwargs), {"x": (batch, seq, 64)})
+    fixed = shapes.fix_input_shapes(fused_model(**kwargs), {"x": (batch, seq, kwargs.get("hidden", 64))})
     plans, problems = constraints.plan_model(fixed)
     assert all(p.startswith("l0_flash: ") and "; fix: " in p for p in problems)
     return plans, problems
@@ -137,8 +137,11 @@ def problems_of(seq=512, batch=1, **kwargs):
 @pytest.mark.parametrize(
     "kwargs,expected",
     [
-        (dict(seq=300, causal=False), "seq 300 is not a multiple of the 128-query tile"),
-        (dict(seq=640, causal=False), "no supported tile (2048, 1024, 512) divides seq 640"),
+        # Non-causal at a seq no tile divides: padded with a key-bias column, unless d + 1 > 128.
+        (dict(seq=300, causal=False, hidden=128, heads=1, kv_heads=1),
+         "seq 300 needs padding to 512, and a non-causal block without a key-bias column needs one appended to "
+         "mask the padded keys: head dim 128 + 1 > 128; fix: pass a --shape whose seq is a multiple of 512, or "
+         "--kernel-min-seq"),
         (dict(dropout_p=0.5), "dropout_p 0.5 != 0"),
         (dict(scale=0.0), "softmax_scale 0.0"),
     ],

@@ -10,7 +10,7 @@ import torch
 from fuse_attn.compile.constraints import FlashPlan
 from fuse_attn.compile.lower import FlashFwdModule
 from fuse_attn.compile.simulator import simulate_flash_fwd, simulate_node, simulator_for
-from fuse_attn.ir.contract import FlashFwdAttrs
+from fuse_attn.ir.contract import PAD_CAUSAL, PAD_NONE, FlashFwdAttrs
 
 # Measured bf16 error (mixed_precision=True) against float64 for unit-normal q, k, v and the
 # default scale: max |error| 0.012-0.021 over the cases below. The bound asserted:
@@ -107,7 +107,8 @@ def test_kernel_asserts():
 def _plan(seq, padded, tile, mixed_precision=False):
     attrs = FlashFwdAttrs(softmax_scale=0.25, use_causal_mask=True, num_heads=4, num_kv_heads=2,
                           mixed_precision=mixed_precision)
-    return FlashPlan("n", ("q", "k", "v"), "o", attrs, 1, 4, 2, 16, seq, padded, tile, "float")
+    how = PAD_CAUSAL if padded > seq else PAD_NONE
+    return FlashPlan("n", ("q", "k", "v"), "o", attrs, 1, 4, 2, 16, seq, padded, tile, "float", how)
 
 
 @pytest.mark.parametrize("seq,version", [(1, "2.20"), (300, "2.21"), (640, "2.21-swa"), (1000, "2.20"), (1000, "2.21-swa")])

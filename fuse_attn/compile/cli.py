@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from fuse_attn import modelio, verify
-from fuse_attn.compile import constraints, kernel_versions, sbuf, shapes
+from fuse_attn.compile import constraints, kernel_versions, launch_cost, padded_feeds, sbuf, shapes
 from fuse_attn.compile.reference import run_onnxruntime
 from fuse_attn.compile.torch_required import TorchUnavailable, require_torch
 from fuse_attn.printable import printable
@@ -46,8 +46,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the flash_fwd arithmetic --simulate follows and whose SBUF use is checked: 2.20 (bf16 scores, "
                         "mask -9984), 2.21 (fp32 scores), 2.21-swa (fp32 scores, mask fp32 min). auto (default): the "
                         f"installed SDK's kernel, else {kernel_versions.DEFAULT}")
+    p.add_argument("--kernel-min-seq", type=_positive_int, metavar="N",
+                   help="run FlashFwd launches shorter than N tokens as plain attention ops instead of flash_fwd "
+                        f"(default: flash_fwd wherever it can run; NxD Inference's own default is "
+                        f"{launch_cost.NXDI_FLASH_DEFAULT_SEQ})")
     p.add_argument("--seed", type=int, default=0, help="seed of the example inputs")
     return p
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of tokens, got {text!r}")
+    return value
 
 
 def attention_fn(simulate: bool, kernel_version: str = kernel_versions.DEFAULT, api=None):
@@ -98,8 +112,10 @@ def simulate_tolerance(plans: list[constraints.FlashPlan], model: onnx.ModelProt
 
 
 def compare_with_onnxruntime(model: onnx.ModelProto, module, feeds: dict[str, np.ndarray],
-                             reference: list[np.ndarray] | None = None) -> list[tuple[str, float, float]]:
-    """(output, max |lowered - onnxruntime|, that over max |onnxruntime|) per graph output."""
+                             reference: list[np.ndarray] | None = None,
+                             real: np.ndarray | None = None) -> list[tuple[str, float, float]]:
+    """(output, max |lowered - onnxruntime|, that over max |onnxruntime|) per graph output; with
+    `real` (a padded mask's token positions), outputs shaped (batch, seq, ...) at those only."""
     import torch
 
     from fuse_attn.compile.lower import to_torch
@@ -112,7 +128,9 @@ def compare_with_onnxruntime(model: onnx.ModelProto, module, feeds: dict[str, np
         got = [got]
     rows = []
     for out, ref, val in zip(model.graph.output, reference, got):
-        diff = np.abs(val.float().numpy().astype(np.float64) - ref.astype(np.float64))
+        ref = padded_feeds.at_real_positions(np.asarray(ref), real)
+        val = padded_feeds.at_real_positions(val.float().numpy(), real)
+        diff = np.abs(val.astype(np.float64) - ref.astype(np.float64))
         scale = float(np.abs(ref).max()) or 1.0
         rows.append((out.name, float(diff.max()), float(diff.max()) / scale))
     return rows
@@ -156,8 +174,9 @@ def _compile(argv: list[str]) -> int:
             require_neuron_sdk()
         except NeuronSDKMissing as e:
             raise modelio.InputError(str(e)) from None
-    plans, problems = constraints.plan_model(model, False if args.no_mixed_precision else None, feeds)
-    problems += [p for p in (sbuf.sbuf_problem(version, plan) for plan in plans) if p]
+    plans, problems = constraints.plan_model(model, False if args.no_mixed_precision else None, feeds,
+                                             args.kernel_min_seq)
+    problems += [p for p in (sbuf.sbuf_problem(version, plan) for plan in plans if plan.kernel) if p]
     if problems:
         print(f"{ERROR_PREFIX}{len(problems)} FlashFwd launch problem(s):", file=sys.stderr)
         for problem in problems:
@@ -165,9 +184,16 @@ def _compile(argv: list[str]) -> int:
         return 1
     print(f"flash_fwd {version} ({origin})")
     for plan in plans:
-        use = sbuf.sbuf_use(version, plan.padded_seq, plan.seq_tile_size, plan.head_dim, plan.dtype,
-                            plan.attrs.mixed_precision)
-        print(printable(f"{plan.describe()}; {use.describe()} per program"))
+        if plan.kernel:
+            use = sbuf.sbuf_use(version, plan.padded_seq, plan.seq_tile_size, plan.launch_head_dim, plan.dtype,
+                                plan.attrs.mixed_precision)
+            print(printable(f"{plan.describe()}; {use.describe()} per program"))
+        else:
+            print(printable(f"{plan.describe()}: seq {plan.seq} < --kernel-min-seq {args.kernel_min_seq}"))
+        # neuronx-cc casts float32 matmuls to bf16 unless told otherwise (--auto-cast none).
+        plain_bf16 = plan.dtype != "float" or args.auto_cast != "none"
+        for line in launch_cost.launch_cost(plan, plain_bf16).text(plan):
+            print(printable(line))
     if not plans:
         print("no FlashFwd nodes: the graph is compiled as it is")
 
@@ -183,13 +209,22 @@ def _compile(argv: list[str]) -> int:
 
     if args.simulate:
         tolerance, why = simulate_tolerance(plans, model)
-        reference = run_onnxruntime(model, feeds)
-        rows = compare_with_onnxruntime(model, module, feeds, reference)
+        masks = padded_feeds.mask_inputs(model, feeds)
+        runs = [("simulate", feeds, None)]
+        runs += [(f"simulate {kind} {', '.join(masks)}", variant, real)
+                 for kind, variant, real in padded_feeds.padded_variants(feeds, masks)]
+        if masks:
+            print(printable(f"mask input(s) {', '.join(masks)}: all ones, then padded right, left, and to whole "
+                            "tiles (compared at real positions only)"))
         checks = []
-        for (name, abs_err, rel_err), ref in zip(rows, reference):
-            scale = float(np.nanmax(np.abs(np.asarray(ref, dtype=np.float64)), initial=0.0))
-            checks.append(verify.OutputCheck(name, abs_err, rel_err, tolerance[0] + tolerance[1] * scale, "simulate"))
-            print(printable(checks[-1].line()))
+        for kind, run_feeds, real in runs:
+            reference = run_onnxruntime(model, run_feeds)
+            rows = compare_with_onnxruntime(model, module, run_feeds, reference, real)
+            for (name, abs_err, rel_err), ref in zip(rows, reference):
+                ref = padded_feeds.at_real_positions(np.asarray(ref, dtype=np.float64), real)
+                scale = float(np.nanmax(np.abs(ref), initial=0.0))
+                checks.append(verify.OutputCheck(name, abs_err, rel_err, tolerance[0] + tolerance[1] * scale, kind))
+                print(printable(checks[-1].line()))
         ok = all(check.ok for check in checks)
         print(f"simulated flash_fwd {version} against onnxruntime, tolerance {why} "
               f"({tolerance[0]:g} + {tolerance[1]:g} x max|output|): {'ok' if ok else 'MISMATCH'}. This is the "

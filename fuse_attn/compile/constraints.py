@@ -8,32 +8,39 @@ seq padding), plus the few the kernel would get silently wrong rather than asser
 from __future__ import annotations
 
 import dataclasses
-import math
-
 import numpy as np
 import onnx
 
 from fuse_attn.ir import contract
 from fuse_attn.compile.shapes import ValueType, evaluated_types, value_types
 
-PAD_MULTIPLE = 512  # a causal block's seq is padded to a multiple of this (the smallest tile)
 KERNEL_DTYPES = ("float", "float16", "bfloat16")
 
-# The fix to print beside each violation, keyed by how contract.kernel_violations words it.
-_FIXES = (
-    ("head dim", "leave this block unfused: the kernel has no path for head_dim > 128"),
-    ("q heads are not a multiple", "leave this block unfused: flash_fwd maps q heads to kv heads in groups of h // kv"),
-    ("seq_tile_size", "pass a --shape whose seq is a multiple of 512 (non-causal blocks cannot be padded)"),
-    ("seq ", "pass a --shape whose seq is a multiple of 512 (non-causal blocks cannot be padded)"),
-    ("dropout_p", "export the model in eval mode so that dropout is 0"),
-    ("q, k, v dtypes differ", "cast q, k and v to one dtype before the FlashFwd node"),
-    ("batch", "pass a --shape with a positive batch"),
-)
+# The fix printed beside each violation, keyed by its kind (contract.Violation.kind).
+_FIXES = {
+    "head_dim": "leave this block unfused: the kernel has no path for head_dim > 128",
+    "heads": "leave this block unfused: flash_fwd maps q heads to kv heads in groups of h // kv",
+    "seq_tile": "pass a --shape whose seq is a multiple of 512",
+    "query_tile": "pass a --shape whose seq is a multiple of 512",
+    "pad_no_room": "pass a --shape whose seq is a multiple of 512, or --kernel-min-seq above it to run this "
+                   "launch as plain attention ops",
+    "dropout": "export the model in eval mode so that dropout is 0",
+    "dtypes": "cast q, k and v to one dtype before the FlashFwd node",
+    "batch": "pass a --shape with a positive batch",
+}
+
+# What each way of padding says in the launch line.
+_PADDING_WORDS = {
+    contract.PAD_CAUSAL: "exact under the causal mask",
+    contract.PAD_EXTEND_COLUMN: "padded keys masked in the node's key-bias column",
+    contract.PAD_APPEND_COLUMN: "padded keys masked in an appended key-bias column, head dim {d} -> {d1}",
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class FlashPlan:
-    """How one FlashFwd node is launched: flash_fwd[batch, kv_heads] at `padded_seq`."""
+    """How one FlashFwd node is launched: flash_fwd[batch, kv_heads] at `padded_seq`, or (kernel
+    False: --kernel-min-seq) as plain attention ops at `seq`."""
 
     node_name: str
     inputs: tuple[str, ...]  # q, k, v (and seed when the node has one)
@@ -42,34 +49,44 @@ class FlashPlan:
     batch: int
     heads: int
     kv_heads: int
-    head_dim: int
+    head_dim: int  # the node's (its key-bias column included)
     seq: int
     padded_seq: int
     seq_tile_size: int
     dtype: str
+    padding: str = contract.PAD_NONE  # how padded keys are masked (contract.PAD_*)
+    kernel: bool = True
+
+    def __post_init__(self):
+        if (self.padded_seq > self.seq) != (self.padding != contract.PAD_NONE):
+            raise ValueError(f"{self.node_name}: seq {self.seq} -> {self.padded_seq} with padding {self.padding!r}")
 
     @property
     def pad(self) -> int:
         return self.padded_seq - self.seq
 
+    @property
+    def launch_head_dim(self) -> int:
+        """The head dim flash_fwd sees: d + 1 when compile appends a key-bias column."""
+        appended = self.padding == contract.PAD_APPEND_COLUMN
+        return self.head_dim + (contract.KERNEL.key_bias_columns if appended else 0)
+
     def describe(self) -> str:
-        pad = f", seq padded {self.seq} -> {self.padded_seq} (exact under the causal mask)" if self.pad else ""
+        mask = "causal" if self.attrs.use_causal_mask else "non-causal"
+        if self.attrs.key_bias_column:
+            mask += " with a key-bias column"
+        if not self.kernel:
+            return (f"{self.node_name}: plain attention ops (no flash_fwd), q heads {self.heads}, kv heads "
+                    f"{self.kv_heads}, d {self.head_dim}, seq {self.seq}, {mask}, {self.dtype}")
+        pad = ""
+        if self.pad:
+            words = _PADDING_WORDS[self.padding].format(d=self.head_dim, d1=self.launch_head_dim)
+            pad = f", seq padded {self.seq} -> {self.padded_seq} ({words})"
         return (
-            f"{self.node_name}: flash_fwd[{self.batch}, {self.kv_heads}] q heads {self.heads}, d {self.head_dim}, "
-            f"seq {self.seq}, seq_tile_size {self.seq_tile_size}, {'causal' if self.attrs.use_causal_mask else 'non-causal'}, "
+            f"{self.node_name}: flash_fwd[{self.batch}, {self.kv_heads}] q heads {self.heads}, d {self.launch_head_dim}, "
+            f"seq {self.seq}, seq_tile_size {self.seq_tile_size}, {mask}, "
             f"{self.dtype}, mixed_precision={self.attrs.mixed_precision}{pad}"
         )
-
-
-def _fix_for(problem: str) -> str:
-    return next((fix for key, fix in _FIXES if problem.startswith(key) or key in problem), "see the flash_fwd facts")
-
-
-def _choose_tile(seq: int, preferred: int | None) -> int | None:
-    """The node's own seq_tile_size when it divides seq, else the largest supported tile that does."""
-    if preferred and seq % preferred == 0:
-        return preferred
-    return contract.seq_tile_size_for(seq)
 
 
 def _is_flash_fwd(node: onnx.NodeProto) -> bool:
@@ -98,17 +115,21 @@ def node_attrs(node: onnx.NodeProto) -> contract.FlashFwdAttrs:
 
 
 def plan_node(
-    node: onnx.NodeProto, types: dict[str, ValueType], mixed_precision: bool | None = None
+    node: onnx.NodeProto, types: dict[str, ValueType], mixed_precision: bool | None = None,
+    kernel_min_seq: int | None = None,
 ) -> tuple[FlashPlan | None, list[str]]:
-    """The launch plan of one node, or None and every reason (with its fix) it cannot be launched."""
+    """The launch plan of one node, or None and every reason (with its fix) it cannot be launched.
+    A launch whose seq is below `kernel_min_seq` is planned as plain attention ops."""
     name = node.name or node.output[0]
     attrs = node_attrs(node)
     if mixed_precision is not None:
         attrs = dataclasses.replace(attrs, mixed_precision=mixed_precision)
     problems: list[str] = []
 
-    def fail(problem: str, fix: str | None = None) -> None:
-        problems.append(f"{name}: {problem}; fix: {fix or _fix_for(problem)}")
+    def fail(problem: "str | contract.Violation", fix: str | None = None) -> None:
+        if isinstance(problem, contract.Violation):
+            fix = fix or _FIXES[problem.kind]
+        problems.append(f"{name}: {problem}; fix: {fix}")
 
     q_name, k_name, v_name = (list(node.input) + ["", "", ""])[:3]
     missing = [n for n in (q_name, k_name, v_name) if n not in types]
@@ -136,24 +157,43 @@ def plan_node(
         fail(f"dtype {', '.join(sorted(dtypes))} is not one the kernel runs (float32, float16, bfloat16)",
              "cast the model to float32, float16 or bfloat16")
 
-    tile = _choose_tile(s, attrs.seq_tile_size)
-    padded = s
-    if tile is None and attrs.use_causal_mask:
-        padded = math.ceil(s / PAD_MULTIPLE) * PAD_MULTIPLE
-        tile = _choose_tile(padded, attrs.seq_tile_size)
-    for problem in contract.kernel_violations(
-        batch=b, heads=h, kv_heads=kv, head_dim=d, seq=padded, seq_tile_size=tile,
-        dropout_p=attrs.dropout_p, dtypes=dtypes,
-    ):
-        fail(problem)
+    plain = kernel_min_seq is not None and s < kernel_min_seq
+    padding = None if plain else contract.seq_padding(
+        s, causal=attrs.use_causal_mask, key_bias_column=attrs.key_bias_column, head_dim=d,
+        preferred_tile=attrs.seq_tile_size)
+    if isinstance(padding, contract.SeqPadding):
+        violations = contract.kernel_violations(
+            batch=b, heads=h, kv_heads=kv, head_dim=padding.head_dim, seq=padding.padded_seq,
+            seq_tile_size=padding.seq_tile_size, dropout_p=attrs.dropout_p, dtypes=dtypes)
+    else:
+        # Plain attention ops (or a seq the padding cannot serve): the kernel's shape limits do not
+        # apply or are already said; the grouping of heads, one dtype and no dropout still hold.
+        violations = [padding] if padding is not None else []
+        violations += [v for v in contract.kernel_violations(
+            batch=b, heads=h, kv_heads=kv, head_dim=d, seq=s, seq_tile_size=None, dropout_p=attrs.dropout_p,
+            dtypes=dtypes) if v.kind not in contract.KERNEL_SHAPE_KINDS]
+    if isinstance(padding, contract.SeqPadding) and padding.how in (contract.PAD_EXTEND_COLUMN,
+                                                                    contract.PAD_APPEND_COLUMN):
+        dtype = onnx.TensorProto.DataType.Value(next(iter(dtypes)).upper()) if len(dtypes) == 1 else None
+        if dtype is not None and contract.key_bias_masked_value(attrs.softmax_scale, dtype) is None:
+            fail(contract.Violation(
+                "pad_no_room", attrs.softmax_scale, None,
+                f"seq {s} needs padding to {padding.padded_seq}, and no masked value for the padded keys "
+                f"divided by softmax_scale {attrs.softmax_scale:g} is finite in {next(iter(dtypes))}"))
+    for violation in violations:
+        fail(violation)
     if problems:
         return None, problems
-    dtype = dtypes.pop()
-    return FlashPlan(name, tuple(node.input), node.output[0], attrs, b, h, kv, d, s, padded, tile, dtype), []
+    if plain:
+        return FlashPlan(name, tuple(node.input), node.output[0], attrs, b, h, kv, d, s, s, 0, dtypes.pop(),
+                         kernel=False), []
+    return FlashPlan(name, tuple(node.input), node.output[0], attrs, b, h, kv, d, s, padding.padded_seq,
+                     padding.seq_tile_size, dtypes.pop(), padding.how), []
 
 
 def plan_model(
-    model: onnx.ModelProto, mixed_precision: bool | None = None, feeds: dict[str, np.ndarray] | None = None
+    model: onnx.ModelProto, mixed_precision: bool | None = None, feeds: dict[str, np.ndarray] | None = None,
+    kernel_min_seq: int | None = None,
 ) -> tuple[list[FlashPlan], list[str]]:
     """Plans for every FlashFwd node of a shape-fixed model, and every violation found. FlashFwd
     inputs that shape inference leaves unknown are measured by running the model on `feeds`."""
@@ -168,7 +208,7 @@ def plan_model(
                         "(compile a model without If/Loop/Scan around its attention, e.g. optimum's "
                         "decoder_model.onnx instead of decoder_model_merged.onnx)")
     for node in nodes:
-        plan, node_problems = plan_node(node, types, mixed_precision)
+        plan, node_problems = plan_node(node, types, mixed_precision, kernel_min_seq)
         problems += node_problems
         if plan is not None:
             plans.append(plan)

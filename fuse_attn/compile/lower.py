@@ -7,8 +7,9 @@ computed from those) is folded: evaluated here, its result a constant. Only the 
 step of forward. So forward holds no shape arithmetic and no data-dependent Python: what
 torch_neuronx.trace records with torch-xla is one static graph, without host reads.
 
-Each FlashFwd node is a FlashFwdModule: pad seq when the plan says so, call `attention` (the NKI
-binding on Inf2, the CPU simulator with --simulate), slice the output.
+Each FlashFwd node is a FlashFwdModule: pad seq when the plan says so (masking the padded keys),
+call `attention` (the NKI binding on Inf2, the CPU simulator with --simulate), slice the output.
+A launch the plan keeps off the kernel (--kernel-min-seq) runs plain_attention's tensor ops.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from fuse_attn.compile import onnx_ops
 from fuse_attn.compile import ops_math, ops_sequence, ops_spatial  # noqa: F401 - they register their rules in onnx_ops.RULES
 from fuse_attn.compile.constraints import FlashPlan
 from fuse_attn.compile.onnx_ops import Arg, LoweringError, array_to_torch, tensor_proto_to_torch, torch_dtype
+from fuse_attn.compile.plain_attention import sdpa_attention
 from fuse_attn.ir import contract
 
 # attention(q, k, v, attrs, seq_tile_size) -> o (b, h, s, d), all in kernel layouts.
@@ -39,22 +41,51 @@ to_torch = array_to_torch  # a feed (numpy, bfloat16 included) as a torch tensor
 
 
 class FlashFwdModule(torch.nn.Module):
-    """One FlashFwd node: q (b, h, d, s), k (b, kv, d, s), v (b, kv, s, d) -> o (b, h, s, d)."""
+    """One FlashFwd node: q (b, h, d, s), k (b, kv, d, s), v (b, kv, s, d) -> o (b, h, s, d).
+
+    A plan with padding runs the launch at plan.padded_seq and keeps the first plan.seq rows.
+    The padded keys are kept out of every real row's softmax by the causal mask, or by the
+    key-bias column (contract.py): the node's own, whose k entries at padded keys get the masked
+    value b / scale, or one appended here (q 1, k 0 at real keys and b / scale at padded ones,
+    v 0), sliced off the output with the padded rows. The column entries are constants of the
+    plan (buffers), so forward stays shape-only."""
 
     def __init__(self, plan: FlashPlan, attention: Attention):
         super().__init__()
         self.plan = plan
         self.attention = attention
+        if plan.padding in (contract.PAD_EXTEND_COLUMN, contract.PAD_APPEND_COLUMN):
+            elem = onnx.TensorProto.DataType.Value(plan.dtype.upper())
+            dtype = torch_dtype(elem)
+            column = contract.key_bias_masked_value(plan.attrs.softmax_scale, elem) / plan.attrs.softmax_scale
+            if plan.padding == contract.PAD_EXTEND_COLUMN:
+                # The k entries of the padded keys: 0 in the head dims, the masked value in the column.
+                k_pad = torch.zeros(1, 1, plan.head_dim, plan.pad, dtype=dtype)
+                k_pad[:, :, -1] = column
+                self.register_buffer("k_pad", k_pad)
+            else:
+                k_column = torch.zeros(1, 1, 1, plan.padded_seq, dtype=dtype)
+                k_column[..., plan.seq:] = column
+                self.register_buffer("k_column", k_column)
+                self.register_buffer("q_column", torch.ones(1, 1, 1, plan.padded_seq, dtype=dtype))
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed: torch.Tensor | None = None) -> torch.Tensor:
         plan = self.plan
-        if plan.pad:
-            # Keys past the real seq sit right of every real query: the causal mask hides them.
-            q = F.pad(q, (0, plan.pad))
-            k = F.pad(k, (0, plan.pad))
-            v = F.pad(v, (0, 0, 0, plan.pad))
+        if not plan.pad:
+            return self.attention(q, k, v, plan.attrs, plan.seq_tile_size)
+        b, h, kv, n = plan.batch, plan.heads, plan.kv_heads, plan.padded_seq
+        q = F.pad(q, (0, plan.pad))
+        v = F.pad(v, (0, 0, 0, plan.pad))
+        if plan.padding == contract.PAD_EXTEND_COLUMN:
+            k = torch.cat([k, self.k_pad.expand(b, kv, plan.head_dim, plan.pad)], dim=3)
+        else:
+            k = F.pad(k, (0, plan.pad))  # causal: keys right of every real query, hidden by the mask
+        if plan.padding == contract.PAD_APPEND_COLUMN:
+            q = torch.cat([q, self.q_column.expand(b, h, 1, n)], dim=2)
+            k = torch.cat([k, self.k_column.expand(b, kv, 1, n)], dim=2)
+            v = F.pad(v, (0, 1))
         o = self.attention(q, k, v, plan.attrs, plan.seq_tile_size)
-        return o[:, :, : plan.seq, :] if plan.pad else o
+        return o[:, :, : plan.seq, : plan.head_dim]
 
 
 @dataclasses.dataclass
@@ -146,7 +177,7 @@ def lower(model: onnx.ModelProto, plans: list[FlashPlan], attention: Attention) 
             plan = by_output.get(proto.output[0])
             if plan is None:
                 raise LoweringError(f"{label}: no launch plan (was the model planned with constraints.plan_model?)")
-            module = FlashFwdModule(plan, attention)
+            module = FlashFwdModule(plan, attention if plan.kernel else sdpa_attention)
             flash.append(module)
             runtime = [a for a in args if a is not None]
             q = runtime[0]

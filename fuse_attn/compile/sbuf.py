@@ -75,19 +75,19 @@ def longest_seq_that_fits(kernel_version: str, seq_tile_size: int, head_dim: int
 
 def sbuf_problem(kernel_version: str, plan) -> str | None:
     """None when the plan's launch fits in SBUF; else the problem with its figure and the fix."""
-    use = sbuf_use(kernel_version, plan.padded_seq, plan.seq_tile_size, plan.head_dim, plan.dtype,
+    use = sbuf_use(kernel_version, plan.padded_seq, plan.seq_tile_size, plan.launch_head_dim, plan.dtype,
                    plan.attrs.mixed_precision)
     if use.fits:
         return None
-    fits = longest_seq_that_fits(kernel_version, plan.seq_tile_size, plan.head_dim, plan.dtype,
+    fits = longest_seq_that_fits(kernel_version, plan.seq_tile_size, plan.launch_head_dim, plan.dtype,
                                  plan.attrs.mixed_precision)
     fixes = [f"a --shape with seq <= {fits}" if fits else "a shorter --shape"]
     bigger = [t for t in (2048, 1024) if t > plan.seq_tile_size and plan.padded_seq % t == 0 and sbuf_use(
-        kernel_version, plan.padded_seq, t, plan.head_dim, plan.dtype, plan.attrs.mixed_precision).fits]
+        kernel_version, plan.padded_seq, t, plan.launch_head_dim, plan.dtype, plan.attrs.mixed_precision).fits]
     if bigger:
         fixes.append(f"seq_tile_size {bigger[0]} on the node (2.20's o_buffer shrinks with a larger tile)")
     if VERSIONS[kernel_version].o_buffer_per_q_tile_and_kv_tile:
         fixes.append("an SDK 2.21-2.27, whose kernel tiles o_buffer (attn_core_tile_size)")
     return (f"{plan.node_name}: flash_fwd {kernel_version} needs {use.describe()} at seq {plan.padded_seq}, "
-            f"seq_tile_size {plan.seq_tile_size}, d {plan.head_dim} (o_buffer alone {use.o_buffer / 1024:.0f} KiB); "
+            f"seq_tile_size {plan.seq_tile_size}, d {plan.launch_head_dim} (o_buffer alone {use.o_buffer / 1024:.0f} KiB); "
             f"fix: {', or '.join(fixes)}")

@@ -38,14 +38,35 @@ GENERIC_FUNCTION_OPSET = 15
 
 # What the kernel writes into masked score positions (after scaling), instead of -inf.
 KERNEL_MASK_VALUE = -9984.0
-MAX_HEAD_DIM = 128
-QUERY_TILE = 128  # B_P_SIZE: queries are processed 128 at a time
-TILE_CANDIDATES = (2048, 1024, 512)  # seq_tile_size: >= 512 and a multiple of 512
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelLimits:
+    """What flash_fwd (the 2.20 source and its successors, inference mode) can launch; the pass
+    and compile both read these values (../shared/docs/flash_fwd-facts.md, asserts section)."""
+
+    max_head_dim: int = 128  # "we do not support head_dim > 128": d is QK^T's partition axis
+    query_tile: int = 128  # B_P_SIZE: queries are processed 128 at a time, so seq % 128 == 0
+    tile_unit: int = 512  # B_F_SIZE: seq_tile_size >= 512 and a multiple of it
+    tile_candidates: tuple[int, ...] = (2048, 1024, 512)  # the seq_tile_size values tried, largest first
+    key_bias_columns: int = 1  # head-dim columns a key mask takes (q 1, k bias/scale, v 0)
+
+    @property
+    def pad_multiple(self) -> int:
+        """A seq no tile divides is padded to a multiple of this: the smallest tile, which is
+        also a multiple of the query tile."""
+        return min(self.tile_candidates)
+
+
+KERNEL = KernelLimits()
+MAX_HEAD_DIM = KERNEL.max_head_dim
+QUERY_TILE = KERNEL.query_tile
+TILE_CANDIDATES = KERNEL.tile_candidates
 
 
 def seq_tile_size_for(seq: int) -> int | None:
     """The largest supported kv tile that divides `seq`, or None when the kernel cannot run it."""
-    for tile in TILE_CANDIDATES:
+    for tile in KERNEL.tile_candidates:
         if seq % tile == 0:
             return tile
     return None
@@ -71,6 +92,77 @@ def key_bias_masked_value(scale: float, dtype: int) -> float | None:
     # Half the dtype's range: the kernel's own rounding (bf16 under mixed precision) stays finite.
     bias = -min(-KEY_BIAS_MASKED, 0.5 * largest * scale)
     return bias if bias <= KEY_BIAS_MASKED_AT_MOST else None
+
+
+# How the keys a seq padding adds are kept out of every real row's softmax.
+PAD_NONE = "none"  # seq is launched as it is
+PAD_CAUSAL = "causal"  # padded keys sit right of every real query: the causal mask hides them
+PAD_EXTEND_COLUMN = "extend column"  # the node's key-bias column gets the masked value at padded keys
+PAD_APPEND_COLUMN = "append column"  # a key-bias column is appended (head dim d + 1) for the padded keys
+
+
+@dataclasses.dataclass(frozen=True)
+class SeqPadding:
+    """How a launch at `seq` runs: at `padded_seq` with `seq_tile_size`, padded keys hidden by `how`
+    (one of the PAD_* values); `head_dim` is the launch's (d + 1 when a column is appended)."""
+
+    seq: int
+    padded_seq: int
+    seq_tile_size: int
+    how: str
+    head_dim: int
+
+    @property
+    def pad(self) -> int:
+        return self.padded_seq - self.seq
+
+
+def seq_padding(seq: int, *, causal: bool, key_bias_column: bool, head_dim: int,
+                preferred_tile: int | None = None) -> "SeqPadding | Violation":
+    """The padding rule: a seq no tile divides is padded to the next multiple of
+    KERNEL.pad_multiple, and the padded keys are masked (the causal mask, the node's own key-bias
+    column, or an appended one when d + 1 fits); padded query rows are sliced off. A Violation
+    when the padded keys cannot be masked (non-causal, no column, and no room for one)."""
+
+    def tile_for(n: int) -> int | None:
+        if preferred_tile and n % preferred_tile == 0:
+            return preferred_tile
+        return seq_tile_size_for(n)
+
+    tile = tile_for(seq)
+    if tile is not None and seq % KERNEL.query_tile == 0:
+        return SeqPadding(seq, seq, tile, PAD_NONE, head_dim)
+    padded = -(-seq // KERNEL.pad_multiple) * KERNEL.pad_multiple
+    tile = tile_for(padded)
+    if causal:
+        return SeqPadding(seq, padded, tile, PAD_CAUSAL, head_dim)
+    if key_bias_column:
+        return SeqPadding(seq, padded, tile, PAD_EXTEND_COLUMN, head_dim)
+    widened = head_dim + KERNEL.key_bias_columns
+    if widened > KERNEL.max_head_dim:
+        return Violation(
+            "pad_no_room", widened, KERNEL.max_head_dim,
+            f"seq {seq} needs padding to {padded}, and a non-causal block without a key-bias column needs one "
+            f"appended to mask the padded keys: head dim {head_dim} + 1 > {KERNEL.max_head_dim}")
+    return SeqPadding(seq, padded, tile, PAD_APPEND_COLUMN, widened)
+
+
+# The kinds of violation that only the kernel has: plain attention ops run any head dim and seq.
+KERNEL_SHAPE_KINDS = frozenset({"head_dim", "seq_tile", "query_tile", "pad_no_room"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Violation:
+    """One reason flash_fwd cannot run a launch: `kind` (what advice keys on), the launch's
+    `value` and the kernel's `limit`, and the sentence that says it."""
+
+    kind: str  # head_dim, heads, seq_tile, query_tile, pad_no_room, dropout, dtypes, batch
+    value: object
+    limit: object
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,33 +219,37 @@ def kernel_violations(
     seq_tile_size: int | None,
     dropout_p: float,
     dtypes: set[str],
-    allow_seq_padding: bool = False,
-) -> list[str]:
-    """Every reason flash_fwd (inference mode) cannot run this launch; empty when it can.
-
-    `allow_seq_padding` is for causal blocks: the caller pads seq to a tile multiple, which is
-    exact under a top-left causal mask, so the seq checks do not apply.
-    """
+) -> list[Violation]:
+    """Every reason flash_fwd (inference mode) cannot run this launch as given (after any seq
+    padding, see `seq_padding`); empty when it can."""
+    limits = KERNEL
     problems = []
-    if head_dim > MAX_HEAD_DIM:
-        problems.append(f"head dim {head_dim} > {MAX_HEAD_DIM} (the kernel asserts d <= 128)")
+    if head_dim > limits.max_head_dim:
+        problems.append(Violation("head_dim", head_dim, limits.max_head_dim,
+                                  f"head dim {head_dim} > {limits.max_head_dim} (the kernel asserts d <= 128)"))
     if kv_heads <= 0 or heads % kv_heads:
-        problems.append(f"{heads} q heads are not a multiple of {kv_heads} kv heads")
-    if not allow_seq_padding:
-        if seq_tile_size is None:
-            problems.append(f"no supported tile ({', '.join(map(str, TILE_CANDIDATES))}) divides seq {seq}")
-        elif seq_tile_size < 512 or seq_tile_size % 512:
-            problems.append(f"seq_tile_size {seq_tile_size} is not a multiple of 512")
-        elif seq % seq_tile_size:
-            problems.append(f"seq {seq} is not divisible by seq_tile_size {seq_tile_size}")
-        if seq % QUERY_TILE:
-            problems.append(f"seq {seq} is not a multiple of the {QUERY_TILE}-query tile")
+        problems.append(Violation("heads", (heads, kv_heads), "h % kv == 0",
+                                  f"{heads} q heads are not a multiple of {kv_heads} kv heads"))
+    if seq_tile_size is None:
+        problems.append(Violation("seq_tile", seq, limits.tile_candidates,
+                                  f"no supported tile ({', '.join(map(str, limits.tile_candidates))}) divides seq {seq}"))
+    elif seq_tile_size < limits.tile_unit or seq_tile_size % limits.tile_unit:
+        problems.append(Violation("seq_tile", seq_tile_size, limits.tile_unit,
+                                  f"seq_tile_size {seq_tile_size} is not a multiple of {limits.tile_unit}"))
+    elif seq % seq_tile_size:
+        problems.append(Violation("seq_tile", seq, seq_tile_size,
+                                  f"seq {seq} is not divisible by seq_tile_size {seq_tile_size}"))
+    if seq % limits.query_tile:
+        problems.append(Violation("query_tile", seq, limits.query_tile,
+                                  f"seq {seq} is not a multiple of the {limits.query_tile}-query tile"))
     if dropout_p != 0.0:
-        problems.append(f"dropout_p {dropout_p:g} != 0: inference mode (training=False) asserts no dropout")
+        problems.append(Violation("dropout", dropout_p, 0.0,
+                                  f"dropout_p {dropout_p:g} != 0: inference mode (training=False) asserts no dropout"))
     if len(dtypes) != 1:
-        problems.append(f"q, k, v dtypes differ ({', '.join(sorted(dtypes))}); the kernel assumes one dtype")
+        problems.append(Violation("dtypes", tuple(sorted(dtypes)), 1,
+                                  f"q, k, v dtypes differ ({', '.join(sorted(dtypes))}); the kernel assumes one dtype"))
     if batch <= 0:
-        problems.append(f"batch {batch} is not positive")
+        problems.append(Violation("batch", batch, 1, f"batch {batch} is not positive"))
     return problems
 
 
