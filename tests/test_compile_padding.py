@@ -179,8 +179,10 @@ def test_masked_value_stays_finite_in_the_dtype():
                 continue
             assert b <= contract.KEY_BIAS_MASKED_AT_MOST
             assert np.isfinite(np.asarray(b / scale, dtype=np_dtype))
-    assert contract.key_bias_masked_value(0.125, TensorProto.FLOAT16) == contract.KEY_BIAS_MASKED == -5000.0
+    assert contract.key_bias_masked_value(0.125, TensorProto.FLOAT) == contract.KEY_BIAS_MASKED == -5000.0
     assert contract.key_bias_masked_value(0.125, TensorProto.BFLOAT16) == -5000.0
+    # fp16 keeps the column within half its range (65504 / 2 at scale 0.125: -4094).
+    assert contract.key_bias_masked_value(0.125, TensorProto.FLOAT16) == pytest.approx(-4094.0)
     # fp16 at scale 0.05: -5000 / 0.05 would be -100000, past 65504; clamped to half the range.
     assert contract.key_bias_masked_value(0.05, TensorProto.FLOAT16) == pytest.approx(-1637.6)
 
