@@ -287,8 +287,19 @@ def _renormalized(value: Value, consumers: list[Node], rank: int | None) -> tupl
     return (step, quotient) if _only_readers(test.outputs[0], denominator) else None
 
 
-def _walk_probs(softmax: Node, rank: int | None) -> tuple[Product, float, int, tuple[ScoreStep, ...], tuple[Node, ...],
-                                                          tuple[Value, ...]]:
+@dataclasses.dataclass(frozen=True)
+class _ProbsWalk:
+    """What stands between Softmax and MatMul(P, V), as `_walk_probs` found it."""
+
+    pv: Product
+    dropout_p: float
+    dropout_seed: int
+    renorm: tuple[ScoreStep, ...]  # a division by the row sum after the softmax
+    moves: tuple[Node, ...]
+    guards: tuple[Value, ...]
+
+
+def _walk_probs(softmax: Node, rank: int | None) -> _ProbsWalk:
     value = softmax.outputs[0]
     dropout_p, seed = 0.0, 0
     renorm: list[ScoreStep] = []
@@ -318,7 +329,7 @@ def _walk_probs(softmax: Node, rank: int | None) -> tuple[Product, float, int, t
             dropout_p, seed = _dropout_ratio(node)
             value = node.outputs[0]
         elif product_of(node) is not None and node.inputs[0] is value:
-            return product_of(node), dropout_p, seed, tuple(renorm), tuple(moves), tuple(guards)
+            return _ProbsWalk(product_of(node), dropout_p, seed, tuple(renorm), tuple(moves), tuple(guards))
         elif is_op(node, *MOVE_OPS) and node.inputs[0] is value:
             moves.append(node)
             value = node.outputs[0]
@@ -334,6 +345,7 @@ def match_attention(softmax: Node, opset: int, rank: int | None) -> AttentionMat
     NotFused saying why there is none."""
     check_softmax_axis(softmax, opset, rank)
     qk, steps, score_moves = _walk_scores(softmax)
-    pv, dropout_p, seed, renorm, prob_moves, guards = _walk_probs(softmax, rank)
+    probs = _walk_probs(softmax, rank)
     # The renormalisation divides by the row sum after the softmax: a mask applied last.
-    return AttentionMatch(qk, softmax, pv, steps + renorm, dropout_p, seed, score_moves, prob_moves, guards)
+    return AttentionMatch(qk, softmax, probs.pv, steps + probs.renorm, probs.dropout_p, probs.dropout_seed,
+                          score_moves, probs.moves, probs.guards)

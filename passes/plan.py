@@ -122,7 +122,18 @@ def kernel_axes(op: Operand, evaluator: Evaluator) -> tuple[int | None, ...]:
     return tuple(_PROBE.index(n) if n > 1 else None for n in moved.shape)
 
 
-def _kernel_targets(q: Operand, k: Operand, v: Operand, evaluator: Evaluator):
+@dataclasses.dataclass(frozen=True)
+class _KernelTargets:
+    """q, k, v in the kernel's layout under one evaluator; every field is keyed or ordered q, k, v."""
+
+    seq_axis: dict  # name -> the operand's axis that is seq (None: none)
+    labels: dict  # name -> the chain's index labels (layout.chain_labels)
+    seqs: tuple[int, int, int]  # the real seq lengths
+    targets: tuple  # the labels moved to the kernel layout: (b, h, d, s), (b, kv, d, s), (b, kv, s, d)
+    kv_heads: tuple  # for k and v: each q head's kv head (layout.kv_heads_of)
+
+
+def _kernel_targets(q: Operand, k: Operand, v: Operand, evaluator: Evaluator) -> _KernelTargets:
     """The labels of q, k, v, their seq lengths and their kernel-layout targets under `evaluator`."""
     # Seq is axis 3 of the kernel's q and k (b, h, d, s) and axis 2 of its v (b, kv, s, d).
     axes = {name: kernel_axes(op, evaluator) for name, op in (("q", q), ("k", k), ("v", v))}
@@ -134,7 +145,7 @@ def _kernel_targets(q: Operand, k: Operand, v: Operand, evaluator: Evaluator):
     q_target = q.to_kernel_layout(labels["q"][-1])
     k_target, k_heads = kv_heads_of(k.to_kernel_layout(labels["k"][-1]), "key")
     v_target, v_heads = kv_heads_of(v.to_kernel_layout(labels["v"][-1]), "value")
-    return seq_axis, labels, seqs, (q_target, k_target, v_target), (k_heads, v_heads)
+    return _KernelTargets(seq_axis, labels, seqs, (q_target, k_target, v_target), (k_heads, v_heads))
 
 
 def _kernel_shapes(targets, seqs) -> tuple[tuple[int, ...], ...]:
@@ -145,8 +156,9 @@ def _kernel_shapes(targets, seqs) -> tuple[tuple[int, ...], ...]:
 
 
 def _prove_layout(q: Operand, k: Operand, v: Operand, evaluator: Evaluator) -> LayoutProof:
-    seq_axis, labels, seqs, targets, (k_heads, v_heads) = _kernel_targets(q, k, v, evaluator)
-    (q_target, k_target, v_target), (seq_q, seq_k, seq_v) = targets, seqs
+    found = _kernel_targets(q, k, v, evaluator)
+    seq_axis, labels, (k_heads, v_heads) = found.seq_axis, found.labels, found.kv_heads
+    (q_target, k_target, v_target), (seq_q, seq_k, seq_v) = found.targets, found.seqs
     if k_heads != v_heads:
         raise NotFused("keys and values share kv heads differently across q heads")
     batch, heads, head_dim, _ = q_target.shape
@@ -159,8 +171,8 @@ def _prove_layout(q: Operand, k: Operand, v: Operand, evaluator: Evaluator) -> L
     if (k_target.shape[:3] != (batch, kv_heads, head_dim) or v_target.shape[:2] != (batch, kv_heads)
             or v_target.shape[3] != head_dim or seq_v != seq_k):
         def shapes(ev):
-            _, _, seqs_there, targets_there, _ = _kernel_targets(q, k, v, ev)
-            return tuple(size for shape in _kernel_shapes(targets_there, seqs_there) for size in shape)
+            there = _kernel_targets(q, k, v, ev)
+            return tuple(size for shape in _kernel_shapes(there.targets, there.seqs) for size in shape)
         words = in_model_dims(evaluator, shapes)
         raise NotFused(f"q, k, v shapes do not agree: {dims_text(words[:4])}, {dims_text(words[4:8])}, "
                        f"{dims_text(words[8:])}")
