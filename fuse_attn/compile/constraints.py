@@ -110,7 +110,8 @@ def nested_flash_nodes(graph: onnx.GraphProto, owner: str = "") -> list[tuple[st
     return found
 
 
-def node_attrs(node: onnx.NodeProto) -> contract.FlashFwdAttrs:
+def flash_fwd_attrs(node: onnx.NodeProto) -> contract.FlashFwdAttrs:
+    """A FlashFwd node's attributes as the contract's FlashFwdAttrs."""
     return contract.FlashFwdAttrs.from_onnx_attributes({a.name: onnx.helper.get_attribute_value(a) for a in node.attribute})
 
 
@@ -121,7 +122,7 @@ def plan_node(
     """The launch plan of one node, or None and every reason (with its fix) it cannot be launched.
     A launch whose seq is below `kernel_min_seq` is planned as plain attention ops."""
     name = node.name or node.output[0]
-    attrs = node_attrs(node)
+    attrs = flash_fwd_attrs(node)
     if mixed_precision is not None:
         attrs = dataclasses.replace(attrs, mixed_precision=mixed_precision)
     problems: list[str] = []

@@ -188,7 +188,7 @@ def lower(model: onnx.ModelProto, plans: list[FlashPlan], attention: Attention) 
             continue
         if proto.domain not in ("", "ai.onnx") or proto.op_type not in onnx_ops.RULES:
             raise LoweringError(f"{label}: the lowering has no rule for {proto.domain or 'ai.onnx'}.{proto.op_type}")
-        node = onnx_ops.Node(proto.op_type, proto.name, onnx_ops.node_attrs(proto), opset,
+        node = onnx_ops.Node(proto.op_type, proto.name, onnx_ops.attribute_values(proto), opset,
                              sum(1 for o in proto.output if o))
         try:
             fn, runtime = onnx_ops.RULES[proto.op_type](node, args)

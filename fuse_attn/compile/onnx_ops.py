@@ -129,7 +129,8 @@ def rule(*op_types: str):
     return register
 
 
-def node_attrs(node: onnx.NodeProto) -> dict[str, Any]:
+def attribute_values(node: onnx.NodeProto) -> dict[str, Any]:
+    """Any node's attributes by name, strings decoded."""
     out = {}
     for a in node.attribute:
         value = helper.get_attribute_value(a)
