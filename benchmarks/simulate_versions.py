@@ -17,7 +17,8 @@ from pathlib import Path
 import onnx
 import torch
 
-from fuse_attn import fuse, models, save
+from fuse_attn import fuse, save
+from fuse_attn.models.build import build_all
 from fuse_attn.compile import constraints, kernel_versions, shapes
 from fuse_attn.compile.cli import compare_with_onnxruntime, run_onnxruntime
 from fuse_attn.compile.lower import lower
@@ -50,7 +51,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows = []
-    for zm in models.build_all(only=args.only):
+    for zm in build_all(only=args.only):
         if zm.skipped or not zm.ok:
             continue
         row = measure(zm)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 import time
 
-from . import build_all, cache_dir, entries, names_matching
+from .build import build_all
+from .manifest import cache_dir, entries, names_matching
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """Run the fusion pass over the zoo and hold every model to its manifest entry.
 
-    from fuse_attn.models import build_all
+    from fuse_attn.models.build import build_all
     from fuse_attn.models.check import check_zoo, render_markdown
     rows = check_zoo(build_all())
     print(render_markdown(rows))
@@ -21,7 +21,7 @@ from typing import Any, Iterable
 
 from fuse_attn.coverage import Row, render_markdown
 
-from . import ZooModel, cache_dir, load_manifest
+from .manifest import ZooModel, cache_dir, load_manifest
 from .export import max_abs_err, ort_session
 from .recipes import make_inputs
 
@@ -294,7 +294,8 @@ def _zoo(argv: list[str]) -> int:
     from fuse_attn.modelio import InputError
     from fuse_attn.usage import ArgumentParser
 
-    from . import build_all, names_matching
+    from .build import build_all
+    from .manifest import names_matching
 
     ap = ArgumentParser(prog="fuse-attn zoo", description="the regression suite over the model zoo")
     ap.add_argument("--only", action="append", help="a model name (exact, or a substring); repeatable")

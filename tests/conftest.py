@@ -18,7 +18,7 @@ def one_torch_thread():
 
 
 class ZooExportNotice:
-    """The `log` of `models.build_all` in tests: silent while every export is cached; before the
+    """The `log` of `fuse_attn.models.build.build_all` in tests: silent while every export is cached; before the
     first export, one line on the terminal (past pytest's capture) saying what takes the time,
     then one line per model exported."""
 

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from fuse_attn import models
+from fuse_attn.models.build import build_all
 from fuse_attn.compile import constraints, shapes
 from fuse_attn.compile.cli import attention_fn, compare_with_onnxruntime, run_onnxruntime
 from fuse_attn.compile.lower import lower, to_torch
@@ -36,7 +37,7 @@ _deps = [m for m in ("transformers", "onnxscript") if importlib.util.find_spec(m
 def built(zoo_log):
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield {m.name: m for m in models.build_all(log=zoo_log)}
+    yield {m.name: m for m in build_all(log=zoo_log)}
     torch.set_num_threads(torch_threads)
 
 

@@ -376,10 +376,11 @@ def test_zoo_masked_exports_fuse_exactly_under_padding(name, zoo_log, tmp_path):
     default flags, against the original under right, left and random padding."""
     import onnxruntime as ort
 
-    from fuse_attn import fuse, models
+    from fuse_attn import fuse
+    from fuse_attn.models.build import build_all
     from fuse_attn.modelio import save
 
-    (zm,) = models.build_all(only=name, log=zoo_log)
+    (zm,) = build_all(only=name, log=zoo_log)
     assert zm.ok, zm.error
     fused, report = fuse(str(zm.path))
     assert report.blocks and all(b.fused and b.key_mask_inputs == ["attention_mask"] for b in report.blocks), \

@@ -12,6 +12,7 @@ import importlib.util
 import pytest
 
 from fuse_attn import models
+from fuse_attn.models.build import build_all
 
 MANIFEST = models.load_manifest()
 NAMES = [e["name"] for e in MANIFEST["models"]]
@@ -55,7 +56,7 @@ _zoo_deps = [m for m in ("torch", "transformers", "onnxscript") if importlib.uti
 
 @pytest.fixture(scope="module")
 def built(zoo_log):
-    return {m.name: m for m in models.build_all(log=zoo_log)}
+    return {m.name: m for m in build_all(log=zoo_log)}
 
 
 @pytest.fixture(scope="module")
