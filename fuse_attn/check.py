@@ -23,8 +23,9 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from fuse_attn import modelio
 from fuse_attn.coverage import MODEL_COLUMNS, Column, Row, render_markdown
-from fuse_attn.fuse_options import FuseOptions, add_fuse_options, fuse_options
+from fuse_attn.fuse_options import add_fuse_options, as_argv, fuse_options
 from fuse_attn.modelio import InputError
+from fuse_attn.pipeline import FuseOptions
 from fuse_attn.printable import printable
 from fuse_attn.specialize import Specialization
 
@@ -133,7 +134,7 @@ def _failed(status: str, problem: str) -> dict:
 
 def run_one(path: str, result_path: str, *, options: FuseOptions, timeout: float | None) -> dict:
     """Check one model in a worker process; a crash or a timeout becomes this model's result."""
-    command = [sys.executable, "-m", "fuse_attn.check_worker", path, result_path, *options.argv()]
+    command = [sys.executable, "-m", "fuse_attn.check_worker", path, result_path, *as_argv(options)]
     try:
         proc = subprocess.run(command, capture_output=True, text=True, errors="replace", timeout=timeout,
                               stdin=subprocess.DEVNULL)

@@ -14,6 +14,7 @@ external data against the model's folder.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -22,9 +23,8 @@ import time
 import onnx
 
 from fuse_attn import modelio, verify
-from fuse_attn.fuse_options import FuseOptions, add_fuse_options, fuse_options
-from fuse_attn.ir.graph import Graph
-from fuse_attn.pipeline import fuse_graph, specialize_proto
+from fuse_attn.fuse_options import add_fuse_options, fuse_options
+from fuse_attn.pipeline import FuseOptions, fuse_model
 from fuse_attn.specialize import applicable
 
 
@@ -63,24 +63,21 @@ def check_model(path: str, options: FuseOptions = FuseOptions()) -> dict:
         return result
     result["exporter"], result["dtype"] = _exporter(original), _dtype(original)
     start = time.perf_counter()
+    proto = onnx.ModelProto()
+    proto.CopyFrom(original)  # the pass edits its copy; the original is compared against
+    shapes, dims = applicable(proto, options.shapes, options.dims)
     try:
-        proto = onnx.ModelProto()
-        proto.CopyFrom(original)  # the pass edits its copy; the original is compared against
-        shapes, dims = applicable(proto, options.shapes, options.dims)
-        specialized = specialize_proto(proto, shapes, dims)
+        fused_model = fuse_model(proto, os.path.dirname(os.path.abspath(path)),
+                                 dataclasses.replace(options, shapes=shapes, dims=dims), name=path)
     except modelio.InputError as exc:  # e.g. a --shape of the wrong rank for this model's input
         result["problems"].append(str(exc))
         return result
-    if specialized is not None:
-        result["specialized"] = specialized.lines()
-    try:
-        graph = Graph(proto, os.path.dirname(os.path.abspath(path)))
-        report = fuse_graph(graph, name=path, assume_no_padding=options.assume_no_padding, specialized=specialized,
-                            freeze_initializer_inputs=options.freeze_initializer_inputs)
-        fused = graph.model
     except Exception as exc:  # the pass's own failure, reported for this model only
         result["problems"].append(f"fuse raised {_one_line(exc)}")
         return result
+    fused, report, specialized = fused_model.model, fused_model.report, fused_model.specialized
+    if specialized is not None:
+        result["specialized"] = specialized.lines()
     result["seconds"] = time.perf_counter() - start
     result["found"], result["fused"] = len(report.blocks), report.fused
     result["not_fused"] = [b.reason or "(no reason given)" for b in report.blocks if not b.fused]

@@ -47,8 +47,7 @@ def _fuse_main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     from fuse_attn import modelio, verify
     from fuse_attn.fuse_options import fuse_options
-    from fuse_attn.ir.graph import Graph
-    from fuse_attn.pipeline import fuse_graph, specialize_proto
+    from fuse_attn.pipeline import fuse_model
     from fuse_attn.printable import printable
 
     options = fuse_options(args)
@@ -60,11 +59,8 @@ def _fuse_main(argv: list[str]) -> int:
     source = os.path.abspath(args.model)
     # With the JSON on stdout, the lines a person reads go to stderr.
     human = sys.stderr if outputs.report == "-" else sys.stdout
-    specialized = specialize_proto(proto, options.shapes, options.dims)
-    graph = Graph(proto, os.path.dirname(source))
-    report = fuse_graph(graph, name=args.model, assume_no_padding=options.assume_no_padding,
-                        progress=sys.stderr.isatty(), specialized=specialized,
-                        freeze_initializer_inputs=options.freeze_initializer_inputs)
+    fused = fuse_model(proto, os.path.dirname(source), options, name=args.model, progress=sys.stderr.isatty())
+    report = fused.report
     for line in report.lines() if not args.quiet else [report.summary()]:
         print(printable(line), file=human)
     # Read before the output is written: with --in-place it replaces the original.
@@ -76,14 +72,14 @@ def _fuse_main(argv: list[str]) -> int:
         # Inputs at the specialized shapes (the fused model declares them), fed to both models;
         # verified before writing, so the JSON report carries the results (and an input whose
         # declared size is refused leaves nothing written).
-        results = verify.verify_fused(original, graph.model, report, base_dir=os.path.dirname(source),
-                                      shapes_from=graph.model if specialized is not None else None)
+        results = verify.verify_fused(original, fused.model, report, base_dir=os.path.dirname(source),
+                                      shapes_from=fused.model if fused.specialized is not None else None)
         for line in verify.result_lines(results, report):
             print(printable(line), file=human)
         report.verification = [r.to_json() for r in results]
         verified_ok = all(r.ok for r in results)
     # Nothing fused: the model goes through exactly as it came.
-    modelio.write_outputs(outputs, graph.model, report.to_json())
+    modelio.write_outputs(outputs, fused.model, report.to_json())
     if outputs.report == "-":
         sys.stdout.write(report.to_json())
     if not verified_ok:

@@ -1,32 +1,26 @@
 """The options that say how a model is fused, shared by `fuse-attn MODEL` and `fuse-attn check`:
 defined once (`add_fuse_options`), parsed and validated once (`fuse_options`), so both commands
-accept the same spellings and refuse the same bad values before any model is read.
+accept the same spellings and refuse the same bad values before any model is read. The options
+themselves are the pipeline's `FuseOptions`.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 from fuse_attn.modelio import InputError
+from fuse_attn.pipeline import FuseOptions
 from fuse_attn.specialize import ShapeError, parse_dim_args, parse_shape_args
 
 
-@dataclasses.dataclass(frozen=True)
-class FuseOptions:
-    assume_no_padding: bool = False
-    shapes: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
-    dims: dict[str, int] = dataclasses.field(default_factory=dict)
-    freeze_initializer_inputs: bool = False
-
-    def argv(self) -> list[str]:
-        """The same options as command-line arguments (for `fuse_attn.check_worker`)."""
-        out = ["--assume-no-padding"] if self.assume_no_padding else []
-        for name, shape in self.shapes.items():
-            out.append(f"--shape={name}={'x'.join(map(str, shape))}")  # one token: a name may start with '-'
-        for name, value in self.dims.items():
-            out.append(f"--dim={name}={value}")
-        return out + (["--freeze-initializer-inputs"] if self.freeze_initializer_inputs else [])
+def as_argv(options: FuseOptions) -> list[str]:
+    """The same options as command-line arguments (for `fuse_attn.check_worker`)."""
+    out = ["--assume-no-padding"] if options.assume_no_padding else []
+    for name, shape in options.shapes.items():
+        out.append(f"--shape={name}={'x'.join(map(str, shape))}")  # one token: a name may start with '-'
+    for name, value in options.dims.items():
+        out.append(f"--dim={name}={value}")
+    return out + (["--freeze-initializer-inputs"] if options.freeze_initializer_inputs else [])
 
 
 def add_fuse_options(parser: argparse.ArgumentParser, *, many_models: bool = False) -> None:

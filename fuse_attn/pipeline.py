@@ -1,7 +1,9 @@
-"""load → passes → report: the whole fusion, callable from Python as `fuse_attn.fuse`."""
+"""load → passes → report: the whole fusion. `fuse_model` runs it on a loaded model; the Python API
+(`fuse_attn.fuse`), `fuse-attn MODEL` and each model of `fuse-attn check` all call it."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -138,6 +140,37 @@ def specialize_proto(proto: onnx.ModelProto, shapes: dict | None, dims: dict | N
         raise modelio.InputError(str(exc)) from None
 
 
+@dataclasses.dataclass(frozen=True)
+class FuseOptions:
+    """How a model is fused: the options of `fuse()` and `fuse-attn` (`fuse_attn.fuse_options`
+    reads them from the command line)."""
+
+    assume_no_padding: bool = False
+    shapes: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    dims: dict[str, int] = dataclasses.field(default_factory=dict)
+    freeze_initializer_inputs: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedModel:
+    model: onnx.ModelProto  # the fused model (the proto `fuse_model` was given, edited)
+    report: FuseReport
+    specialized: Specialization | None  # the dims options.shapes and options.dims fixed, if any
+
+
+def fuse_model(proto: onnx.ModelProto, base_dir: str | None, options: FuseOptions = FuseOptions(), *,
+               name: str = "model", progress: bool = False) -> FusedModel:
+    """Fix the shapes and dims `options` names in `proto`, then fuse every attention block; the
+    proto is edited in place (pass a copy to keep the original). `base_dir`: the model's folder,
+    where its external data is read from (None: a model in memory). A --shape or --dim this model
+    cannot take is an InputError."""
+    specialized = specialize_proto(proto, options.shapes, options.dims)
+    graph = Graph(proto, base_dir)
+    report = fuse_graph(graph, name=name, assume_no_padding=options.assume_no_padding, progress=progress,
+                        specialized=specialized, freeze_initializer_inputs=options.freeze_initializer_inputs)
+    return FusedModel(graph.model, report, specialized)
+
+
 def fuse(model_or_path: str | os.PathLike | onnx.ModelProto, *, assume_no_padding: bool = False,
          progress: bool = False, shapes: dict[str, tuple[int, ...]] | None = None,
          dims: dict[str, int] | None = None, freeze_initializer_inputs: bool = False) -> tuple[onnx.ModelProto, FuseReport]:
@@ -154,8 +187,7 @@ def fuse(model_or_path: str | os.PathLike | onnx.ModelProto, *, assume_no_paddin
         proto = modelio.load_proto(model_or_path)
         modelio.validate(proto, os.fspath(model_or_path))
         base_dir, name = os.path.dirname(os.path.abspath(model_or_path)), os.fspath(model_or_path)
-    specialized = specialize_proto(proto, shapes, dims)
-    graph = Graph(proto, base_dir)
-    report = fuse_graph(graph, name=name, assume_no_padding=assume_no_padding, progress=progress,
-                        specialized=specialized, freeze_initializer_inputs=freeze_initializer_inputs)
-    return graph.model, report
+    options = FuseOptions(assume_no_padding=assume_no_padding, shapes=shapes or {}, dims=dims or {},
+                          freeze_initializer_inputs=freeze_initializer_inputs)
+    fused = fuse_model(proto, base_dir, options, name=name, progress=progress)
+    return fused.model, fused.report

@@ -23,10 +23,11 @@ import pytest
 
 from attention_graphs import AttnSpec, build, mutate_flashfwd
 from exporter_graphs import kv_cache_decoder
-from fuse_attn import check, check_worker, cli
+from fuse_attn import check, check_worker, cli, pipeline
 from fuse_attn.check import to_row
 from fuse_attn.coverage import MODEL_COLUMNS, ZOO_COLUMNS, render_markdown
-from fuse_attn.fuse_options import FuseOptions, fuse_options
+from fuse_attn.fuse_options import as_argv, fuse_options
+from fuse_attn.pipeline import FuseOptions
 
 CAUSAL_2 = AttnSpec(blocks=2, heads=2, head_dim=8)  # two blocks, both fuse
 GQA = AttnSpec(heads=4, kv_heads=2, head_dim=8, mask="none", seq=512)  # one block, fuses
@@ -364,7 +365,7 @@ def test_check_and_fuse_define_the_fuse_options_once():
     fused = fuse_options(fuse_parser().parse_args(["m.onnx", "-o", "f.onnx", *argv]))
     checked = fuse_options(check_parser().parse_args(["m.onnx", *argv]))
     assert fused == checked == FuseOptions(True, {"input_ids": (1, 0)}, {"s": 3}, True)
-    assert fuse_options(check_parser().parse_args(["m.onnx", *checked.argv()])) == checked
+    assert fuse_options(check_parser().parse_args(["m.onnx", *as_argv(checked)])) == checked
 
 
 # -- one model, in process ---------------------------------------------------------------------------
@@ -372,14 +373,14 @@ def test_check_and_fuse_define_the_fuse_options_once():
 def test_a_wrong_rewrite_is_reported_wrong(tmp_path, monkeypatch):
     """The worker holds the fused model to the original: a FlashFwd with a wrong scale fails."""
     path = save(CAUSAL_2, tmp_path / "m.onnx")
-    real_fuse_graph = check_worker.fuse_graph
+    real_fuse_graph = pipeline.fuse_graph
 
     def fuse_with_wrong_scale(graph, **kwargs):
         report = real_fuse_graph(graph, **kwargs)
         graph.model.CopyFrom(mutate_flashfwd(graph.model, scale_factor=0.5))
         return report
 
-    monkeypatch.setattr(check_worker, "fuse_graph", fuse_with_wrong_scale)
+    monkeypatch.setattr(pipeline, "fuse_graph", fuse_with_wrong_scale)
     result = check_worker.check_model(str(path))
     assert result["status"] == "wrong" and result["fused"] == 2
     assert result["max_err"] > result["outputs"][0]["tolerance"]
@@ -394,14 +395,14 @@ def test_a_wrong_rewrite_of_a_specialized_model_is_reported_wrong(tmp_path, monk
     onnx.save(kv_cache_decoder(layers=1), tmp_path / "decoder.onnx")
     options = FuseOptions(assume_no_padding=True, dims={"past_sequence_length": 0})
     assert check_worker.check_model(str(tmp_path / "decoder.onnx"), options)["status"] == "ok"
-    real_fuse_graph = check_worker.fuse_graph
+    real_fuse_graph = pipeline.fuse_graph
 
     def fuse_without_causal(graph, **kwargs):
         report = real_fuse_graph(graph, **kwargs)
         graph.model.CopyFrom(mutate_flashfwd(graph.model, flip_causal=True))
         return report
 
-    monkeypatch.setattr(check_worker, "fuse_graph", fuse_without_causal)
+    monkeypatch.setattr(pipeline, "fuse_graph", fuse_without_causal)
     result = check_worker.check_model(str(tmp_path / "decoder.onnx"), options)
     assert result["status"] == "wrong" and result["fused"] == 1, result
     assert not result["feeds"][0]["ok"]

@@ -15,7 +15,7 @@ from onnx import TensorProto, helper
 
 from attention_graphs import BIDIR, MASKED, _r, build
 from fuse_attn import check_worker, cli, fuse, verify
-from fuse_attn.fuse_options import FuseOptions
+from fuse_attn.pipeline import FuseOptions
 from fuse_attn.report import BlockReport, FuseReport
 
 # BERT-like: two non-causal blocks reading a (batch, seq) attention_mask, two batch entries.
