@@ -72,7 +72,7 @@ out["fused"] = getattr(report, "fused", None)
 print("RESULT " + json.dumps(out))
 """
 
-IMPORT_ONLY = "import fuse_attn.cli"
+IMPORT_ONLY = "import fuse_attn.commands.cli"
 
 ORT_RUN = r"""
 import json, resource, sys, time
@@ -168,9 +168,9 @@ def fuse_attn_command() -> list[str] | None:
     for exe in (os.path.join(os.path.dirname(sys.executable), "fuse-attn"), shutil.which("fuse-attn")):
         if exe and os.path.isfile(exe) and os.access(exe, os.X_OK):
             return [exe]
-    probe = subprocess.run([sys.executable, "-c", "import fuse_attn.cli"], cwd=ROOT, capture_output=True)
+    probe = subprocess.run([sys.executable, "-c", "import fuse_attn.commands.cli"], cwd=ROOT, capture_output=True)
     if probe.returncode == 0:
-        return [sys.executable, "-c", "import sys; from fuse_attn.cli import main; sys.exit(main())"]
+        return [sys.executable, "-c", "import sys; from fuse_attn.commands.cli import main; sys.exit(main())"]
     return None
 
 
@@ -435,7 +435,7 @@ def big_text(big: dict) -> str:
     else:
         lines.append(
             f"- fuse-attn: {fmt(fa['seconds'])} s, peak RSS {fmt(fa['rss_mb'], 0)} MB "
-            f"(python + `import fuse_attn.cli` alone: {fmt(big.get('import_rss_mb'), 0)} MB; graph {big['graph_bytes'] / 1024:.0f} KB; "
+            f"(python + `import fuse_attn.commands.cli` alone: {fmt(big.get('import_rss_mb'), 0)} MB; graph {big['graph_bytes'] / 1024:.0f} KB; "
             f"weights {gb * 1024:.0f} MB), {big.get('flashfwd_nodes')} FlashFwd nodes, "
             f"output folder on disk {big.get('output_dir_bytes_on_disk', 0) / 2**20:.1f} MB"
         )
@@ -499,7 +499,7 @@ def main(argv=None) -> int:
     md = table(rows, mach)
     print(md)
     if fuse_cmd:
-        print(f"\nfuse-attn CLI: {' '.join(fuse_cmd[:1])}; python + `import fuse_attn.cli` alone: "
+        print(f"\nfuse-attn CLI: {' '.join(fuse_cmd[:1])}; python + `import fuse_attn.commands.cli` alone: "
               f"{fmt(imp.seconds)} s, {fmt(imp.rss_mb, 0)} MB")
     if long_rows:
         print()

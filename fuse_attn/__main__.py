@@ -2,6 +2,6 @@
 
 import sys
 
-from fuse_attn.cli import main
+from fuse_attn.commands.cli import main
 
 sys.exit(main())

@@ -142,7 +142,7 @@ def specialize_proto(proto: onnx.ModelProto, shapes: dict | None, dims: dict | N
 
 @dataclasses.dataclass(frozen=True)
 class FuseOptions:
-    """How a model is fused: the options of `fuse()` and `fuse-attn` (`fuse_attn.fuse_options`
+    """How a model is fused: the options of `fuse()` and `fuse-attn` (`fuse_attn.commands.fuse_options`
     reads them from the command line)."""
 
     assume_no_padding: bool = False

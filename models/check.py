@@ -19,7 +19,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable
 
-from fuse_attn.coverage import Row, render_markdown
+from fuse_attn.commands.coverage import Row, render_markdown
 
 from .manifest import ZooModel, cache_dir, load_manifest
 from .export import max_abs_err, ort_session

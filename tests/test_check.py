@@ -23,10 +23,11 @@ import pytest
 
 from attention_graphs import AttnSpec, build, mutate_flashfwd
 from exporter_graphs import kv_cache_decoder
-from fuse_attn import check, check_worker, cli, pipeline
-from fuse_attn.check import to_row
-from fuse_attn.coverage import MODEL_COLUMNS, ZOO_COLUMNS, render_markdown
-from fuse_attn.fuse_options import as_argv, fuse_options
+from fuse_attn import pipeline
+from fuse_attn.commands import check, check_worker, cli
+from fuse_attn.commands.check import to_row
+from fuse_attn.commands.coverage import MODEL_COLUMNS, ZOO_COLUMNS, render_markdown
+from fuse_attn.commands.fuse_options import as_argv, fuse_options
 from fuse_attn.pipeline import FuseOptions
 
 CAUSAL_2 = AttnSpec(blocks=2, heads=2, head_dim=8)  # two blocks, both fuse
@@ -60,7 +61,7 @@ def run_check(*args, hostile: Path | None = None, cwd: Path | None = None,
     env = {k: v for k, v in os.environ.items() if k != "FUSE_ATTN_DEBUG"}
     if hostile is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(hostile), env.get("PYTHONPATH", "")])
-    return subprocess.run([sys.executable, "-m", "fuse_attn.cli", "check", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "fuse_attn", "check", *map(str, args)],
                           capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
 
 
@@ -170,7 +171,7 @@ def test_progress_bar_only_on_a_terminal(tmp_path):
     save(CAUSAL_2, tmp_path / "zoo" / "two.onnx")
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
-    proc = subprocess.Popen([sys.executable, "-m", "fuse_attn.cli", "check", str(tmp_path / "zoo")],
+    proc = subprocess.Popen([sys.executable, "-m", "fuse_attn", "check", str(tmp_path / "zoo")],
                             stdout=subprocess.PIPE, stderr=slave)
     os.close(slave)
     terminal = b""
@@ -358,8 +359,8 @@ def test_a_bad_shape_or_dim_is_one_line_before_any_worker(tmp_path, capsys, monk
 def test_check_and_fuse_define_the_fuse_options_once():
     """`check` accepts the fuse command's options, with the same parsing, and hands them to the
     worker as the same command-line arguments."""
-    from fuse_attn.check import _parser as check_parser
-    from fuse_attn.cli import _parser as fuse_parser
+    from fuse_attn.commands.check import _parser as check_parser
+    from fuse_attn.commands.cli import _parser as fuse_parser
 
     argv = ["--shape", "input_ids=1x0", "--dim", "s=3", "--assume-no-padding", "--freeze-initializer-inputs"]
     fused = fuse_options(fuse_parser().parse_args(["m.onnx", "-o", "f.onnx", *argv]))

@@ -32,7 +32,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from fuse_attn.cli import main as cli_main
+from fuse_attn.commands.cli import main as cli_main
 from fuse_attn.compile import binding, compile_main
 from fuse_attn.compile.simulator import simulate_flash_fwd
 from fuse_attn.ir.contract import FlashFwdAttrs

@@ -14,7 +14,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from fuse_attn.cli import main as cli_main
+from fuse_attn.commands.cli import main as cli_main
 from fuse_attn.compile import sbuf
 from test_compile_lower import fused_model
 
@@ -110,7 +110,7 @@ def test_bad_input_in_a_real_process(tmp_path):
     src = tmp_path / "notes.onnx"
     src.write_text("not a model")
     env = {k: v for k, v in os.environ.items() if k != "FUSE_ATTN_DEBUG"}
-    proc = subprocess.run([sys.executable, "-m", "fuse_attn.cli", "compile", str(src), "--simulate"],
+    proc = subprocess.run([sys.executable, "-m", "fuse_attn", "compile", str(src), "--simulate"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert proc.stderr.startswith("fuse-attn: error: ") and "Traceback" not in proc.stderr

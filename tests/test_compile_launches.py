@@ -8,7 +8,7 @@ import dataclasses
 import onnx
 import pytest
 
-from fuse_attn.cli import main as cli_main
+from fuse_attn.commands.cli import main as cli_main
 from fuse_attn.compile import constraints, launch_cost, shapes
 from fuse_attn.compile.constraints import FlashPlan
 from fuse_attn.ir import contract

@@ -199,7 +199,7 @@ def test_no_room_for_a_column_is_refused_with_the_reason():
 
 
 def test_simulate_compares_padded_masks(tmp_path, capsys):
-    from fuse_attn.cli import main as cli_main
+    from fuse_attn.commands.cli import main as cli_main
 
     path = tmp_path / "fused.onnx"
     onnx.save(kb.build(seq=197, fused=True), path)
@@ -216,7 +216,7 @@ def test_simulate_compares_padded_masks(tmp_path, capsys):
 def test_a_wrong_padding_column_fails_simulate(bias, tmp_path, capsys, monkeypatch):
     """compile's own column entries at the padded keys, wrong: the padded keys take weight in
     every real row's softmax, and --simulate says MISMATCH (exit 1)."""
-    from fuse_attn.cli import main as cli_main
+    from fuse_attn.commands.cli import main as cli_main
 
     for key in ("mask", None):
         path = tmp_path / f"fused_{key}.onnx"

@@ -92,7 +92,7 @@ def test_seq_mismatch_names_the_models_dims_not_sample_lengths():
 
 
 def test_freeze_initializer_inputs_on_the_command_line(tmp_path):
-    from fuse_attn.cli import main
+    from fuse_attn.commands.cli import main
 
     built = build(dataclasses.replace(CAUSAL, mask_form="add"))
     mask = _operand(built.model, "Add", 1)

@@ -33,7 +33,7 @@ def _cli() -> list[str]:
     exe = shutil.which("fuse-attn")
     if exe:
         return [exe]
-    return [sys.executable, "-c", "import sys; from fuse_attn.cli import main; sys.exit(main())"]
+    return [sys.executable, "-c", "import sys; from fuse_attn.commands.cli import main; sys.exit(main())"]
 
 
 def run_cli(*args: str, cwd: str | os.PathLike) -> subprocess.CompletedProcess:
@@ -197,7 +197,7 @@ def test_foreign_file_in_the_way_is_refused(model, tmp_path):
 # space exec created, unlike ru_maxrss, which Linux carries over from the forking (pytest) process.
 _PEAK_OF_CLI = """
 import sys
-from fuse_attn.cli import main
+from fuse_attn.commands.cli import main
 code = main(sys.argv[1:])
 peak = next(line for line in open("/proc/self/status") if line.startswith("VmHWM"))
 print(int(peak.split()[1]) // 1024, file=sys.stderr)

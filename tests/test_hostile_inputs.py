@@ -5,7 +5,7 @@ behind. A model without attention goes through unchanged with exit 0 and says so
 stays bounded in time and memory.
 
 Representative cases run the real command in a subprocess; the byte-flip/truncation fuzz calls
-`fuse_attn.cli.main` in-process (same code path, no interpreter start per case). More fuzz cases:
+`fuse_attn.commands.cli.main` in-process (same code path, no interpreter start per case). More fuzz cases:
 FUSE_ATTN_FUZZ_CASES=500 pytest tests/test_hostile_inputs.py
 """
 
@@ -30,7 +30,7 @@ FUZZ_CASES = int(os.environ.get("FUSE_ATTN_FUZZ_CASES", "24"))
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "FUSE_ATTN_DEBUG"}
-    return subprocess.run([sys.executable, "-m", "fuse_attn.cli", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "fuse_attn", *map(str, args)], capture_output=True,
                           text=True, timeout=timeout, env=env)
 
 
@@ -108,7 +108,7 @@ def test_opset_older_than_supported(tmp_path):
 
 
 def _cli_in_process(args, capsys) -> tuple[int, str]:
-    from fuse_attn.cli import main
+    from fuse_attn.commands.cli import main
 
     code = main([str(a) for a in args])
     captured = capsys.readouterr()
@@ -247,7 +247,7 @@ def fused_model(real_model, tmp_path_factory) -> str:
 def test_bad_shape_arguments(fused_model, tmp_path, shape):
     """Unknown --shape names and impossible dims ("x=1x16": wrong rank) fail cleanly."""
     out = tmp_path / "model.neuron.pt"
-    proc = subprocess.run([sys.executable, "-m", "fuse_attn.cli", "compile", fused_model, "--shape", shape,
+    proc = subprocess.run([sys.executable, "-m", "fuse_attn", "compile", fused_model, "--shape", shape,
                            "-o", str(out)], capture_output=True, text=True, timeout=300)
     assert_bad_input(proc, out)
 

@@ -3,7 +3,7 @@ is written, then all files are written as one step.
 
 The report is checked like the output: never the input, the output or a weights file, and an
 existing file is replaced only when it is an earlier fuse-attn report (or empty). Runs the CLI
-in-process (`fuse_attn.cli.main`): the same code path as the command, without an interpreter start.
+in-process (`fuse_attn.commands.cli.main`): the same code path as the command, without an interpreter start.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import onnx
 import pytest
 
 from attention_graphs import AttnSpec, build
-from fuse_attn import cli, modelio
+from fuse_attn import modelio
+from fuse_attn.commands import cli
 
 
 @pytest.fixture

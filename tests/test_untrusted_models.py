@@ -27,7 +27,7 @@ REPO_PACKAGES = [Path(__file__).resolve().parents[1] / d for d in ("fuse_attn", 
 
 def cli(*args, cwd=None, timeout: float = 600) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "FUSE_ATTN_DEBUG"}
-    return subprocess.run([sys.executable, "-m", "fuse_attn.cli", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "fuse_attn", *map(str, args)], capture_output=True,
                           text=True, timeout=timeout, env=env, cwd=cwd)
 
 
@@ -354,7 +354,7 @@ def limited_memory():
 def cli_bounded(*args) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "FUSE_ATTN_DEBUG"}
     env["OMP_NUM_THREADS"] = "1"
-    return subprocess.run([sys.executable, "-m", "fuse_attn.cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "fuse_attn", *map(str, args)], capture_output=True, text=True,
                           timeout=600, env=env, preexec_fn=limited_memory)
 
 

@@ -14,7 +14,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from attention_graphs import BIDIR, MASKED, _r, build
-from fuse_attn import check_worker, cli, fuse, verify
+from fuse_attn import fuse, verify
+from fuse_attn.commands import check_worker, cli
 from fuse_attn.pipeline import FuseOptions
 from fuse_attn.report import BlockReport, FuseReport
 
@@ -277,7 +278,7 @@ def test_verify_and_check_fail_a_flipped_column(tmp_path, monkeypatch, capsys):
 def test_the_tables_count_the_padded_feeds(tmp_path):
     """check's table and the zoo's share the 'padded feeds ok' column; the zoo pads at the
     manifest's lengths, a symbolic batch grown to two entries."""
-    from fuse_attn import check
+    from fuse_attn.commands import check
     from fuse_attn.models.check import _padded_template
 
     onnx.save(build(WIDE_ENCODER).model, tmp_path / "encoder.onnx")

@@ -1,7 +1,7 @@
 """`fuse-attn check DIR_OR_FILES...`: a regression run over the user's own model zoo.
 
 Every model is fused and verified against the original in onnxruntime in its own worker process
-(`fuse_attn.check_worker`), at most --jobs at once: a crash or a timeout costs only that model.
+(`fuse_attn.commands.check_worker`), at most --jobs at once: a crash or a timeout costs only that model.
 The result is the zoo's coverage table; --json keeps it for the next run's --baseline, so CI
 catches exporter drift (fewer blocks fused, a model now failing, a model gone).
 
@@ -22,8 +22,8 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from fuse_attn import modelio
-from fuse_attn.coverage import MODEL_COLUMNS, Column, Row, render_markdown
-from fuse_attn.fuse_options import add_fuse_options, as_argv, fuse_options
+from fuse_attn.commands.coverage import MODEL_COLUMNS, Column, Row, render_markdown
+from fuse_attn.commands.fuse_options import add_fuse_options, as_argv, fuse_options
 from fuse_attn.modelio import InputError
 from fuse_attn.pipeline import FuseOptions
 from fuse_attn.printable import printable
@@ -134,7 +134,7 @@ def _failed(status: str, problem: str) -> dict:
 
 def run_one(path: str, result_path: str, *, options: FuseOptions, timeout: float | None) -> dict:
     """Check one model in a worker process; a crash or a timeout becomes this model's result."""
-    command = [sys.executable, "-m", "fuse_attn.check_worker", path, result_path, *as_argv(options)]
+    command = [sys.executable, "-m", "fuse_attn.commands.check_worker", path, result_path, *as_argv(options)]
     try:
         proc = subprocess.run(command, capture_output=True, text=True, errors="replace", timeout=timeout,
                               stdin=subprocess.DEVNULL)

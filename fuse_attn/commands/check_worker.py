@@ -1,12 +1,12 @@
 """One model of `fuse-attn check`, in its own process: fuse it in memory, verify it against the
 original in onnxruntime (as `fuse-attn --verify` does), and write the result as JSON.
 
-    python -m fuse_attn.check_worker MODEL RESULT_JSON [FUSE OPTIONS]
+    python -m fuse_attn.commands.check_worker MODEL RESULT_JSON [FUSE OPTIONS]
 
-The fuse options are `fuse-attn`'s own (`fuse_attn.fuse_options`); --shape and --dim apply only
+The fuse options are `fuse-attn`'s own (`fuse_attn.commands.fuse_options`); --shape and --dim apply only
 where this model has the input or symbol they name (`specialize.applicable`).
 
-`fuse_attn.check` starts one of these per model, so a crash or a hang costs only that model.
+`fuse_attn.commands.check` starts one of these per model, so a crash or a hang costs only that model.
 Nothing is written next to the model: the fused model stays in memory, and onnxruntime resolves
 external data against the model's folder.
 """
@@ -23,7 +23,7 @@ import time
 import onnx
 
 from fuse_attn import modelio, verify
-from fuse_attn.fuse_options import add_fuse_options, fuse_options
+from fuse_attn.commands.fuse_options import add_fuse_options, fuse_options
 from fuse_attn.pipeline import FuseOptions, fuse_model
 from fuse_attn.specialize import applicable
 
@@ -108,7 +108,7 @@ def check_model(path: str, options: FuseOptions = FuseOptions()) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fuse_attn.check_worker")
+    parser = argparse.ArgumentParser(prog="python -m fuse_attn.commands.check_worker")
     parser.add_argument("model")
     parser.add_argument("result_path")
     add_fuse_options(parser, many_models=True)

@@ -14,7 +14,7 @@ from fuse_attn.specialize import ShapeError, parse_dim_args, parse_shape_args
 
 
 def as_argv(options: FuseOptions) -> list[str]:
-    """The same options as command-line arguments (for `fuse_attn.check_worker`)."""
+    """The same options as command-line arguments (for `fuse_attn.commands.check_worker`)."""
     out = ["--assume-no-padding"] if options.assume_no_padding else []
     for name, shape in options.shapes.items():
         out.append(f"--shape={name}={'x'.join(map(str, shape))}")  # one token: a name may start with '-'

@@ -17,7 +17,7 @@ EXIT_OK, EXIT_VERIFY_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 def _parser() -> argparse.ArgumentParser:
     from fuse_attn import __version__
-    from fuse_attn.fuse_options import add_fuse_options
+    from fuse_attn.commands.fuse_options import add_fuse_options
     from fuse_attn.usage import ArgumentParser
 
     parser = ArgumentParser(
@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
 def _fuse_main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     from fuse_attn import modelio, verify
-    from fuse_attn.fuse_options import fuse_options
+    from fuse_attn.commands.fuse_options import fuse_options
     from fuse_attn.pipeline import fuse_model
     from fuse_attn.printable import printable
 
@@ -93,7 +93,7 @@ def _dispatch(argv: list[str]) -> int:
 
         return compile_main(argv[1:])
     if argv[:1] == ["check"]:
-        from fuse_attn.check import check_main
+        from fuse_attn.commands.check import check_main
 
         return check_main(argv[1:])
     if argv[:1] == ["zoo"]:
