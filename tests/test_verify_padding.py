@@ -263,11 +263,9 @@ def test_verify_and_check_fail_a_flipped_column(tmp_path, monkeypatch, capsys):
         graph.model.CopyFrom(corrupt_column(graph.model, "sign"))
         return report
 
-    monkeypatch.setattr(check_worker, "fuse_graph", fuse_with_flipped_column)
+    monkeypatch.setattr(pipeline, "fuse_graph", fuse_with_flipped_column)  # the one fuse flow both call
     result = check_worker.check_model(str(src))
     assert result["status"] == "wrong" and [f["ok"] for f in result["feeds"]] == [True, False, False, False, False]
-
-    monkeypatch.setattr(pipeline, "fuse_graph", fuse_with_flipped_column)
     assert cli.main([str(src), "-o", str(tmp_path / "out.onnx"), "--verify"]) == cli.EXIT_VERIFY_FAILED
     out = capsys.readouterr().out
     assert "verify y: " in out and " ok" in out.splitlines()[out.splitlines().index(next(
