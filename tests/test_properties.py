@@ -527,7 +527,7 @@ def _key_mask_errors(km, fused, real: np.ndarray, seed: int):
     feed = verify.Feed("drawn", mask_feed(km, real, np.random.default_rng(seed)),
                        {"attention_mask": real}, rows_without_key)
     sessions = (verify._session(km.model, None), verify._session(fused, None))
-    return verify.run_feed(*sessions, [o.name for o in km.model.graph.output], feed)[0]
+    return verify.run_feed(*sessions, [o.name for o in km.model.graph.output], feed).checks
 
 
 @settings(settings.get_profile(PROFILE), max_examples=KEY_MASK_EXAMPLES)
