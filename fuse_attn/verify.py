@@ -245,6 +245,7 @@ def padded_feeds(model: onnx.ModelProto, masks: list[str], *, causal: bool, seed
     targets = [n for n in masks if n in base and base[n].ndim >= 2 and base[n].shape[-1] > 0]
     if not targets:
         return []
+    token_ids = [n for n in _gather_rows(model) if n in base and base[n].ndim >= 2]
     feeds = []
     for number, name in enumerate(PADDED_FEEDS):
         rng = np.random.default_rng([seed, number])
@@ -255,6 +256,13 @@ def padded_feeds(model: onnx.ModelProto, masks: list[str], *, causal: bool, seed
             shape = (given.shape[0],) + (1,) * (given.ndim - 2) + (given.shape[-1],)
             inputs[mask] = np.broadcast_to(tokens.reshape(shape), given.shape).astype(given.dtype)
             real[mask] = tokens
+            # As a tokenizer pads: token ids laid out like the mask hold id 0 at its padded
+            # positions, so a model that picks a row by token id (CLIP's pooler: the argmax id,
+            # its end-of-text token) picks a real one, as it does on real padded requests.
+            for ids in token_ids:
+                if inputs[ids].shape[0] == tokens.shape[0] and inputs[ids].shape[-1] == tokens.shape[1]:
+                    keep = tokens.reshape((tokens.shape[0],) + (1,) * (inputs[ids].ndim - 2) + (tokens.shape[1],))
+                    inputs[ids] = np.where(keep, inputs[ids], 0).astype(inputs[ids].dtype)
         without_key = causal and any((~r[:, 0]).any() for r in real.values())
         feeds.append(Feed(name, inputs, real, without_key))
     return feeds
