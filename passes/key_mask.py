@@ -18,7 +18,9 @@ The proof has two parts; nothing is sampled.
    element of the input, so reading the steps with the input all ones and all zeros covers every
    case: one must read as no mask or top-left causal, the other must mask every score. A float
    input that enters only as an additive term per key, on a block without a mask, is carried as
-   it is.
+   it is, provided the term's operand is one function of (batch entry, key) at every query row
+   and head, for every value of the input (`_ElementFunctions`): a constant that is not per key
+   in the same operand (a causal triangle, ALiBi's bias) would be dropped with it.
 
 The column is computed in the fused graph from the input the model reads: from the input itself
 when each (batch entry, key) reads element [b, j] of a (batch, seq) input, else by replaying the
@@ -482,8 +484,8 @@ def _general_term(steps: tuple[ScoreStep, ...], dependent, evaluator: Evaluator,
         for axis in range(-keys.ndim, 0):
             if axis not in (-1, batch_axis) and not (keys == keys.take([0], axis=axis)).all():
                 return (f"the term '{value.name}' added in {describe(step.node)} differs between query rows or heads "
-                        f"for one key, for some values of '{name}' (a constant that is not per key, such as a causal "
-                        "triangle or a position bias, added to the input's term)")
+                        f"of one key: it combines '{name}' with constants that do (a causal triangle or a position "
+                        "bias in the same operand?)")
     terms = {id(step) for step, _, _ in dependent}
     rest = tuple(dataclasses.replace(s, kind="cast") if id(s) in terms else s for s in steps)
     try:
