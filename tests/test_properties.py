@@ -82,7 +82,7 @@ class _FigurePrinter:
     """Registered as a pytest plugin: prints the figure in the terminal summary (no -s needed)."""
 
     def pytest_terminal_summary(self, terminalreporter):
-        if FIGURE["tried"]:
+        if FIGURE["tried"] or FIGURE["key masks tried"] or FIGURE["key mask near misses"]:
             terminalreporter.section("fuse-attn property figure")
             for line in figure_lines():
                 terminalreporter.write_line(line)
