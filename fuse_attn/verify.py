@@ -175,6 +175,42 @@ def mask_inputs(report) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def fused_mask_inputs(model: onnx.ModelProto) -> tuple[list[str], bool]:
+    """The graph inputs that are token masks, read from a fused model alone (compile has no
+    report): those whose contents reach a FlashFwd node's key-bias column, k's last head-dim row,
+    which the pass writes as the last operand of a Concat on k's head axis (contract.py). Readers
+    of a value's type only (Shape, Size, CastLike's second input) do not count. Also: whether a
+    node with a column is causal (rows before an entry's first real token then see no key)."""
+    from fuse_attn.ir import contract
+
+    producers = {out: node for node in model.graph.node for out in node.output}
+    initializers = {t.name for t in model.graph.initializer}
+    graph_inputs = {v.name for v in model.graph.input} - initializers
+    found, causal = [], False
+    for node in model.graph.node:
+        if node.domain != contract.DOMAIN or node.op_type != contract.OP_TYPE or len(node.input) < 2:
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        concat = producers.get(node.input[1])
+        if not attrs.get("key_bias_column") or concat is None or concat.op_type != "Concat" or not concat.input:
+            continue
+        causal = causal or bool(attrs.get("use_causal_mask"))
+        pending, seen = [concat.input[-1]], set()
+        while pending:
+            name = pending.pop()
+            if not name or name in seen:
+                continue
+            seen.add(name)
+            if name in graph_inputs:
+                found.append(name)
+            producer = producers.get(name)
+            if producer is None or producer.op_type in ("Shape", "Size"):
+                continue
+            pending += producer.input[:1] if producer.op_type == "CastLike" else producer.input
+    order = [v.name for v in model.graph.input]
+    return sorted(set(found), key=order.index), causal
+
+
 def _lengths(feed: str, batch: int, seq: int, rng: np.random.Generator) -> list[int]:
     if feed == "random":
         return [int(n) for n in rng.integers(1, seq + 1, size=batch)]
@@ -209,6 +245,7 @@ def padded_feeds(model: onnx.ModelProto, masks: list[str], *, causal: bool, seed
     targets = [n for n in masks if n in base and base[n].ndim >= 2 and base[n].shape[-1] > 0]
     if not targets:
         return []
+    token_ids = [n for n in _gather_rows(model) if n in base and base[n].ndim >= 2]
     feeds = []
     for number, name in enumerate(PADDED_FEEDS):
         rng = np.random.default_rng([seed, number])
@@ -219,6 +256,13 @@ def padded_feeds(model: onnx.ModelProto, masks: list[str], *, causal: bool, seed
             shape = (given.shape[0],) + (1,) * (given.ndim - 2) + (given.shape[-1],)
             inputs[mask] = np.broadcast_to(tokens.reshape(shape), given.shape).astype(given.dtype)
             real[mask] = tokens
+            # As a tokenizer pads: token ids laid out like the mask hold id 0 at its padded
+            # positions, so a model that picks a row by token id (CLIP's pooler: the argmax id,
+            # its end-of-text token) picks a real one, as it does on real padded requests.
+            for ids in token_ids:
+                if inputs[ids].shape[0] == tokens.shape[0] and inputs[ids].shape[-1] == tokens.shape[1]:
+                    keep = tokens.reshape((tokens.shape[0],) + (1,) * (inputs[ids].ndim - 2) + (tokens.shape[1],))
+                    inputs[ids] = np.where(keep, inputs[ids], 0).astype(inputs[ids].dtype)
         without_key = causal and any((~r[:, 0]).any() for r in real.values())
         feeds.append(Feed(name, inputs, real, without_key))
     return feeds
@@ -241,32 +285,45 @@ def _select(array: np.ndarray, where: tuple[int, np.ndarray] | None) -> np.ndarr
     return np.moveaxis(array, axis, 1)[real]  # (real positions, the other axes)
 
 
-def _check(name: str, want: np.ndarray, got: np.ndarray, feed: str) -> OutputCheck:
+def compared_part(array: np.ndarray, feed: Feed) -> np.ndarray:
+    """What `compare_outputs` compares of an output: its real positions when the feed has rows
+    without a visible key and the output is laid out like the mask, else all of it."""
+    array = np.asarray(array)
+    return _select(array, _real_positions(array.shape, feed)) if feed.rows_without_key else array
+
+
+def _check(name: str, want: np.ndarray, got: np.ndarray, feed: str, tolerance: tuple[float, float] | None = None,
+           kind: str = "verify") -> OutputCheck:
     want, got = np.asarray(want), np.asarray(got)
     if want.dtype.kind not in "fc":
         diff = np.abs(want.astype(np.int64) - got.astype(np.int64)).max(initial=0)
-        return OutputCheck(name, float(diff), 0.0, 0.0, feed=feed)
-    atol, rtol = TOLERANCES.get(want.dtype, BF16_TOLERANCE)
+        return OutputCheck(name, float(diff), 0.0, 0.0, kind=kind, feed=feed)
+    atol, rtol = tolerance or TOLERANCES.get(want.dtype, BF16_TOLERANCE)
     want64, got64 = want.astype(np.float64), got.astype(np.float64)
     diff = np.abs(want64 - got64)
     diff[np.isnan(want64) & np.isnan(got64)] = 0.0
     scale = float(np.abs(want64[~np.isnan(want64)]).max(initial=0.0))
     max_abs = float(np.nan_to_num(diff, nan=np.inf).max(initial=0.0))
-    return OutputCheck(name, max_abs, max_abs / scale if scale else max_abs, atol + rtol * scale, feed=feed)
+    return OutputCheck(name, max_abs, max_abs / scale if scale else max_abs, atol + rtol * scale, kind=kind, feed=feed)
 
 
-def run_feed(original, fused, names: list[str], feed: Feed) -> tuple[list[OutputCheck], list[str]]:
-    """The checks of one feed (sessions given), and the outputs compared whole although the
-    feed has rows without a visible key (not laid out like the mask)."""
-    expected = original.run(None, feed.inputs)
-    actual = fused.run(None, feed.inputs)
+def compare_outputs(names: list[str], expected, actual, feed: Feed, *, tolerance: tuple[float, float] | None = None,
+                    kind: str = "verify") -> FeedResult:
+    """Per output: `actual` against `expected` on `feed`, at its real positions when the feed has
+    rows without a visible key. `tolerance`: (abs, rel) for every output (default: per dtype)."""
     checks, whole = [], []
     for name, want, got in zip(names, expected, actual):
         where = _real_positions(np.shape(want), feed) if feed.rows_without_key else None
         if feed.rows_without_key and where is None:
             whole.append(name)
-        checks.append(_check(name, _select(np.asarray(want), where), _select(np.asarray(got), where), feed.name))
-    return checks, whole
+        checks.append(_check(name, _select(np.asarray(want), where), _select(np.asarray(got), where), feed.name,
+                             tolerance, kind))
+    return FeedResult(feed, checks, whole)
+
+
+def run_feed(original, fused, names: list[str], feed: Feed) -> FeedResult:
+    """One feed through both models (sessions given), compared."""
+    return compare_outputs(names, original.run(None, feed.inputs), fused.run(None, feed.inputs), feed)
 
 
 def compare(original: onnx.ModelProto, fused: onnx.ModelProto, feeds: dict[str, np.ndarray] | Feed,
@@ -275,7 +332,7 @@ def compare(original: onnx.ModelProto, fused: onnx.ModelProto, feeds: dict[str, 
     key is compared at its real positions)."""
     feed = feeds if isinstance(feeds, Feed) else Feed(ALL_ONES, feeds)
     names = [o.name for o in original.graph.output]
-    return run_feed(_session(original, base_dir), _session(fused, base_dir), names, feed)[0]
+    return run_feed(_session(original, base_dir), _session(fused, base_dir), names, feed).checks
 
 
 @dataclasses.dataclass
@@ -338,4 +395,4 @@ def verify_fused(original: onnx.ModelProto, fused: onnx.ModelProto, report, *, s
     feeds += padded_feeds(shapes_from, mask_inputs(report), causal=causal, seed=seed)
     sessions = _session(original, base_dir), _session(fused, base_dir)
     names = [o.name for o in original.graph.output]
-    return [FeedResult(feed, *run_feed(*sessions, names, feed)) for feed in feeds]
+    return [run_feed(*sessions, names, feed) for feed in feeds]

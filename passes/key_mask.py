@@ -18,7 +18,9 @@ The proof has two parts; nothing is sampled.
    element of the input, so reading the steps with the input all ones and all zeros covers every
    case: one must read as no mask or top-left causal, the other must mask every score. A float
    input that enters only as an additive term per key, on a block without a mask, is carried as
-   it is.
+   it is, provided the term's operand is one function of (batch entry, key) at every query row
+   and head, for every value of the input (`_ElementFunctions`): a constant that is not per key
+   in the same operand (a causal triangle, ALiBi's bias) would be dropped with it.
 
 The column is computed in the fused graph from the input the model reads: from the input itself
 when each (batch entry, key) reads element [b, j] of a (batch, seq) input, else by replaying the
@@ -183,31 +185,116 @@ class _Tracer:
         return merged
 
     def _moved(self, node: Node, out: Value, names: list[str]) -> Reads:
+        result: Reads = {}
+        for name in names:
+            moved = self.move(node, out, name, lambda value, n=name: self.memo[value].get(n))
+            if (moved >= 0).any():
+                result[name] = moved
+        return result
+
+    def move(self, node: Node, out: Value, name: str, carried) -> np.ndarray:
+        """`node`'s data movement run on one int64 array per data input: `carried(value)`, or -1
+        (a constant there) for a data input that does not read `name`."""
         data = _DATA_INPUTS.get(node.op_type, range(len(node.inputs)))
-        others = {}
+        feeds = {}
         for position, value in enumerate(node.inputs):
             if value is None or position in data:
                 continue
             if self.memo.get(value):  # indices or a shape read from the input's contents
-                raise NotFused(_mixes(names[0], node))
+                raise NotFused(_mixes(name, node))
             try:
-                others[position] = np.asarray(self.evaluator.value_of(value))
+                feeds[position] = np.asarray(self.evaluator.value_of(value))
             except Unprovable as exc:
                 raise NotFused(f"cannot follow the mask through {describe(node)}: {exc}") from None
         self._shape(out)
-        result: Reads = {}
-        for name in names:
-            feeds = dict(others)
-            for position in data:
-                value = node.inputs[position] if position < len(node.inputs) else None
-                if value is None:
-                    continue
-                index = self.memo[value].get(name)
-                feeds[position] = index if index is not None else np.full(self._shape(value), -1, np.int64)
-            moved = _run_node(node, feeds, self.evaluator.graph.opset)
-            if (moved >= 0).any():
-                result[name] = moved
-        return result
+        for position in data:
+            value = node.inputs[position] if position < len(node.inputs) else None
+            if value is None:
+                continue
+            array = carried(value) if name in self.memo[value] else None
+            feeds[position] = array if array is not None else np.full(self._shape(value), -1, np.int64)
+        return _run_node(node, feeds, self.evaluator.graph.opset)
+
+
+class _ElementFunctions:
+    """For each element of a value that reads graph input `name`, an id of the function of that
+    input element it computes: two elements that read the same input element and carry the same id
+    compute the same function of it — the same ops, with equal constants at every step.
+
+    Data movement carries the ids with the elements (run on the id arrays, as on the index
+    arrays); a position-wise op gives one new id to each distinct combination, at a position, of
+    its operands' ids and the constants they hold there. The ids are exact (interned, never hashed),
+    and unique across ops, so elements of two different computations never share one."""
+
+    def __init__(self, tracer: _Tracer, name: str):
+        self.tracer, self.name = tracer, name
+        # The constants beside the input: with the input all zeros, any contents would do (the
+        # elements that read no input element do not depend on them).
+        self.constants = tracer.evaluator.with_mask_contents({name: _zeros}).for_masks()
+        self.memo: dict[Value, np.ndarray] = {}
+        self.next_id = 0
+
+    def _reads(self, value: Value) -> np.ndarray | None:
+        return self.tracer.memo[value].get(self.name)
+
+    def of(self, value: Value) -> np.ndarray:
+        self.tracer.reads(value)
+        pending = [value]
+        while pending:  # inputs first, as the tracer goes
+            current = pending[-1]
+            if current in self.memo:
+                pending.pop()
+                continue
+            missing = [i for i in _Tracer._contents(current) if self._reads(i) is not None and i not in self.memo]
+            if missing:
+                pending.extend(missing)
+                continue
+            self.memo[current] = self._ids(current)
+            pending.pop()
+        return self.memo[value]
+
+    def _fresh(self, count: int) -> int:
+        first, self.next_id = self.next_id, self.next_id + count
+        return first
+
+    def constant_keys(self, value: Value, shape: tuple[int, ...], at: np.ndarray) -> np.ndarray:
+        """`value`'s elements at the positions `at` of `shape`, as exact int64 keys."""
+        try:
+            array = np.asarray(self.constants.value_of(value))
+        except (Unprovable, DependsOnInput) as exc:
+            raise NotFused(f"cannot prove what the mask operand '{value.name}' holds beside graph input "
+                           f"'{self.name}': {exc}") from None
+        array = np.broadcast_to(array, shape)[at]
+        if array.dtype.kind == "f" or array.dtype.kind not in "biu":
+            return array.astype(np.float64).view(np.int64)  # bits: -0.0 and each NaN are their own
+        return array.astype(np.int64)
+
+    def _ids(self, v: Value) -> np.ndarray:
+        reads = self._reads(v)
+        if v.is_graph_input():
+            return np.full(reads.shape, self._fresh(1), np.int64)
+        node = v.producer()
+        if node.op_type in _MOVES:
+            return self.tracer.move(node, v, self.name, lambda value: self.memo[value])
+        # position-wise: a new id per distinct (operand ids, constants) at the positions that read
+        shape, at = reads.shape, reads >= 0
+        keys = []
+        for value in _Tracer._contents(v):
+            index = self._reads(value)
+            if index is None:
+                keys.append(self.constant_keys(value, shape, at))
+                continue
+            index = np.broadcast_to(index, shape)[at]
+            ids = np.broadcast_to(self.memo[value], shape)[at]
+            reading = index >= 0
+            constant = 0 if reading.all() else self.constant_keys(value, shape, at)
+            keys += [np.where(reading, ids, -1), np.where(reading, 0, constant)]
+        ids = np.full(shape, -1, np.int64)
+        if at.any():
+            _, inverse = np.unique(np.stack(keys, axis=1), axis=0, return_inverse=True)
+            inverse = inverse.reshape(-1)
+            ids[at] = inverse + self._fresh(int(inverse.max()) + 1)
+        return ids
 
 
 def _mixes(name: str, node: Node) -> str:
@@ -353,15 +440,15 @@ def read_with_key_mask(steps: tuple[ScoreStep, ...], evaluator: Evaluator, seq_q
         direct = _reads_in_place(per_key, evaluator.shape_of(source))
         return readings[kept], KeyMask((name,), assumption, steps, scores_rank, ranks,
                                        kept_value=(1.0 if kept == "ones" else 0.0) if direct else None)
-    general = _general_term(steps, dependent, evaluator, seq_q, seq_k)
-    if general is not None:
+    general = _general_term(steps, dependent, evaluator, name, batch_axis, seq_q, seq_k)
+    if isinstance(general, ScoreReading):
         return general, KeyMask((name,), None, steps, scores_rank, ranks, general=True)
     ones = readings["ones"]
     said = (ones.reason if isinstance(ones, NotFused) else "every score masked" if ones == "masked"
             else "causal" if ones.causal else "no mask")
     raise NotFused(f"the mask from graph input '{name}' is not a key mask: with '{name}' all ones it reads as "
                    f"{said}, and all zeros should then mask every score; nor is it an additive term per key on a "
-                   "block without a mask" + _SUFFIX)
+                   f"block without a mask: {general}" + _SUFFIX)
 
 
 def _reads_in_place(per_key: np.ndarray, input_shape: tuple[int, ...]) -> bool:
@@ -373,22 +460,41 @@ def _reads_in_place(per_key: np.ndarray, input_shape: tuple[int, ...]) -> bool:
             and np.array_equal(index, np.arange(index.size).reshape(index.shape)))
 
 
-def _general_term(steps: tuple[ScoreStep, ...], dependent, evaluator: Evaluator, seq_q: int,
-                  seq_k: int) -> ScoreReading | None:
+def _general_term(steps: tuple[ScoreStep, ...], dependent, evaluator: Evaluator, name: str, batch_axis: int | None,
+                  seq_q: int, seq_k: int) -> ScoreReading | str:
     """The reading of a block whose input enters only as additive terms, one per (batch entry, key),
     on scores the other steps leave unmasked: softmax(scale·s + P·t(b, j)) with P the factors after
-    the term, which the replay at the last row gives as it is. None when that is not the form.
+    the term, which the replay at the last row gives as it is. Else why not.
 
-    Only without a mask: a term added to scores an additive mask removes could bring them back."""
+    Every additive term is accounted for: each term operand must be, for every value of the input,
+    one function of (batch entry, key) — the same at every query row and head, constants added to it
+    included (a causal triangle or ALiBi's bias in the same operand is not) — and the other steps,
+    read without the terms, must leave every score unmasked with no bias of their own. Only without
+    a mask: a term added to scores a mask removes could bring them back."""
     if any(step.kind not in ("add", "sub") or value is not step.operand for step, value, _ in dependent):
-        return None
+        return f"'{name}' enters the scores other than as an added term"
+    functions = _ElementFunctions(_Tracer(evaluator), name)
+    for step, value, reads in dependent:
+        index, ids = reads[name], functions.of(value)
+        reading = index >= 0
+        constants = functions.constant_keys(value, index.shape, ~reading) if not reading.all() else None
+        keys = np.where(reading, ids, -1)
+        if constants is not None:
+            keys[~reading] = constants  # a key reading no input element: its constant
+        for axis in range(-keys.ndim, 0):
+            if axis not in (-1, batch_axis) and not (keys == keys.take([0], axis=axis)).all():
+                return (f"the term '{value.name}' added in {describe(step.node)} differs between query rows or heads "
+                        f"of one key: it combines '{name}' with constants that do (a causal triangle or a position "
+                        "bias in the same operand?)")
     terms = {id(step) for step, _, _ in dependent}
     rest = tuple(dataclasses.replace(s, kind="cast") if id(s) in terms else s for s in steps)
     try:
         reading = read_scores(rest, evaluator, seq_q, seq_k)
-    except NotFused:
-        return None
-    return None if reading.causal else reading
+    except NotFused as exc:
+        return f"without the term from '{name}', {exc.reason}"
+    if reading.causal:
+        return "the block is causal, and a term added to scores a mask removes could bring them back"
+    return reading
 
 
 # --- the column in the fused graph -------------------------------------------------------------

@@ -174,25 +174,26 @@ def _bool(array: np.ndarray | Strip) -> np.ndarray | Strip:
     return array.astype(bool)
 
 
-def _read_scores(steps: tuple[ScoreStep, ...], evaluator: Evaluator, seq_q: int, seq_k: int) -> ScoreReading:
+def _strips_else_dense(compute, seq_q: int, seq_k: int):
+    """compute(strips=True), or where the mask is not a function of i - j, compute(strips=False)
+    (the whole seq_q x seq_k) when that fits."""
     try:
-        return _read(steps, evaluator, seq_q, seq_k, strips=True)
+        return compute(strips=True)
     except NotDiagonal as exc:
         if seq_q * seq_k > MAX_DENSE_POSITIONS:
             raise NotFused(f"the mask is not a function of i - j ({exc}), and evaluating it whole at seq "
                            f"{seq_q} x {seq_k} would take seq² memory") from None
-    return _read(steps, evaluator, seq_q, seq_k, strips=False)
+    return compute(strips=False)
+
+
+def _read_scores(steps: tuple[ScoreStep, ...], evaluator: Evaluator, seq_q: int, seq_k: int) -> ScoreReading:
+    return _strips_else_dense(lambda strips: _read(steps, evaluator, seq_q, seq_k, strips=strips), seq_q, seq_k)
 
 
 def all_masked(steps: tuple[ScoreStep, ...], evaluator: Evaluator, seq_q: int, seq_k: int) -> bool:
     """Whether the steps mask every score (whatever the scores are)."""
-    try:
-        return bool(_masked(steps, evaluator, seq_q, seq_k, strips=True)[1].all())
-    except NotDiagonal as exc:
-        if seq_q * seq_k > MAX_DENSE_POSITIONS:
-            raise NotFused(f"the mask is not a function of i - j ({exc}), and evaluating it whole at seq "
-                           f"{seq_q} x {seq_k} would take seq² memory") from None
-    return bool(_masked(steps, evaluator, seq_q, seq_k, strips=False)[1].all())
+    return _strips_else_dense(lambda strips: bool(_masked(steps, evaluator, seq_q, seq_k, strips=strips)[1].all()),
+                              seq_q, seq_k)
 
 
 def _read(steps: tuple[ScoreStep, ...], evaluator: Evaluator, seq_q: int, seq_k: int, strips: bool) -> ScoreReading:

@@ -38,6 +38,15 @@ class Nodes:
         return self.init(np.array(values, dtype=np.int64), hint)
 
 
+def _exported(g: Nodes, name: str, inputs, outputs, opset: int) -> onnx.ModelProto:
+    """The graph as the torch exporter writes it (IR 8, producer pytorch), checked."""
+    graph = helper.make_graph(g.nodes, name, inputs, outputs, initializer=g.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="pytorch")
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
 def _weights(rng, rows: int, cols: int, gain: float = 1.0) -> np.ndarray:
     return (rng.normal(size=(rows, cols)) * gain / np.sqrt(rows)).astype(np.float32)
 
@@ -142,11 +151,7 @@ def kv_cache_decoder(layers: int = 2, heads: int = 4, head_dim: int = 16, vocab:
     outputs = _decoder_body(g, np.random.default_rng(seed), layers=layers, heads=heads, head_dim=head_dim,
                             vocab=vocab, with_past=True, mask_from=mask_from, past_dim=past_dim)
     inputs = _decoder_inputs(layers, heads, head_dim, past_dim, mask_from)
-    graph = helper.make_graph(g.nodes, "decoder_with_past", inputs, outputs, initializer=g.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="pytorch")
-    model.ir_version = 8
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    return _exported(g, "decoder_with_past", inputs, outputs, opset)
 
 
 def decoder_without_past(layers: int = 2, heads: int = 4, head_dim: int = 16, vocab: int = 50, opset: int = 14,
@@ -159,11 +164,7 @@ def decoder_without_past(layers: int = 2, heads: int = 4, head_dim: int = 16, vo
                             vocab=vocab, with_past=False, mask_from="attention_mask", past_dim="")
     inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch_size", "sequence_length"])
               for n in ("input_ids", "attention_mask")]
-    graph = helper.make_graph(g.nodes, "decoder", inputs, outputs, initializer=g.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="pytorch")
-    model.ir_version = 8
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    return _exported(g, "decoder", inputs, outputs, opset)
 
 
 def clip_text_encoder(positions: int = 128, layers: int = 2, heads: int = 4, head_dim: int = 16, vocab: int = 50,
@@ -179,11 +180,7 @@ def clip_text_encoder(positions: int = 128, layers: int = 2, heads: int = 4, hea
                             vocab=vocab, with_past=False, mask_from="none", past_dim="", position_table=positions,
                             sliced_positions=sliced, window=window)
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"])]
-    graph = helper.make_graph(g.nodes, "clip_text", inputs, outputs, initializer=g.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="pytorch")
-    model.ir_version = 8
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    return _exported(g, "clip_text", inputs, outputs, opset)
 
 
 def merged_decoder(layers: int = 2, heads: int = 4, head_dim: int = 16, vocab: int = 50, opset: int = 14,
@@ -293,11 +290,7 @@ def vit(image: int | str = 224, patch: int = 16, heads: int = 2, head_dim: int =
     g.op("Identity", [x], out="last_hidden_state")
     outputs = [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT,
                                              ["batch_size", "sequence_length", hid])]
-    graph = helper.make_graph(g.nodes, "vit", inputs, outputs, initializer=g.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="pytorch")
-    model.ir_version = 8
-    onnx.checker.check_model(model, full_check=True)
-    return onnx.shape_inference.infer_shapes(model)
+    return onnx.shape_inference.infer_shapes(_exported(g, "vit", inputs, outputs, opset))
 
 
 def conformance_attention_cases() -> dict[str, onnx.ModelProto]:

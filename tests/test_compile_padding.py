@@ -2,7 +2,8 @@
 key-bias column (the node's own, or one it appends), and slices the padded rows off.
 
 Checked against onnxruntime running the original (unfused) layer, on peaked attention, with the
-key mask all ones and padded right, left and to whole tiles (compared at real positions).
+key mask all ones and on --verify's padded feeds (compared at real positions where a causal row
+sees no key).
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import torch
 from onnx import TensorProto
 
 import key_bias_graphs as kb
-from fuse_attn.compile import constraints, padded_feeds, shapes
-from fuse_attn.compile.cli import attention_fn, compare_with_onnxruntime
+from fuse_attn import verify
+from fuse_attn.compile import constraints, shapes
+from fuse_attn.compile.cli import attention_fn
 from fuse_attn.compile.lower import lower, to_torch
 from fuse_attn.compile.static_check import run_on_meta, sdpa_attention, with_attention
 from fuse_attn.ir import contract
@@ -39,11 +41,11 @@ def feeds_for(model, seed=0, key="mask"):
     return feeds
 
 
-def variants(model, feeds):
-    """All ones, then each padded mask, with its real positions (None: every position)."""
-    yield "all ones", feeds, None
-    masks = padded_feeds.mask_inputs(model, feeds)
-    yield from padded_feeds.padded_variants(feeds, masks)
+def variants(fused, feeds):
+    """All ones, then --verify's padded feeds of the mask inputs the fused model's column reads."""
+    yield verify.Feed(verify.ALL_ONES, feeds)
+    masks, causal = verify.fused_mask_inputs(fused)
+    yield from verify.padded_feeds(fused, masks, causal=causal, template=feeds)
 
 
 def original_output(original, feeds):
@@ -59,15 +61,15 @@ def lowered(fused, mixed_precision, version="2.21-swa", kernel_min_seq=None):
 
 
 def errors_against_original(original, module, feeds_list):
-    """max |lowered - original| / max |original| per variant, at real positions."""
+    """max |lowered - original| / max |original| per feed, at the positions --verify compares."""
     out = {}
-    for label, feeds, real in feeds_list:
-        expected = padded_feeds.at_real_positions(original_output(original, feeds), real)
+    for feed in feeds_list:
+        expected = verify.compared_part(original_output(original, feed.inputs), feed)
         with torch.no_grad():
-            got = module(*[to_torch(feeds[n]) for n in module.input_names]).numpy()
-        got = padded_feeds.at_real_positions(got, real)
-        assert np.isfinite(got).all(), label
-        out[label] = (float(np.abs(got - expected).max()), float(np.abs(expected).max()))
+            got = module(*[to_torch(feed.inputs[n]) for n in module.input_names]).numpy()
+        got = verify.compared_part(got, feed)
+        assert np.isfinite(got).all(), feed.name
+        out[feed.name] = (float(np.abs(got - expected).max()), float(np.abs(expected).max()))
     return out
 
 
@@ -83,8 +85,8 @@ def test_padded_block_matches_the_original(seq, key, causal, padding, version):
     fused = kb.build(seq=seq, key=key, causal=causal, fused=True)
     feeds = feeds_for(original, key=key)
     assert kb.score_std(original, feeds) > 2.0  # peaked
-    cases = list(variants(original, feeds))
-    assert len(cases) == (4 if key else 1)
+    cases = list(variants(fused, feeds))
+    assert [c.name for c in cases] == [verify.ALL_ONES] + (list(verify.PADDED_FEEDS) if key else [])
     for mixed_precision in (False, True):
         plans, module = lowered(fused, mixed_precision, version)
         (plan,) = plans
@@ -101,9 +103,10 @@ def test_the_padded_mask_is_seen():
     original = kb.build(seq=197)
     feeds = feeds_for(original)
     base = original_output(original, feeds)
-    for label, padded, real in padded_feeds.padded_variants(feeds, ["attention_mask"]):
-        changed = np.abs(original_output(original, padded)[real] - base[real]).max()
-        assert changed > 0.5, label
+    for feed in verify.padded_feeds(original, ["attention_mask"], causal=False, template=feeds):
+        real = feed.real["attention_mask"]
+        changed = np.abs(original_output(original, feed.inputs)[real] - base[real]).max()
+        assert changed > 0.5, feed.name
 
 
 @pytest.mark.parametrize("column", ["sign", "unscaled"])
@@ -114,14 +117,15 @@ def test_a_wrong_column_fails_against_the_original(column):
     feeds = feeds_for(original, key="bias")
     _, good = lowered(kb.build(seq=197, key="bias", fused=True), False)
     _, wrong = lowered(kb.build(seq=197, key="bias", fused=True, column=column), False)
-    (err, scale), = errors_against_original(original, good, [("bias", feeds, None)]).values()
+    (err, scale), = errors_against_original(original, good, [verify.Feed("bias", feeds)]).values()
     assert err <= FP32_ATOL
-    (err, scale), = errors_against_original(original, wrong, [("bias", feeds, None)]).values()
+    (err, scale), = errors_against_original(original, wrong, [verify.Feed("bias", feeds)]).values()
     assert err > 0.1 * scale, err
     if column == "sign":
         original = kb.build(seq=197)
         _, wrong = lowered(kb.build(seq=197, fused=True, column="sign"), False)
-        errors = errors_against_original(original, wrong, list(variants(original, feeds_for(original)))[1:])
+        fused = kb.build(seq=197, fused=True)
+        errors = errors_against_original(original, wrong, list(variants(fused, feeds_for(original)))[1:])
         assert all(err > 0.1 * scale for err, scale in errors.values()), errors
 
 
@@ -132,7 +136,7 @@ def test_general_key_bias_under_mixed_precision_keeps_bf16_precision():
     original = kb.build(seq=512, key="bias")
     feeds = feeds_for(original, key="bias")
     _, module = lowered(kb.build(seq=512, key="bias", fused=True), True)
-    (err, scale), = errors_against_original(original, module, [("bias", feeds, None)]).values()
+    (err, scale), = errors_against_original(original, module, [verify.Feed("bias", feeds)]).values()
     assert 1e-4 < err <= BF16_RTOL * scale
 
 
@@ -207,8 +211,7 @@ def test_simulate_compares_padded_masks(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "seq padded 197 -> 512 (padded keys masked in the node's key-bias column)" in out
     assert "197 -> 512: 6.8x the attention FLOPs of the unpadded block" in out
-    for kind in ("simulate y:", "simulate right-padded attention_mask y:", "simulate left-padded attention_mask y:",
-                 "simulate whole tiles padded attention_mask y:"):
+    for kind in ["simulate y:"] + [f"simulate [{feed}] y:" for feed in verify.PADDED_FEEDS]:
         assert kind in out and out.split(kind)[1].splitlines()[0].endswith(" ok"), out
 
 
@@ -228,12 +231,19 @@ def test_a_wrong_padding_column_fails_simulate(bias, tmp_path, capsys, monkeypat
         assert "): MISMATCH." in out
 
 
+@pytest.mark.parametrize("key,causal", [("mask", False), ("mask", True), ("bias", False), (None, False)])
+def test_mask_inputs_are_read_from_the_fused_column(key, causal):
+    """compile has no fuse report: the inputs it pads are those the key-bias column is computed
+    from (x reaches k too, but not the column); none without a column."""
+    fused = kb.build(seq=197, key=key, causal=causal, fused=True)
+    expected = {"mask": ["attention_mask"], "bias": ["key_bias"], None: []}[key]
+    assert verify.fused_mask_inputs(fused) == (expected, causal and key is not None)
+
+
 def test_token_ids_behind_a_reshape_are_not_a_mask():
     """TorchScript exports Reshape input_ids before the embedding's Gather: still token ids (fed
-    within the vocabulary), not a mask to pad; attention_mask is the mask."""
+    within the vocabulary), not filled with ones."""
     from onnx import helper, numpy_helper
-
-    from fuse_attn import verify
 
     nodes = [helper.make_node("Reshape", ["input_ids", "flat"], ["ids_2d"]),
              helper.make_node("Gather", ["table", "ids_2d"], ["emb"]),
@@ -249,4 +259,4 @@ def test_token_ids_behind_a_reshape_are_not_a_mask():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     feeds = verify.random_inputs(model, seed=0)
     assert feeds["input_ids"].max() < 50 and not np.all(feeds["input_ids"] == 1)
-    assert padded_feeds.mask_inputs(model, feeds) == ["attention_mask"]
+    assert np.all(feeds["attention_mask"] == 1)

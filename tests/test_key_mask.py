@@ -429,6 +429,66 @@ def test_general_additive_term_per_key_is_carried_as_it_is():
     assert float(np.abs(a - run(wrong, feeds)[0]).max()) > 100 * TOL
 
 
+def _general_term_block(form: str) -> onnx.ModelProto:
+    """A float key_bias (b, s) input made into the scores' term `bias` with constants beside it:
+    - "per_key": plus a constant per key, and Expand to (b, h, s, s): one term per (batch entry, key);
+    - "per_head_factor": times a slope per head (ALiBi's factors): the heads' terms differ;
+    - "causal_in_operand": plus a 0/-inf causal triangle in the same operand, on a block without a mask;
+    - "rows_of_two_terms": the first half of the query rows read the term, the rest twice the term
+      (a Concat of two computations of the same input element)."""
+    rng = np.random.default_rng(5)
+    x4 = helper.make_node("Unsqueeze", ["key_bias", "ax12"], ["x4"])  # (b, 1, 1, s)
+    consts = {}
+    if form == "per_key":
+        consts["per_key"] = rng.normal(size=(1, 1, 1, S)).astype(np.float32)
+        consts["full"] = np.array([B, H, S, S], np.int64)
+        nodes = [x4, helper.make_node("Add", ["x4", "per_key"], ["x4c"]),
+                 helper.make_node("Expand", ["x4c", "full"], ["bias"])]
+    elif form == "per_head_factor":
+        consts["slopes"] = (2.0 ** (-np.arange(1, H + 1, dtype=np.float32))).reshape(1, H, 1, 1)
+        nodes = [x4, helper.make_node("Mul", ["x4", "slopes"], ["bias"])]
+    elif form == "causal_in_operand":
+        consts["triangle"] = np.where(np.tril(np.ones((S, S), bool)), 0.0, -np.inf).astype(np.float32)[None, None]
+        nodes = [x4, helper.make_node("Add", ["triangle", "x4"], ["bias"])]
+    else:
+        consts["two"] = np.array(2.0, np.float32)
+        consts["half_rows"] = np.array([B, 1, S // 2, S], np.int64)
+        nodes = [x4, helper.make_node("Mul", ["x4", "two"], ["x4x2"]),
+                 helper.make_node("Expand", ["x4", "half_rows"], ["top"]),
+                 helper.make_node("Expand", ["x4x2", "half_rows"], ["bottom"]),
+                 helper.make_node("Concat", ["top", "bottom"], ["bias"], axis=2)]
+    constants = [helper.make_node("Constant", [], [k], value=numpy_helper.from_array(v, k)) for k, v in consts.items()]
+    return _block(constants + nodes, [helper.make_tensor_value_info("key_bias", TensorProto.FLOAT, [B, S])])
+
+
+def _general_terms() -> np.ndarray:
+    rng = np.random.default_rng(4)
+    terms = rng.normal(size=(B, S)) * 3.0
+    terms[0, -4:] = -1e4
+    return terms
+
+
+def test_general_term_with_a_constant_per_key_carries_the_constant():
+    """A constant per key added to the input's term is part of the term: the column carries both."""
+    model = _general_term_block("per_key")
+    fused, block = _fused_one(model)
+    assert block.fused and not block.causal and block.key_mask_inputs == ["key_bias"], block.reason
+    feeds = _feeds(model, _general_terms())
+    (a,), (b,) = run(model, feeds), run(fused, feeds)
+    assert float(np.abs(a - b).max()) <= TOL
+
+
+@pytest.mark.parametrize("form", ["per_head_factor", "causal_in_operand", "rows_of_two_terms"])
+def test_general_term_beside_a_constant_that_is_not_per_key_refused(form):
+    """Every additive term is accounted for: the input's term combined with a constant that differs
+    between heads or query rows (ALiBi's slopes, a causal triangle in the same operand) or computed
+    two ways for one key is not one term per key, whatever the input holds; it is left alone, never
+    fused with the constant dropped. (Before the element-function proof the first two fused so.)"""
+    model = _general_term_block(form)
+    reason = _reason(model)
+    assert "differs between query rows or heads" in reason and "'key_bias'" in reason, reason
+
+
 def _attention_op(mask_nodes, mask_inputs, *, causal: bool) -> onnx.ModelProto:
     nodes = list(mask_nodes) + [helper.make_node("Attention", ["Q", "K", "V", "attn_mask"], ["Y"],
                                                  is_causal=int(causal))]

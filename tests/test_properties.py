@@ -82,7 +82,7 @@ class _FigurePrinter:
     """Registered as a pytest plugin: prints the figure in the terminal summary (no -s needed)."""
 
     def pytest_terminal_summary(self, terminalreporter):
-        if FIGURE["tried"]:
+        if FIGURE["tried"] or FIGURE["key masks tried"] or FIGURE["key mask near misses"]:
             terminalreporter.section("fuse-attn property figure")
             for line in figure_lines():
                 terminalreporter.write_line(line)
@@ -527,7 +527,7 @@ def _key_mask_errors(km, fused, real: np.ndarray, seed: int):
     feed = verify.Feed("drawn", mask_feed(km, real, np.random.default_rng(seed)),
                        {"attention_mask": real}, rows_without_key)
     sessions = (verify._session(km.model, None), verify._session(fused, None))
-    return verify.run_feed(*sessions, [o.name for o in km.model.graph.output], feed)[0]
+    return verify.run_feed(*sessions, [o.name for o in km.model.graph.output], feed).checks
 
 
 @settings(settings.get_profile(PROFILE), max_examples=KEY_MASK_EXAMPLES)

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from fuse_attn import modelio, verify
-from fuse_attn.compile import constraints, kernel_versions, launch_cost, padded_feeds, sbuf, shapes
+from fuse_attn.compile import constraints, kernel_versions, launch_cost, sbuf, shapes
 from fuse_attn.compile.reference import run_onnxruntime
 from fuse_attn.compile.torch_required import TorchUnavailable, require_torch
 from fuse_attn.printable import printable
@@ -111,26 +111,27 @@ def simulate_tolerance(plans: list[constraints.FlashPlan], model: onnx.ModelProt
     return verify.TOLERANCES.get(dtype, verify.BF16_TOLERANCE), f"{dtype.name}: flash_fwd without mixed precision"
 
 
-def compare_with_onnxruntime(model: onnx.ModelProto, module, feeds: dict[str, np.ndarray],
-                             reference: list[np.ndarray] | None = None,
-                             real: np.ndarray | None = None) -> list[tuple[str, float, float]]:
-    """(output, max |lowered - onnxruntime|, that over max |onnxruntime|) per graph output; with
-    `real` (a padded mask's token positions), outputs shaped (batch, seq, ...) at those only."""
+def lowered_outputs(module, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The lowered module's outputs on `feeds`, as float numpy arrays."""
     import torch
 
     from fuse_attn.compile.lower import to_torch
 
-    if reference is None:
-        reference = run_onnxruntime(model, feeds)
     with torch.no_grad():
         got = module(*[to_torch(feeds[name]) for name in module.input_names])
     if not isinstance(got, (list, tuple)):
         got = [got]
+    return [value.float().numpy() for value in got]
+
+
+def compare_with_onnxruntime(model: onnx.ModelProto, module, feeds: dict[str, np.ndarray],
+                             reference: list[np.ndarray] | None = None) -> list[tuple[str, float, float]]:
+    """(output, max |lowered - onnxruntime|, that over max |onnxruntime|) per graph output."""
+    if reference is None:
+        reference = run_onnxruntime(model, feeds)
     rows = []
-    for out, ref, val in zip(model.graph.output, reference, got):
-        ref = padded_feeds.at_real_positions(np.asarray(ref), real)
-        val = padded_feeds.at_real_positions(val.float().numpy(), real)
-        diff = np.abs(val.astype(np.float64) - ref.astype(np.float64))
+    for out, ref, val in zip(model.graph.output, reference, lowered_outputs(module, feeds)):
+        diff = np.abs(val.astype(np.float64) - np.asarray(ref).astype(np.float64))
         scale = float(np.abs(ref).max()) or 1.0
         rows.append((out.name, float(diff.max()), float(diff.max()) / scale))
     return rows
@@ -209,22 +210,16 @@ def _compile(argv: list[str]) -> int:
 
     if args.simulate:
         tolerance, why = simulate_tolerance(plans, model)
-        masks = padded_feeds.mask_inputs(model, feeds)
-        runs = [("simulate", feeds, None)]
-        runs += [(f"simulate {kind} {', '.join(masks)}", variant, real)
-                 for kind, variant, real in padded_feeds.padded_variants(feeds, masks)]
-        if masks:
-            print(printable(f"mask input(s) {', '.join(masks)}: all ones, then padded right, left, and to whole "
-                            "tiles (compared at real positions only)"))
-        checks = []
-        for kind, run_feeds, real in runs:
-            reference = run_onnxruntime(model, run_feeds)
-            rows = compare_with_onnxruntime(model, module, run_feeds, reference, real)
-            for (name, abs_err, rel_err), ref in zip(rows, reference):
-                ref = padded_feeds.at_real_positions(np.asarray(ref, dtype=np.float64), real)
-                scale = float(np.nanmax(np.abs(ref), initial=0.0))
-                checks.append(verify.OutputCheck(name, abs_err, rel_err, tolerance[0] + tolerance[1] * scale, kind))
-                print(printable(checks[-1].line()))
+        # The padded feeds of `fuse-attn --verify`, for the inputs the key-bias columns read.
+        masks, causal = verify.fused_mask_inputs(model)
+        runs = [verify.Feed(verify.ALL_ONES, feeds)]
+        runs += verify.padded_feeds(model, masks, causal=causal, seed=args.seed, template=feeds)
+        names = [o.name for o in model.graph.output]
+        results = [verify.compare_outputs(names, run_onnxruntime(model, feed.inputs), lowered_outputs(module, feed.inputs),
+                                          feed, tolerance=tolerance, kind="simulate") for feed in runs]
+        for line in verify.result_lines(results):
+            print(printable(line))
+        checks = [check for result in results for check in result.checks]
         ok = all(check.ok for check in checks)
         print(f"simulated flash_fwd {version} against onnxruntime, tolerance {why} "
               f"({tolerance[0]:g} + {tolerance[1]:g} x max|output|): {'ok' if ok else 'MISMATCH'}. This is the "

@@ -63,16 +63,22 @@ def tie(binding: dict[str, int], ties: dict[str, str | int]) -> dict[str, int]:
     return out
 
 
+def _free_symbols_by_size(binding: dict[str, int], ties: dict) -> dict[int, list[str]]:
+    """The symbols no tie fixes, by their sample size."""
+    owners: dict[int, list[str]] = {}
+    for symbol, size in binding.items():
+        if symbol not in ties:
+            owners.setdefault(size, []).append(symbol)
+    return owners
+
+
 def cap_of(pairs, binding: dict[str, int], ties: dict, caps: dict[str, int]) -> tuple[str, int] | None:
     """A size limit that explains a conflict: a free symbol's sample against a smaller size no
     symbol has (a fixed extent), as where a seq slices a fixed table that stops short of it
     (CLIP's `position_ids = buffer[:, :seq]` of 128 rows, added to seq token embeddings). The
     caller checks the limit: below it the conflict must be gone (else the graph ties the symbol
     to that size, which `explain_conflict` finds)."""
-    owners: dict[int, list[str]] = {}
-    for symbol, size in binding.items():
-        if symbol not in ties:
-            owners.setdefault(size, []).append(symbol)
+    owners = _free_symbols_by_size(binding, ties)
     for a, b in pairs:
         fixed, sample = sorted((a, b))
         symbols = owners.get(sample, [])
@@ -116,10 +122,7 @@ def explain_conflict(pairs, moved_pairs, binding: dict[str, int], moved: dict[st
     """A tie that resolves one of the conflicting size pairs, seen the same way with every
     symbol moved: a free symbol made equal to the other free symbol, or to the fixed size the
     graph puts against it. Sizes shared by several symbols (batch) are never tied."""
-    owners: dict[int, list[str]] = {}
-    for symbol, size in binding.items():
-        if symbol not in ties:
-            owners.setdefault(size, []).append(symbol)
+    owners = _free_symbols_by_size(binding, ties)
     moved_pairs = {frozenset(p) for p in moved_pairs}
     for a, b in pairs:
         sa, sb = owners.get(a, []), owners.get(b, [])
