@@ -28,7 +28,7 @@ import torch
 from fuse_attn import fuse, models
 from fuse_attn.models.check import fuse_options
 from fuse_attn.compile import constraints, shapes
-from fuse_attn.compile.cli import attention_fn, compare_with_onnxruntime
+from fuse_attn.compile.run import attention_fn, compare_with_onnxruntime
 from fuse_attn.compile.lower import lower, to_torch
 from fuse_attn.compile.reference import run_onnxruntime
 from fuse_attn.compile.static_check import run_on_meta, sdpa_attention, with_attention

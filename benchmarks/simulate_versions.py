@@ -20,7 +20,8 @@ import torch
 from fuse_attn import fuse, save
 from fuse_attn.models.build import build_all
 from fuse_attn.compile import constraints, kernel_versions, shapes
-from fuse_attn.compile.cli import compare_with_onnxruntime, run_onnxruntime
+from fuse_attn.compile.run import compare_with_onnxruntime
+from fuse_attn.compile.reference import run_onnxruntime
 from fuse_attn.compile.lower import lower
 from fuse_attn.compile.simulator import simulator_for
 

@@ -14,8 +14,9 @@ import torch
 from onnx import TensorProto, helper
 
 from fuse_attn import fuse
-from fuse_attn.compile import compile_main, constraints, shapes
-from fuse_attn.compile.cli import attention_fn, compare_with_onnxruntime
+from fuse_attn.compile import constraints, shapes
+from fuse_attn.commands.compile import compile_main
+from fuse_attn.compile.run import attention_fn, compare_with_onnxruntime
 from fuse_attn.compile.lower import lower, to_torch
 from fuse_attn.compile.reference import run_onnxruntime
 from fuse_attn.compile.static_check import run_on_meta, sdpa_attention, with_attention

@@ -18,7 +18,7 @@ from onnx import TensorProto, helper
 from attention_graphs import AttnSpec, build
 from fuse_attn import InputError
 from fuse_attn.commands import cli
-from fuse_attn.compile.cli import build_parser as compile_parser
+from fuse_attn.commands.compile import build_parser as compile_parser
 
 PREFIX = "fuse-attn: error: "
 

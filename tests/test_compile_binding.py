@@ -33,7 +33,8 @@ import pytest
 import torch
 
 from fuse_attn.commands.cli import main as cli_main
-from fuse_attn.compile import binding, compile_main
+from fuse_attn.compile import binding
+from fuse_attn.commands.compile import compile_main
 from fuse_attn.compile.simulator import simulate_flash_fwd
 from fuse_attn.ir.contract import FlashFwdAttrs
 from test_compile_lower import fused_model

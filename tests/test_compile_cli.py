@@ -234,7 +234,7 @@ def test_each_launch_states_its_sbuf_use(fused_path, capsys):
 
 def test_simulated_module_matches_a_direct_call():
     """The lowering runs the simulator of the version chosen (not the default) for every node."""
-    from fuse_attn.compile.cli import attention_fn
+    from fuse_attn.compile.run import attention_fn
     from fuse_attn.ir.contract import FlashFwdAttrs
 
     g = torch.Generator().manual_seed(0)

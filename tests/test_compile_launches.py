@@ -139,7 +139,7 @@ def test_kernel_min_seq_runs_short_launches_as_plain_ops(tmp_path, capsys):
 def test_kernel_min_seq_lowers_what_the_kernel_cannot_run():
     """d 128, non-causal, seq 300: no room for the padding column, so no flash_fwd launch; as plain
     ops it lowers and matches onnxruntime on the fused model."""
-    from fuse_attn.compile.cli import attention_fn, compare_with_onnxruntime
+    from fuse_attn.compile.run import attention_fn, compare_with_onnxruntime
     from fuse_attn.compile.lower import lower
 
     model = shapes.fix_input_shapes(fused_model(hidden=128, heads=1, kv_heads=1, causal=False), {"x": (1, 300, 128)})

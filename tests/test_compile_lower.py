@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from fuse_attn.ir import contract
 from fuse_attn.compile import constraints, shapes
-from fuse_attn.compile.cli import attention_fn
+from fuse_attn.compile.run import attention_fn
 from fuse_attn.compile.lower import FlashFwdModule, lower
 
 BF16_ATOL = 3e-2  # relative to outputs of magnitude ~5 here; see the simulator tests for the kernel alone

@@ -18,7 +18,7 @@ from onnx import TensorProto
 import key_bias_graphs as kb
 from fuse_attn import verify
 from fuse_attn.compile import constraints, shapes
-from fuse_attn.compile.cli import attention_fn
+from fuse_attn.compile.run import attention_fn
 from fuse_attn.compile.lower import lower, to_torch
 from fuse_attn.compile.static_check import run_on_meta, sdpa_attention, with_attention
 from fuse_attn.ir import contract

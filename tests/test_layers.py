@@ -104,7 +104,7 @@ def test_the_check_sees_an_import_from_above(tmp_path):
 
 
 @pytest.mark.parametrize("floor, text, above", [
-    ("pipeline", "def f():\n    from fuse_attn.compile import padded_feeds\n", ["fuse_attn.compile.padded_feeds"]),
+    ("pipeline", "def f():\n    from fuse_attn.compile import lower\n", ["fuse_attn.compile.lower"]),
     ("pipeline", "from fuse_attn import commands\n", ["fuse_attn.commands"]),
     ("compile", "from fuse_attn.commands.cli import main\n", ["fuse_attn.commands.cli.main"]),
     ("compile", "from ..commands import check\n", ["fuse_attn.commands.check"]),

@@ -43,7 +43,7 @@ def test_the_wheel_installs_one_top_level_name(tmp_path):
     assert top_level == ["fuse_attn"]
     # the mapped folders are in it, under the namespace, with their data files
     for path in ("fuse_attn/passes/plan.py", "fuse_attn/models/__main__.py", "fuse_attn/models/manifest.json",
-                 "fuse_attn/ir/graph.py", "fuse_attn/__main__.py", "fuse_attn/compile/cli.py"):
+                 "fuse_attn/ir/graph.py", "fuse_attn/__main__.py", "fuse_attn/commands/compile.py"):
         assert path in record, path
     assert not any(p.startswith(("passes/", "models/", "tests/")) for p in record)
 

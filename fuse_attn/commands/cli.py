@@ -89,7 +89,7 @@ def _fuse_main(argv: list[str]) -> int:
 
 def _dispatch(argv: list[str]) -> int:
     if argv[:1] == ["compile"]:
-        from fuse_attn.compile import compile_main
+        from fuse_attn.commands.compile import compile_main
 
         return compile_main(argv[1:])
     if argv[:1] == ["check"]:

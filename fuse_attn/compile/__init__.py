@@ -1,8 +1,5 @@
-"""`fuse-attn compile`: lower a fused ONNX model to PyTorch, bind FlashFwd to NKI flash_fwd, trace for Inf2.
+"""Lower a fused ONNX model to PyTorch, bind FlashFwd to NKI flash_fwd, trace for Inf2; the
+command, `fuse-attn compile`, is `fuse_attn.commands.compile`.
 
-Heavy imports (torch, torch-neuronx) happen inside the commands that need them.
+Heavy imports (torch, torch-neuronx) happen inside the functions that need them.
 """
-
-from fuse_attn.compile.cli import compile_main
-
-__all__ = ["compile_main"]
