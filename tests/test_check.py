@@ -410,6 +410,21 @@ def test_a_wrong_rewrite_of_a_specialized_model_is_reported_wrong(tmp_path, monk
     assert result["specialized"] == ["past_sequence_length = 0"]
 
 
+def test_a_pass_that_raises_is_this_models_error_with_what_was_specialized(tmp_path, monkeypatch):
+    """The pass's own exception is one problem line of this model; the dims fixed before it ran
+    are still reported."""
+    onnx.save(kv_cache_decoder(layers=1), tmp_path / "decoder.onnx")
+
+    def broken_pass(graph, **kwargs):
+        raise RuntimeError("pass broke\nsecond line")
+
+    monkeypatch.setattr(pipeline, "fuse_graph", broken_pass)
+    result = check_worker.check_model(str(tmp_path / "decoder.onnx"),
+                                      FuseOptions(assume_no_padding=True, dims={"past_sequence_length": 0}))
+    assert result["status"] == "error" and result["problems"] == ["fuse raised RuntimeError: pass broke"]
+    assert result["specialized"] == ["past_sequence_length = 0"] and result["fused"] is None
+
+
 def test_the_zoo_table_is_the_one_in_coverage_md():
     """The zoo's table and check's come from one renderer; the zoo's columns are unchanged."""
     import fuse_attn.models

@@ -24,7 +24,7 @@ import onnx
 
 from fuse_attn import modelio, verify
 from fuse_attn.commands.fuse_options import add_fuse_options, fuse_options
-from fuse_attn.pipeline import FuseOptions, fuse_model
+from fuse_attn.pipeline import FuseOptions, fuse_model, specialize_proto
 from fuse_attn.specialize import applicable
 
 
@@ -74,6 +74,9 @@ def check_model(path: str, options: FuseOptions = FuseOptions()) -> dict:
         return result
     except Exception as exc:  # the pass's own failure, reported for this model only
         result["problems"].append(f"fuse raised {_one_line(exc)}")
+        # What was fixed before the pass ran (it succeeded, so again on a fresh copy it does).
+        specialized = specialize_proto(onnx.ModelProto.FromString(original.SerializeToString()), shapes, dims)
+        result["specialized"] = specialized.lines() if specialized is not None else []
         return result
     fused, report, specialized = fused_model.model, fused_model.report, fused_model.specialized
     if specialized is not None:
