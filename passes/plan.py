@@ -8,7 +8,6 @@ each must become, plus the read scale and mask; this module checks what the kern
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 
@@ -336,19 +335,19 @@ def plan_block(
                          "attend over their own padded keys here, where the original's value is an artefact of its "
                          "mask constant; no real position reads them, they are masked keys in every later layer")
     tile = None
-    if isinstance(seq, int):
-        tile = contract.seq_tile_size_for(seq)
-        if tile is None:
-            padded = math.ceil(seq / 512) * 512
-            if reading.causal:
-                notes.append(f"compile pads seq {seq} to {padded} (exact under the causal mask)")
-            elif proof.head_dim + 1 > contract.MAX_HEAD_DIM:
-                raise NotFused(f"seq {seq} is not a multiple of 512: the kernel cannot run it, and padding a "
-                               "non-causal block masks the padded keys in a key-bias column, which needs head dim "
-                               f"{proof.head_dim} + 1 <= {contract.MAX_HEAD_DIM}")
-            else:
-                notes.append(f"compile pads seq {seq} to {padded} and masks the padded keys in the key-bias column")
-            tile = contract.seq_tile_size_for(padded)
+    if isinstance(seq, int):  # the padding rule compile applies (contract.seq_padding), said in the report
+        padding = contract.seq_padding(seq, causal=reading.causal, key_bias_column=key_mask is not None,
+                                       head_dim=proof.head_dim)
+        if isinstance(padding, contract.Violation):
+            raise NotFused(f"seq {seq} is not a multiple of {contract.KERNEL.pad_multiple}: the kernel cannot run "
+                           "it, and padding a non-causal block masks the padded keys in a key-bias column, which "
+                           f"needs head dim {proof.head_dim} + 1 <= {contract.MAX_HEAD_DIM}")
+        if padding.how == contract.PAD_CAUSAL:
+            notes.append(f"compile pads seq {seq} to {padding.padded_seq} (exact under the causal mask)")
+        elif padding.how != contract.PAD_NONE:
+            notes.append(f"compile pads seq {seq} to {padding.padded_seq} and masks the padded keys in the "
+                         "key-bias column")
+        tile = padding.seq_tile_size
     attrs = contract.FlashFwdAttrs(
         softmax_scale=float(np.float32(scale)),
         use_causal_mask=reading.causal,
